@@ -1,0 +1,45 @@
+"""Exact storage and compute cost of a choice for a layer.
+
+Bytes are those of the packed format: per term, the codes of the whole `[rows, cols]` matrix
+bit-packed into `ceil(rows * cols * bits / 8)` bytes, plus per group an fp16 scale (and an fp16
+offset when asymmetric). Unquantized tensors cost 2 bytes per element (fp16).
+
+BOPs (bit operations) = MACs x weight bits x activation bits x terms, per sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .quantize import n_groups
+from .specs import FP_BITS, Choice, LayerSpec
+
+__all__ = ["FP_BYTES_PER_ELEMENT", "layer_bops", "layer_bytes", "weight_bytes"]
+
+FP_BYTES_PER_ELEMENT = 2  # unquantized tensors are stored as fp16
+
+
+def weight_bytes(rows: int, cols: int, choice: Choice) -> int:
+    """Bytes to store a `[rows, cols]` weight under `choice`, metadata included.
+
+    Example:
+        >>> weight_bytes(384, 384, Choice(bits=4, group_size=64))  # 4 bits + 2x fp16 per 64
+        82944
+    """
+    if not choice.quantized:
+        return rows * cols * FP_BYTES_PER_ELEMENT
+    codes = math.ceil(rows * cols * choice.bits / 8)
+    meta_per_group = 2 if choice.symmetric else 4
+    meta = rows * n_groups(cols, choice.group_size) * meta_per_group
+    return choice.terms * (codes + meta)
+
+
+def layer_bytes(spec: LayerSpec, choice: Choice) -> int:
+    """Bytes of a layer's weight under `choice` (a tied weight is stored, and counted, once)."""
+    return weight_bytes(spec.rows, spec.cols, choice)
+
+
+def layer_bops(spec: LayerSpec, choice: Choice, act_bits: int) -> int:
+    """Bit operations per sample through this weight: MACs x weight bits x act bits x terms."""
+    bits = FP_BITS if not choice.quantized else choice.bits
+    return spec.macs * bits * act_bits * choice.terms

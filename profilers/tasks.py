@@ -1,0 +1,169 @@
+"""What a model's output is, and how its quality loss is measured and estimated.
+
+A `Task` turns a calibration batch into the model's output tensor (`forward`), draws the
+output-gradient of a pseudo-label loss for the empirical Fisher (`pseudo_gradient`), and
+measures the divergence of a quantized model's output from the FP one (`divergence`). Both
+are per sample and in the same units, so estimated and measured losses compare directly.
+
+- `EmbeddingTask`: pooled (and by default L2-normalised) sentence embeddings. Pseudo-labels
+  are Gaussian around the output, whose Fisher is the identity; we draw Rademacher vectors,
+  which have the same second moment and lower variance. Loss `½‖Δe‖²` (= 1 − cos when unit norm).
+- `LogitsTask`: class or token logits. Pseudo-labels are sampled from the model's own softmax;
+  loss is KL(p_fp ‖ p_q) summed over the positions of a sample.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EmbeddingTask", "LogitsTask", "OutputKind", "Task", "call_model", "infer_task"]
+
+OutputKind = Literal["embedding", "logits"]
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run `model` on a batch: a mapping is passed as keyword arguments (without `labels`), a
+    tuple or list as `(inputs, labels...)`, anything else as the single input."""
+    if isinstance(batch, Mapping):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _attention_mask(batch: Any) -> Tensor | None:
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor):
+            return mask
+    return None
+
+
+class Task(ABC):
+    """How to get an output from a batch, and how to score a change of that output."""
+
+    output: OutputKind
+    loss_units: str
+
+    @abstractmethod
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        """The output tensor, batch-first (`[n, ...]`)."""
+
+    @abstractmethod
+    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
+        """d(pseudo-label loss)/d(out) for one draw of pseudo-labels; same shape as `out`."""
+
+    @abstractmethod
+    def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
+        """Per-sample divergence `[n]` of `out` from the reference output `ref`."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class EmbeddingTask(Task):
+    """Sentence (or any) embeddings: pooled hidden states, L2-normalised by default.
+
+    Args:
+        pooling: "mean" (masked mean over tokens), "cls" (first token) or "none" (the model's
+            output is already the embedding).
+        normalize: L2-normalise the embedding, as sentence-transformers' `Normalize` does.
+    """
+
+    output: OutputKind = "embedding"
+
+    def __init__(self, pooling: Literal["mean", "cls", "none"] = "mean", normalize: bool = True) -> None:
+        if pooling not in ("mean", "cls", "none"):
+            raise ValueError(f"pooling must be mean, cls or none, got {pooling!r}")
+        self.pooling = pooling
+        self.normalize = normalize
+        self.loss_units = "½‖Δe‖² per sample" + (" (= 1 − cosine to FP)" if normalize else "")
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        out = call_model(model, batch)
+        hidden = out if isinstance(out, Tensor) else getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            raise ValueError("EmbeddingTask needs a tensor output or one with .last_hidden_state")
+        if self.pooling == "mean" and hidden.dim() == 3:
+            mask = _attention_mask(batch)
+            if mask is None:
+                emb = hidden.mean(dim=1)
+            else:
+                m = mask.to(hidden.dtype).unsqueeze(-1)
+                emb = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+        elif self.pooling == "cls" and hidden.dim() == 3:
+            emb = hidden[:, 0]
+        else:
+            emb = hidden.reshape(hidden.shape[0], -1)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
+        signs = torch.randint(0, 2, out.shape, generator=generator, device="cpu").to(out.device)
+        return signs.to(out.dtype).mul_(2).sub_(1)
+
+    def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
+        return 0.5 * (out.float() - ref.float()).pow(2).reshape(out.shape[0], -1).sum(dim=1)
+
+    def describe(self) -> str:
+        return f"embedding(pooling={self.pooling}, normalize={self.normalize})"
+
+
+class LogitsTask(Task):
+    """Class logits `[n, K]` or token logits `[n, T, K]` (padded positions masked)."""
+
+    output: OutputKind = "logits"
+    loss_units = "KL(p_fp ‖ p_q) per sample, nats"
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        out = call_model(model, batch)
+        logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+        if logits is None:
+            raise ValueError("LogitsTask needs a tensor output or one with .logits")
+        return logits
+
+    def _position_mask(self, logits: Tensor, batch: Any) -> Tensor | None:
+        mask = _attention_mask(batch)
+        if logits.dim() == 3 and mask is not None and mask.shape == logits.shape[:2]:
+            return mask.to(logits.dtype)
+        return None
+
+    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
+        probs = out.detach().float().softmax(dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1]).cpu()
+        labels = torch.multinomial(flat, 1, generator=generator).squeeze(1).to(out.device)
+        grad = probs.reshape(-1, probs.shape[-1]).clone()
+        grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1.0
+        grad = grad.reshape(out.shape)
+        mask = self._position_mask(out, batch)
+        if mask is not None:
+            grad = grad * mask.unsqueeze(-1)
+        return grad.to(out.dtype)
+
+    def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
+        logp_ref = ref.float().log_softmax(dim=-1)
+        logp = out.float().log_softmax(dim=-1)
+        kl = (logp_ref.exp() * (logp_ref - logp)).sum(dim=-1)
+        mask = self._position_mask(ref, batch)
+        if mask is not None:
+            kl = kl * mask
+        return kl.reshape(kl.shape[0], -1).sum(dim=1)
+
+
+def infer_task(model: nn.Module, batch: Any) -> Task:
+    """Guess the task from one forward pass: `.logits` or a plain tensor → logits; an output
+    with `.last_hidden_state` only (an encoder such as `BertModel`) → mean-pooled embedding."""
+    with torch.no_grad():
+        out = call_model(model, batch)
+    if isinstance(out, Tensor) or getattr(out, "logits", None) is not None:
+        return LogitsTask()
+    if getattr(out, "last_hidden_state", None) is not None:
+        return EmbeddingTask(pooling="mean", normalize=True)
+    raise ValueError(
+        f"cannot tell what the model's output ({type(out).__name__}) is; pass task=EmbeddingTask() or LogitsTask()"
+    )
