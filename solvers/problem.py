@@ -1,0 +1,165 @@
+"""The allocation problem as numbers: a multiple-choice knapsack with tie groups.
+
+Layer `l` has options `j = 0..J_l-1`, each with a loss `losses[l][j] >= 0` and integer costs
+`costs[l][j, r]` in every resource `r` (bytes, BOPs, ...). Pick exactly one option per layer,
+minimising the summed loss, with every resource's summed cost at most `budgets[r]`. Layers in
+one tie group must pick the same option index (they share a format).
+
+No torch here: the solver layer reads numbers and returns numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Item", "Problem", "Solution", "Status", "merge_ties"]
+
+
+class Status(str, enum.Enum):
+    """Outcome of a solve. Callers must check it before using `Solution.choice`."""
+
+    OPTIMAL = "optimal"  # proven optimal (gap within the solver's tolerance)
+    FEASIBLE = "feasible"  # a plan within budget; `gap` bounds how far from optimal
+    INFEASIBLE = "infeasible"  # no plan fits; `min_budgets` says what would
+    TIMEOUT = "timeout"  # time ran out; `choice` holds the best plan found, if any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A multiple-choice knapsack instance.
+
+    Attributes:
+        losses: per layer, `(J_l,)` non-negative losses.
+        costs: per layer, `(J_l, R)` non-negative integer costs.
+        budgets: `(R,)` integer limits, one per resource.
+        ties: groups of layer indices that must pick the same option index.
+    """
+
+    losses: Sequence[np.ndarray]
+    costs: Sequence[np.ndarray]
+    budgets: np.ndarray
+    ties: Sequence[Sequence[int]] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        budgets = np.atleast_1d(np.asarray(self.budgets, dtype=np.int64))
+        object.__setattr__(self, "budgets", budgets)
+        if len(self.losses) != len(self.costs):
+            raise ValueError(f"{len(self.losses)} loss rows but {len(self.costs)} cost rows")
+        if not self.losses:
+            raise ValueError("a problem needs at least one layer")
+        losses, costs = [], []
+        for i, (ls, cs) in enumerate(zip(self.losses, self.costs, strict=True)):
+            ls = np.asarray(ls, dtype=np.float64).reshape(-1)
+            cs = np.asarray(cs, dtype=np.int64).reshape(len(ls), -1)
+            if ls.size == 0:
+                raise ValueError(f"layer {i} has no options")
+            if cs.shape[1] != budgets.size:
+                raise ValueError(f"layer {i} has {cs.shape[1]} cost columns for {budgets.size} budgets")
+            if not np.all(np.isfinite(ls)) or np.any(ls < 0):
+                raise ValueError(f"layer {i} has a negative or non-finite loss")
+            if np.any(cs < 0):
+                raise ValueError(f"layer {i} has a negative cost")
+            losses.append(ls)
+            costs.append(cs)
+        object.__setattr__(self, "losses", tuple(losses))
+        object.__setattr__(self, "costs", tuple(costs))
+        seen: set[int] = set()
+        ties = []
+        for group in self.ties:
+            group = tuple(int(i) for i in group)
+            if any(i < 0 or i >= len(losses) for i in group):
+                raise ValueError(f"tie group {group} names a layer outside 0..{len(losses) - 1}")
+            if seen & set(group):
+                raise ValueError(f"layer(s) {sorted(seen & set(group))} appear in two tie groups")
+            if len({losses[i].size for i in group}) > 1:
+                raise ValueError(f"tie group {group} mixes layers with different numbers of options")
+            seen |= set(group)
+            ties.append(group)
+        object.__setattr__(self, "ties", tuple(ties))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.losses)
+
+    @property
+    def n_resources(self) -> int:
+        return int(self.budgets.size)
+
+    def evaluate(self, choice: Sequence[int]) -> tuple[float, np.ndarray]:
+        """Summed loss and per-resource cost of a full assignment."""
+        loss = float(sum(self.losses[i][j] for i, j in enumerate(choice)))
+        cost = np.sum([self.costs[i][j] for i, j in enumerate(choice)], axis=0, dtype=np.int64)
+        return loss, cost
+
+    def fits(self, choice: Sequence[int]) -> bool:
+        """Whether an assignment respects every budget and tie group (exact integer arithmetic)."""
+        _, cost = self.evaluate(choice)
+        if np.any(cost > self.budgets):
+            return False
+        return all(len({choice[i] for i in g}) == 1 for g in self.ties)
+
+
+@dataclass(frozen=True)
+class Item:
+    """A decision unit after merging tie groups: `members` take the same option index."""
+
+    members: tuple[int, ...]
+    losses: np.ndarray  # (J,)
+    costs: np.ndarray  # (J, R)
+
+
+def merge_ties(problem: Problem) -> list[Item]:
+    """Fold every tie group into one item (losses and costs summed); untied layers stay alone."""
+    group_of = {i: g for g in problem.ties for i in g}
+    items, done = [], set()
+    for i in range(problem.n_layers):
+        if i in done:
+            continue
+        members = group_of.get(i, (i,))
+        done |= set(members)
+        items.append(
+            Item(
+                members=tuple(members),
+                losses=np.sum([problem.losses[m] for m in members], axis=0),
+                costs=np.sum([problem.costs[m] for m in members], axis=0),
+            )
+        )
+    return items
+
+
+@dataclass(frozen=True)
+class Solution:
+    """What every backend returns.
+
+    Attributes:
+        status: see `Status`.
+        choice: option index per layer, or None when there is no plan.
+        objective: summed loss of `choice` (inf without a plan).
+        lower_bound: proven lower bound on the optimal loss.
+        cost: per-resource cost of `choice`.
+        solver: backend name(s) that produced it.
+        wall_s: seconds spent.
+        min_budgets: when INFEASIBLE, per resource the least cost any plan needs for it alone.
+    """
+
+    status: Status
+    choice: tuple[int, ...] | None
+    objective: float
+    lower_bound: float
+    cost: tuple[int, ...]
+    solver: str
+    wall_s: float = 0.0
+    min_budgets: tuple[int, ...] | None = None
+
+    @property
+    def gap(self) -> float:
+        """Relative optimality gap `(objective - lower_bound) / objective` (0 when both are 0)."""
+        if self.choice is None:
+            return float("inf")
+        if self.objective <= 0:
+            return 0.0
+        return max(0.0, (self.objective - self.lower_bound) / self.objective)
