@@ -1,0 +1,165 @@
+"""Python API: `profile`, `solve`, `apply_plan_`, `compare`.
+
+Example:
+    >>> import allocator, torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10))
+    >>> data = [torch.randn(16, 64) for _ in range(4)]
+    >>> plan = allocator.solve(model, data, budget="4bpw")
+    >>> plan.solver.status, plan.predicted.bpw <= 4
+    ('optimal', True)
+    >>> _ = allocator.apply_plan_(model, plan)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from profilers.fisher import ProgressFn, profile_fisher
+from profilers.layers import find_targets
+from profilers.specs import Choice, ProfileTable
+from profilers.tasks import Task, infer_task
+
+from .budget import Budget
+from .errors import AllocatorError
+from .graph import build_graph, tie_groups
+from .plan import Plan
+from .planning import plan_from_profile
+
+__all__ = ["DEFAULT_BITS", "DEFAULT_GROUP_SIZES", "DEFAULT_TERMS", "choice_grid", "profile", "solve"]
+
+DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+DEFAULT_TERMS: tuple[int, ...] = (1, 2)
+DEFAULT_GROUP_SIZES: tuple[int | None, ...] = (64, 128, None)
+MAX_BITS_PER_WEIGHT = 8  # multi-term settings above 8 bits per weight are never worth their bytes
+
+
+def choice_grid(
+    bits: Sequence[int] = DEFAULT_BITS,
+    terms: Sequence[int] = DEFAULT_TERMS,
+    group_sizes: Sequence[int | None] = DEFAULT_GROUP_SIZES,
+    *,
+    max_bits: int = MAX_BITS_PER_WEIGHT,
+    symmetric: bool = False,
+) -> list[Choice]:
+    """All (bits, terms, group) combinations with `bits x terms <= max_bits` (single terms are
+    always kept), plus fp16 (leave the layer unquantized).
+
+    Example:
+        >>> [c.label for c in choice_grid((2, 4), (1, 2), (64,))]
+        ['fp16', 'int2-g64', 'int2x2-g64', 'int4-g64', 'int4x2-g64']
+    """
+    out = [Choice.fp16()]
+    for g in group_sizes:
+        for b in bits:
+            for t in terms:
+                if t == 1 or b * t <= max_bits:
+                    out.append(Choice(bits=b, terms=t, group_size=g, symmetric=symmetric))
+    return list(dict.fromkeys(out))
+
+
+def profile(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    task: Task | None = None,
+    choices: Sequence[Choice] | None = None,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    draws: int = 4,
+    seed: int = 0,
+    act_bits: int = 16,
+    model_name: str = "",
+    progress: ProgressFn | None = None,
+) -> ProfileTable:
+    """Measure, once, the cost and estimated sensitivity of every (layer, choice).
+
+    Args:
+        model: the FP model (not modified).
+        data: calibration batches: dicts of tensors (passed as keyword arguments), tuples
+            `(inputs, ...)`, or input tensors.
+        task: what the output is (`EmbeddingTask`, `LogitsTask`); inferred when None.
+        choices: options per layer; default `choice_grid()`.
+        include, exclude: fnmatch patterns of layer names.
+        draws: pseudo-label draws per batch for the Fisher score.
+        seed: seed of the draws.
+        act_bits: activation bits for BOPs.
+        model_name: recorded in the profile.
+        progress: optional `(stage, done, total)` callback.
+    """
+    return profile_fisher(
+        model,
+        data,
+        choices=list(choices) if choices is not None else choice_grid(),
+        task=task,
+        draws=draws,
+        seed=seed,
+        act_bits=act_bits,
+        include=include,
+        exclude=exclude,
+        model_name=model_name,
+        progress=progress,
+    )
+
+
+def solve(
+    model_or_profile: nn.Module | ProfileTable,
+    data: Iterable[Any] | None = None,
+    *,
+    budget: str | Budget | Sequence[str | Budget],
+    ties: Sequence[str | Sequence[str]] = (),
+    method: str = "auto",
+    gap: float = 1e-6,
+    time_limit: float = 10.0,
+    task: Task | None = None,
+    **profile_options: Any,
+) -> Plan:
+    """Plan the bits and terms of every layer for the most quality within `budget`.
+
+    Args:
+        model_or_profile: the FP model (profiled first, with `data`) or a `ProfileTable`.
+        data: calibration batches (needed with a model).
+        budget: `"12MB"`, `"300MiB"`, `"3.5bpw"`, `"25%"`, `"40GBOPs"`, or several.
+        ties: groups of layers that must share a choice: presets (`"qkv"`, `"gate_up"`) or
+            fnmatch patterns (needs the model, to build the layer graph).
+        method: solver backend: `auto`, `greedy`, `cpsat`, `exhaustive`.
+        gap: relative optimality gap `auto` accepts without an exact solve.
+        time_limit: seconds for an exact solve.
+        task: the model's output kind; inferred when None.
+        **profile_options: passed to `profile` (choices, include, exclude, draws, seed, ...).
+
+    Returns:
+        The `Plan`: per-layer choice, predicted bytes/BOPs/loss, solver status and gap, and
+        every uniform setting priced on the same profile.
+    """
+    budgets = [budget] if isinstance(budget, (str, Budget)) else list(budget)
+    tie_names: list[list[str]] = []
+    if isinstance(model_or_profile, ProfileTable):
+        if profile_options:
+            raise AllocatorError(f"profile options {sorted(profile_options)} need a model, not a profile")
+        table = model_or_profile
+        if ties:
+            tie_names = [list(t) for t in ties if not isinstance(t, str)]
+            if len(tie_names) != len(ties):
+                raise AllocatorError("tie presets need the model (to build its layer graph); pass layer-name lists")
+    else:
+        if data is None:
+            raise AllocatorError("solving from a model needs calibration data: solve(model, data, budget=...)")
+        batches = list(data)
+        if not batches:
+            raise AllocatorError("the calibration data is empty; pass at least one batch")
+        task = task or infer_task(model_or_profile, batches[0])
+        table = profile(model_or_profile, batches, task=task, **profile_options)
+        if ties:
+            targets = find_targets(
+                model_or_profile,
+                include=profile_options.get("include", ("*",)),
+                exclude=profile_options.get("exclude", ()),
+            )
+            graph = build_graph(model_or_profile, targets, batches[0], task=task)
+            profiled = set(table.names)  # layers that never ran stay fp16 and need no tie
+            tie_names = [[n for n in g if n in profiled] for g in tie_groups(graph, ties)]
+    return plan_from_profile(table, budgets, ties=tie_names, method=method, gap=gap, time_limit=time_limit)

@@ -1,0 +1,89 @@
+"""Apply a plan to a torch model: every planned weight replaced by its quantized reconstruction.
+
+This is fake quantization (weights stay float tensors holding exactly the values the packed
+format reproduces). Everything the plan keeps in floating point is rounded to fp16, as it
+would be stored, so measured quality is the quality of the model the plan describes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from profilers.layers import resolve_modules
+from profilers.quantize import fake_quantize
+from profilers.specs import Choice, ProfileError
+
+from .errors import PlanError
+from .plan import Plan
+
+__all__ = ["apply_choices_", "apply_plan_"]
+
+
+def apply_choices_(model: nn.Module, choices: dict[str, Choice], *, round_rest_to_fp16: bool = True) -> nn.Module:
+    """Quantize the named layers' weights in place with the given choices.
+
+    Validates every name and weight before changing anything, so a failure leaves the model
+    as it was.
+
+    Args:
+        model: the model to change.
+        choices: layer name -> choice.
+        round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
+            precision (how the plan stores them).
+
+    Raises:
+        PlanError: an unknown layer name or a weight with NaN/inf values.
+    """
+    try:
+        modules = resolve_modules(model, choices)
+    except ProfileError as e:
+        raise PlanError(str(e)) from None
+    weights: dict[str, nn.Parameter] = {}
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise PlanError(f"layer {name!r} has no weight to quantize")
+        if not torch.isfinite(weight.detach()).all():
+            raise PlanError(f"layer {name!r} has NaN or infinite weights; repair or reload the model first")
+        weights[name] = weight
+    planned = {id(w) for w in weights.values()}
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.copy_(fake_quantize(weight.detach(), choices[name]))
+        if round_rest_to_fp16:
+            seen: set[int] = set()
+            for t in [*model.parameters(), *model.buffers()]:
+                if id(t) in planned or id(t) in seen or not t.is_floating_point():
+                    continue
+                seen.add(id(t))
+                t.copy_(t.half().to(t.dtype))
+    return model
+
+
+def apply_plan_(model: nn.Module, plan: Plan, *, round_rest_to_fp16: bool = True) -> nn.Module:
+    """Quantize `model` in place as `plan` says and return it.
+
+    Raises:
+        PlanError: the plan names layers the model lacks, or a weight's shape differs from
+            the one the plan was made for.
+
+    Example:
+        >>> plan = Plan.load("plan.json")  # doctest: +SKIP
+        >>> apply_plan_(model, plan)  # doctest: +SKIP
+    """
+    try:
+        modules = resolve_modules(model, plan.layers)
+    except ProfileError as e:
+        raise PlanError(str(e)) from None
+    for name, lp in plan.layers.items():
+        weight = getattr(modules[name], "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(lp.shape):
+            got = None if weight is None else tuple(weight.shape)
+            raise PlanError(
+                f"layer {name!r} has weight shape {got} but the plan was made for {tuple(lp.shape)}; "
+                "use the plan made for this model"
+            )
+    return apply_choices_(
+        model, {name: lp.choice for name, lp in plan.layers.items()}, round_rest_to_fp16=round_rest_to_fp16
+    )

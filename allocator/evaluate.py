@@ -1,0 +1,228 @@
+"""Measured quality of quantized models against the FP model, and the plan-vs-uniform comparison.
+
+Measured, not estimated: each variant is a copy of the FP model with the plan (or a uniform
+setting) applied, run on held-out evaluation batches. Metrics:
+
+- divergence: the task's per-sample divergence from FP (the unit the profile estimates),
+- cosine: mean cosine similarity of embeddings to FP (embedding tasks),
+- agreement: share of positions whose top-1 prediction matches FP (logit tasks),
+- wordsim: Spearman correlation of embedding similarity with WordSim353 human scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from profilers.specs import Choice
+from profilers.tasks import Task
+
+from .apply import apply_choices_, apply_plan_
+from .plan import Plan, UniformPoint
+
+__all__ = ["Comparison", "Measured", "compare", "default_uniform", "model_outputs", "wordsim_spearman"]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured variant of the model."""
+
+    label: str
+    bytes: int
+    bpw: float | None
+    predicted_loss: float | None
+    divergence: float
+    fits: bool = True
+    cosine: float | None = None
+    agreement: float | None = None
+    wordsim: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Comparison:
+    """FP model, the plan, and uniform settings, measured on the same evaluation data."""
+
+    fp: Measured
+    plan: Measured
+    uniform: list[Measured] = field(default_factory=list)
+    metric: str = "cosine"
+
+    def best_uniform(self, *, fitting_only: bool = False) -> Measured | None:
+        """Best measured uniform variant by the primary metric (only those within budget if asked)."""
+        rows = [u for u in self.uniform if u.fits or not fitting_only]
+        if not rows:
+            return None
+        return max(rows, key=self.score)
+
+    def score(self, m: Measured) -> float:
+        """Higher is better: cosine for embeddings, agreement for logits, else -divergence."""
+        value = getattr(m, self.metric, None)
+        return value if value is not None else -m.divergence
+
+    @property
+    def rows(self) -> list[Measured]:
+        return [self.fp, self.plan, *self.uniform]
+
+
+def model_outputs(model: nn.Module, batches: Sequence[Any], task: Task) -> list[Tensor]:
+    """The task outputs of `model` on each batch (no gradients)."""
+    model.eval()
+    with torch.no_grad():
+        return [task.forward(model, b).detach() for b in batches]
+
+
+def _measure(
+    label: str,
+    outs: Sequence[Tensor],
+    batches: Sequence[Any],
+    task: Task,
+    reference: Sequence[Tensor],
+    *,
+    size: int,
+    bpw: float | None,
+    predicted: float | None,
+    wordsim: float | None,
+    started: float,
+    fits: bool = True,
+) -> Measured:
+    div = torch.cat([task.divergence(r, o, b) for r, o, b in zip(reference, outs, batches, strict=True)])
+    pairs = list(zip(reference, outs, strict=True))
+    cosine = agreement = None
+    if task.output == "embedding":
+        cos = torch.cat([F.cosine_similarity(r.float().flatten(1), o.float().flatten(1), dim=1) for r, o in pairs])
+        cosine = float(cos.mean())
+    else:
+        same = torch.cat([(r.argmax(-1) == o.argmax(-1)).float().flatten() for r, o in pairs])
+        agreement = float(same.mean())
+    return Measured(
+        label=label,
+        bytes=size,
+        bpw=bpw,
+        predicted_loss=predicted,
+        divergence=float(div.mean()),
+        fits=fits,
+        cosine=cosine,
+        agreement=agreement,
+        wordsim=wordsim,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def wordsim_spearman(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    pairs: Sequence[tuple[str, str, float]],
+    *,
+    batch_size: int = 64,
+) -> float:
+    """Spearman correlation between embedding cosine of word pairs and human similarity."""
+    from scipy.stats import spearmanr
+
+    vocab = sorted({w for a, b, _ in pairs for w in (a, b)})
+    embs = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(vocab), batch_size):
+            enc = dict(tokenizer(vocab[i : i + batch_size], padding=True, return_tensors="pt"))
+            embs.append(task.forward(model, enc).float())
+    table = dict(zip(vocab, torch.cat(embs), strict=True))
+    sims = [float(F.cosine_similarity(table[a], table[b], dim=0)) for a, b, _ in pairs]
+    return float(spearmanr(sims, [s for *_, s in pairs]).statistic)
+
+
+def compare(
+    model: nn.Module,
+    plan: Plan,
+    batches: Sequence[Any],
+    task: Task,
+    *,
+    uniform: Sequence[UniformPoint] | None = None,
+    words: Callable[[nn.Module], float] | None = None,
+    fp_bytes: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Measure FP, the plan and uniform settings on `batches`.
+
+    Args:
+        model: the FP model (left unchanged; variants are deep copies).
+        plan: the plan to measure.
+        batches: held-out evaluation batches.
+        task: output kind and divergence.
+        uniform: uniform settings to measure; default: the three fitting settings with the
+            least predicted loss, and the smallest setting at least as large as the plan.
+        words: optional extra metric of a model (e.g. WordSim353 Spearman).
+        fp_bytes: size of the FP reference to print (default: the plan's fp16 size is unknown
+            here, so the fp32 parameter bytes).
+        progress: optional callback receiving the label being measured.
+    """
+    note = progress or (lambda label: None)
+    if fp_bytes is None:
+        fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    note("FP")
+    started = time.perf_counter()
+    reference = model_outputs(model, batches, task)
+    fp = _measure(
+        "FP",
+        reference,
+        batches,
+        task,
+        reference,
+        size=fp_bytes,
+        bpw=None,
+        predicted=0.0,
+        wordsim=words(model) if words is not None else None,
+        started=started,
+    )
+
+    def variant(label: str, m: nn.Module, **kw: Any) -> Measured:
+        note(label)
+        started = time.perf_counter()
+        outs = model_outputs(m, batches, task)
+        score = words(m) if words is not None else None
+        return _measure(label, outs, batches, task, reference, wordsim=score, started=started, **kw)
+
+    plan_row = variant(
+        "plan",
+        apply_plan_(copy.deepcopy(model), plan),
+        size=plan.predicted.bytes,
+        bpw=plan.predicted.bpw,
+        predicted=plan.predicted.loss,
+    )
+    rows = []
+    for u in list(uniform) if uniform is not None else default_uniform(plan):
+        quantized = apply_choices_(copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice))
+        rows.append(
+            variant(
+                f"uniform {u.choice.label}",
+                quantized,
+                size=u.bytes,
+                bpw=u.bpw,
+                predicted=u.loss,
+                fits=u.fits,
+            )
+        )
+    return Comparison(
+        fp=fp, plan=plan_row, uniform=rows, metric="cosine" if task.output == "embedding" else "agreement"
+    )
+
+
+def default_uniform(plan: Plan, *, top: int = 3) -> list[UniformPoint]:
+    """The `top` fitting uniform settings by predicted loss, plus the next size up from the plan."""
+    fitting = [u for u in plan.uniform if u.fits][:top]
+    larger = [u for u in plan.uniform if u.bytes >= plan.predicted.bytes and u.choice != Choice.fp16()]
+    chosen = list(fitting)
+    if larger:
+        up = min(larger, key=lambda u: (u.bytes, u.loss))
+        if up not in chosen:
+            chosen.append(up)
+    return chosen

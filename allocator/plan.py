@@ -1,0 +1,128 @@
+"""The `Plan`: one choice per layer, with what the plan predicts and how it was solved.
+
+A plan is a file (JSON, versioned, keyed by layer name). The same profile, budget and solver
+settings give the same file byte for byte: nothing in it depends on the clock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from profilers.files import atomic_write_text, load_json_model
+from profilers.specs import Choice
+
+from .budget import Budget
+from .errors import PlanError
+
+__all__ = ["PLAN_FORMAT", "LayerPlan", "Plan", "Predicted", "SolverReport", "UniformPoint"]
+
+PLAN_FORMAT = "allocator.plan"
+
+
+class LayerPlan(BaseModel):
+    """The choice for one weight and its share of the prediction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    choice: Choice
+    shape: tuple[int, ...] = Field(description="weight shape the plan was made for")
+    aliases: tuple[str, ...] = Field(default=(), description="other modules sharing this weight")
+    bytes: int = Field(ge=0)
+    bops: int = Field(ge=0)
+    loss: float = Field(ge=0)
+
+
+class Predicted(BaseModel):
+    """Totals the plan predicts for the whole model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bytes: int = Field(description="whole model: quantized weights, metadata, fp16 rest")
+    quantized_bytes: int = Field(description="the planned weights only")
+    bpw: float = Field(description="bits per planned weight, metadata included")
+    bops: int = Field(description="bit operations per sample through planned weights")
+    loss: float = Field(description="sum of per-layer estimated losses")
+
+
+class SolverReport(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = Field(description="solver requested")
+    backend: str = Field(description="backend(s) that produced the plan")
+    status: Literal["optimal", "feasible", "timeout"]
+    objective: float
+    lower_bound: float
+    gap: float = Field(description="relative optimality gap, proven")
+
+
+class UniformPoint(BaseModel):
+    """One uniform setting (the same choice for every planned layer), priced by the profile."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    choice: Choice
+    bytes: int
+    bpw: float
+    bops: int
+    loss: float
+    fits: bool
+
+
+class Plan(BaseModel):
+    """A quantization plan for one model.
+
+    Example:
+        >>> plan = Plan.load("plan.json")  # doctest: +SKIP
+        >>> plan.layers["encoder.layer.0.attention.self.query"].choice.label  # doctest: +SKIP
+        'int4-g64'
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["allocator.plan"] = PLAN_FORMAT
+    version: Literal[1] = 1
+    model_name: str = ""
+    model_fingerprint: str
+    data_fingerprint: str
+    profiler: str
+    loss_units: str
+    budgets: tuple[Budget, ...]
+    limits: dict[str, int] = Field(description="per resource, the limit on the planned weights")
+    fixed_bytes: int = Field(ge=0, description="bytes outside the planned weights (fp16)")
+    kept_fp16: tuple[str, ...] = ()
+    ties: tuple[tuple[str, ...], ...] = ()
+    layers: dict[str, LayerPlan]
+    predicted: Predicted
+    solver: SolverReport
+    uniform: tuple[UniformPoint, ...] = Field(default=(), description="every uniform setting, best first")
+
+    def best_uniform(self) -> UniformPoint | None:
+        """The uniform setting with the least predicted loss that fits every budget."""
+        fitting = [u for u in self.uniform if u.fits]
+        return min(fitting, key=lambda u: u.loss) if fitting else None
+
+    def choice_summary(self) -> dict[str, tuple[int, int, int]]:
+        """Per choice label: (layers, weights, bytes), most weights first."""
+        rows: dict[str, list[int]] = {}
+        for lp in self.layers.values():
+            row = rows.setdefault(lp.choice.label, [0, 0, 0])
+            numel = 1
+            for d in lp.shape:
+                numel *= d
+            row[0] += 1
+            row[1] += numel
+            row[2] += lp.bytes
+        return {k: (v[0], v[1], v[2]) for k, v in sorted(rows.items(), key=lambda kv: -kv[1][1])}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan as JSON, atomically."""
+        return atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read a plan; a missing, truncated or foreign file raises `PlanError`."""
+        return load_json_model(cls, path, what="plan", format_name=PLAN_FORMAT, error=PlanError)

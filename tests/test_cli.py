@@ -1,0 +1,69 @@
+"""The `allocator` command, run in a subprocess; what it writes is read back."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from allocator.plan import Plan
+
+FAST = ["--calibration", "16", "--max-length", "32", "--draws", "2", "--no-progress", "--bits", "2,3,4,8"]
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "160"}
+    return subprocess.run(
+        [sys.executable, "-m", "allocator.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def test_solve_writes_a_plan_that_reloads_and_evaluates(tiny_encoder_dir, tmp_path):
+    out = tmp_path / "plans" / "plan.json"
+    res = run("solve", "--model", str(tiny_encoder_dir), "--budget", "30%", "-o", str(out), "--evaluate", *FAST)
+    assert res.returncode == 0, res.stderr
+    plan = Plan.load(out)
+    assert plan.model_name == str(tiny_encoder_dir)
+    assert plan.predicted.quantized_bytes <= plan.limits["bytes"]
+    assert len(plan.layers) == 3 + 2 * 6  # 3 embeddings + 6 Linear per encoder layer
+    assert plan.solver.status == "optimal"
+    for text in ("Plan by choice", "best uniform that fits", "Measured on 284 held-out documents", "WordSim353"):
+        assert text in res.stdout, text
+    assert f"plan written to {out}" in res.stdout
+
+
+def test_bad_input_is_one_line_and_leaves_files_alone(tiny_encoder_dir, tmp_path):
+    keep = tmp_path / "plan.json"
+    keep.write_text("precious")
+    cases = [
+        (["--budget", "twelve"], "cannot read budget 'twelve'"),
+        (["--budget", "1kB"], "raise it to at least"),
+        (["--budget", "3bpw", "--bits", "2,x"], "--bits takes comma-separated integers"),
+        (["--budget", "3bpw", "--keep", "decoder.*"], "matches no quantizable layer"),
+        (["--budget", "3bpw", "--tie", "qvk"], "unknown tie preset"),
+    ]
+    for extra, message in cases:
+        res = run("solve", "--model", str(tiny_encoder_dir), "-o", str(keep), *FAST, *extra)
+        assert res.returncode == 2, (extra, res.stderr)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: ") and message in lines[-1], res.stderr
+        assert "Traceback" not in res.stderr
+        assert keep.read_text() == "precious"
+    res = run("solve", "--model", str(tmp_path / "nowhere"), "--budget", "3bpw", *FAST)
+    assert res.returncode == 2 and "unknown model" in res.stderr
+
+
+def test_help_tells_the_truth():
+    res = run("solve", "--help")
+    assert res.returncode == 0
+    for option in ("--budget", "--model", "--output", "--evaluate", "--bits", "--terms", "--group-size", "--tie"):
+        assert option in res.stdout
+    assert "3.5bpw" in res.stdout and "minilm" in res.stdout
+    top = run("--help")
+    assert "solve" in top.stdout
+
+
+@pytest.mark.parametrize("args", [["version"]])
+def test_version(args):
+    res = run(*args)
+    assert res.returncode == 0 and res.stdout.strip()

@@ -1,0 +1,95 @@
+"""Plan files and the applier: round trips, refusals, nothing half-done."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import allocator
+from allocator.apply import apply_plan_
+from allocator.errors import PlanError
+from allocator.plan import Plan
+from profilers.quantize import fake_quantize
+from profilers.specs import Choice, ProfileError, ProfileTable
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+@pytest.fixture(scope="module")
+def plan_and_data():
+    model = _mlp()
+    data = [torch.randn(16, 32) for _ in range(3)]
+    plan = allocator.solve(model, data, budget="4bpw", choices=allocator.choice_grid((2, 4, 8), (1,), (16,)))
+    return plan, data
+
+
+def test_plan_round_trips_byte_for_byte(plan_and_data, tmp_path):
+    plan, _ = plan_and_data
+    path = plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert loaded.save(tmp_path / "again.json").read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.json", "plan.json"]  # no temp files left
+
+
+def test_corrupt_or_foreign_plan_files_are_refused(plan_and_data, tmp_path):
+    plan, _ = plan_and_data
+    text = plan.model_dump_json()
+    cases = {
+        "truncated.json": (text[: len(text) // 2], "not valid JSON"),
+        "foreign.json": (json.dumps({"hello": 1}), "not an allocator plan"),
+        "bad-bits.json": (text.replace('"bits":4', '"bits":11', 1), "bits must be one of"),
+        "missing.json": (None, "does not exist"),
+    }
+    for name, (content, message) in cases.items():
+        p = tmp_path / name
+        if content is not None:
+            p.write_text(content)
+        with pytest.raises(PlanError, match=message) as info:
+            Plan.load(p)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ProfileError, match="not an allocator profile"):
+        ProfileTable.load(tmp_path / "foreign.json")
+
+
+def test_apply_quantizes_exactly_as_the_plan_says(plan_and_data):
+    plan, _ = plan_and_data
+    model = _mlp()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_plan_(model, plan)
+    for name, lp in plan.layers.items():
+        want = fake_quantize(original[f"{name}.weight"], lp.choice)
+        assert torch.equal(dict(model.named_parameters())[f"{name}.weight"], want)
+        # Biases are stored in fp16 and rounded accordingly.
+        assert torch.equal(dict(model.named_parameters())[f"{name}.bias"], original[f"{name}.bias"].half().float())
+
+
+def test_apply_refuses_the_wrong_model_and_changes_nothing(plan_and_data):
+    plan, _ = plan_and_data
+    other = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(PlanError, match="no layer named '4'"):
+        apply_plan_(other, plan)
+    wrong_shape = _mlp()
+    wrong_shape[2] = nn.Linear(64, 32)
+    with pytest.raises(PlanError, match="weight shape"):
+        apply_plan_(wrong_shape, plan)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))
+    broken = _mlp()
+    with torch.no_grad():
+        broken[4].weight[0, 0] = float("inf")
+    snapshot = broken[0].weight.detach().clone()
+    with pytest.raises(PlanError, match="NaN or infinite"):
+        apply_plan_(broken, plan)
+    assert torch.equal(broken[0].weight, snapshot)
+
+
+def test_fp16_choice_roundtrip_through_apply():
+    model = _mlp()
+    w = model[0].weight.detach().clone()
+    allocator.apply.apply_choices_(model, {"0": Choice.fp16()})
+    assert torch.equal(model[0].weight, w.half().float())
