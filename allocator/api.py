@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from profilers.fisher import ProgressFn, profile_fisher
+from profilers import make_profiler
+from profilers.base import ProgressFn
 from profilers.layers import find_targets
 from profilers.specs import Choice, ProfileTable
 from profilers.tasks import Task, infer_task
@@ -66,10 +67,12 @@ def profile(
     data: Iterable[Any],
     *,
     task: Task | None = None,
+    profiler: str = "fisher",
     choices: Sequence[Choice] | None = None,
+    fractions: int = 8,
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
-    draws: int = 4,
+    draws: int | None = None,
     seed: int = 0,
     act_bits: int = 16,
     model_name: str = "",
@@ -82,24 +85,26 @@ def profile(
         data: calibration batches: dicts of tensors (passed as keyword arguments), tuples
             `(inputs, ...)`, or input tensors.
         task: what the output is (`EmbeddingTask`, `LogitsTask`); inferred when None.
-        choices: options per layer; default `choice_grid()`.
+        profiler: `fisher` (default), `hessian` or `measured`.
+        choices: whole-term options per layer; default `choice_grid()`.
+        fractions: options where k/fractions of a layer's rows carry one more term
+            (0 or 1: none).
         include, exclude: fnmatch patterns of layer names.
-        draws: pseudo-label draws per batch for the Fisher score.
+        draws: pseudo-label draws per batch (fisher, hessian); None: the profiler's default.
         seed: seed of the draws.
         act_bits: activation bits for BOPs.
         model_name: recorded in the profile.
         progress: optional `(stage, done, total)` callback.
     """
-    return profile_fisher(
+    return make_profiler(profiler, draws=draws, seed=seed).profile(
         model,
         data,
         choices=list(choices) if choices is not None else choice_grid(),
         task=task,
-        draws=draws,
-        seed=seed,
-        act_bits=act_bits,
+        fractions=fractions,
         include=include,
         exclude=exclude,
+        act_bits=act_bits,
         model_name=model_name,
         progress=progress,
     )

@@ -7,6 +7,7 @@ would be stored, so measured quality is the quality of the model the plan descri
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,13 @@ from .plan import Plan
 __all__ = ["apply_choices_", "apply_plan_"]
 
 
-def apply_choices_(model: nn.Module, choices: dict[str, Choice], *, round_rest_to_fp16: bool = True) -> nn.Module:
+def apply_choices_(
+    model: nn.Module,
+    choices: dict[str, Choice],
+    *,
+    extra_rows: dict[str, np.ndarray] | None = None,
+    round_rest_to_fp16: bool = True,
+) -> nn.Module:
     """Quantize the named layers' weights in place with the given choices.
 
     Validates every name and weight before changing anything, so a failure leaves the model
@@ -29,6 +36,7 @@ def apply_choices_(model: nn.Module, choices: dict[str, Choice], *, round_rest_t
     Args:
         model: the model to change.
         choices: layer name -> choice.
+        extra_rows: layer name -> rows carrying the extra term, for fractional choices.
         round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
             precision (how the plan stores them).
 
@@ -47,10 +55,13 @@ def apply_choices_(model: nn.Module, choices: dict[str, Choice], *, round_rest_t
         if not torch.isfinite(weight.detach()).all():
             raise PlanError(f"layer {name!r} has NaN or infinite weights; repair or reload the model first")
         weights[name] = weight
+        if choices[name].extra and (extra_rows is None or name not in extra_rows):
+            raise PlanError(f"layer {name!r} takes {choices[name].label} but no rows were given for its extra term")
     planned = {id(w) for w in weights.values()}
     with torch.no_grad():
         for name, weight in weights.items():
-            weight.copy_(fake_quantize(weight.detach(), choices[name]))
+            rows = torch.as_tensor(extra_rows[name]) if choices[name].extra and extra_rows else None
+            weight.copy_(fake_quantize(weight.detach(), choices[name], extra_rows=rows))
         if round_rest_to_fp16:
             seen: set[int] = set()
             for t in [*model.parameters(), *model.buffers()]:
@@ -84,6 +95,10 @@ def apply_plan_(model: nn.Module, plan: Plan, *, round_rest_to_fp16: bool = True
                 f"layer {name!r} has weight shape {got} but the plan was made for {tuple(lp.shape)}; "
                 "use the plan made for this model"
             )
+    rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
     return apply_choices_(
-        model, {name: lp.choice for name, lp in plan.layers.items()}, round_rest_to_fp16=round_rest_to_fp16
+        model,
+        {name: lp.choice for name, lp in plan.layers.items()},
+        extra_rows=rows,
+        round_rest_to_fp16=round_rest_to_fp16,
     )

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",
     "lee_documents",
+    "load_documents",
     "load_model",
     "split_documents",
     "text_batches",
@@ -152,6 +153,36 @@ def lee_documents() -> list[str]:
         raise ModelError("the default text data needs gensim: pip install 'allocator[examples]'") from None
     lines = Path(datapath("lee_background.cor")).read_text(encoding="utf-8", errors="replace").splitlines()
     return [line.strip() for line in lines if line.strip()]
+
+
+def load_documents(data: str | None = None) -> tuple[list[str], str]:
+    """Documents to calibrate and evaluate on, and a short description of where they came from.
+
+    Args:
+        data: None for the built-in news corpus (`lee_background.cor`); a text file (one
+            document per non-empty line); or a folder (every `*.txt` file in it, by name).
+    """
+    if data is None:
+        return lee_documents(), "lee_background.cor"
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise ModelError(f"data folder {path} holds no .txt files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ModelError(f"data {data!r} is neither a text file nor a folder of .txt files")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelError(f"cannot read data file {f}: {e}") from None
+        docs += [line.strip() for line in text.splitlines() if line.strip()]
+    if len(docs) < 2:
+        raise ModelError(f"data {data!r} has {len(docs)} non-empty line(s); calibration and evaluation need at least 2")
+    return docs, str(path)
 
 
 def wordsim353() -> list[tuple[str, str, float]]:

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from profilers.files import atomic_write_text, load_json_model
-from profilers.specs import Choice
+from profilers.specs import Choice, decode_indices
 
 from .budget import Budget
 from .errors import PlanError
@@ -34,6 +35,30 @@ class LayerPlan(BaseModel):
     bytes: int = Field(ge=0)
     bops: int = Field(ge=0)
     loss: float = Field(ge=0)
+    extra_rows: str | None = Field(
+        default=None,
+        description="fractional choices: the rows carrying the extra term (profilers.specs.encode_indices)",
+    )
+
+    def rows_with_extra_term(self) -> np.ndarray:
+        """Sorted row indices that carry the extra term (empty for whole-term choices).
+
+        Raises:
+            PlanError: the stored rows are corrupt or do not match the choice.
+        """
+        if not self.choice.extra:
+            return np.zeros(0, dtype=np.int64)
+        n_rows = self.shape[0]
+        try:
+            rows = decode_indices(self.extra_rows or "", limit=n_rows)
+        except ValueError as e:
+            raise PlanError(f"the plan's extra-term rows for a {self.choice.label} layer are unreadable: {e}") from None
+        if len(rows) != self.choice.extra_rows(n_rows) or len(np.unique(rows)) != len(rows):
+            raise PlanError(
+                f"the plan lists {len(rows)} extra-term rows for {self.choice.label} on {n_rows} rows; "
+                f"expected {self.choice.extra_rows(n_rows)} distinct rows — recreate the plan"
+            )
+        return rows
 
 
 class Predicted(BaseModel):

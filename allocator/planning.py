@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from profilers.specs import Choice, ProfileTable
+from profilers.specs import Choice, ProfileTable, encode_indices
 from solvers import Problem, Status
 from solvers import solve as solve_problem
 
@@ -140,6 +140,7 @@ def plan_from_profile(
             bytes=opt.bytes,
             bops=opt.bops,
             loss=opt.loss,
+            extra_rows=encode_indices(layer.extra_rows(opt.choice)) if opt.choice.extra else None,
         )
     q_bytes = sum(lp.bytes for lp in layers.values())
     predicted = Predicted(
@@ -177,10 +178,11 @@ def plan_from_profile(
 def uniform_points(
     profile: ProfileTable, limits: dict[Resource, int], choices: Sequence[Choice] | None = None
 ) -> list[UniformPoint]:
-    """Every quantized choice applied to all layers, priced by the profile; least loss first."""
+    """Every quantized whole-term choice applied to all layers, priced by the profile; least
+    loss first. (Fractional choices are not uniform settings: their rows differ per layer.)"""
     points = []
     for c in choices if choices is not None else _common_choices(profile):
-        if not c.quantized:
+        if not c.quantized or c.extra:
             continue
         opts = [layer.option(c) for layer in profile.layers]
         q_bytes = sum(o.bytes for o in opts)

@@ -2,9 +2,12 @@
 
 Bytes are those of the packed format: per term, the codes of the whole `[rows, cols]` matrix
 bit-packed into `ceil(rows * cols * bits / 8)` bytes, plus per group an fp16 scale (and an fp16
-offset when asymmetric). Unquantized tensors cost 2 bytes per element (fp16).
+offset when asymmetric). A fractional extra term stores its `k` rows the same way, plus a
+one-bit-per-row mask saying which rows they are. Unquantized tensors cost 2 bytes per element
+(fp16).
 
-BOPs (bit operations) = MACs x weight bits x activation bits x terms, per sample.
+BOPs (bit operations) = MACs x weight bits x activation bits x terms, per sample; an extra
+term on `k` of `rows` rows adds `k / rows` of a term.
 """
 
 from __future__ import annotations
@@ -28,10 +31,16 @@ def weight_bytes(rows: int, cols: int, choice: Choice) -> int:
     """
     if not choice.quantized:
         return rows * cols * FP_BYTES_PER_ELEMENT
+    total = choice.terms * _term_bytes(rows, cols, choice)
+    if choice.extra:
+        total += _term_bytes(choice.extra_rows(rows), cols, choice) + math.ceil(rows / 8)
+    return total
+
+
+def _term_bytes(rows: int, cols: int, choice: Choice) -> int:
     codes = math.ceil(rows * cols * choice.bits / 8)
     meta_per_group = 2 if choice.symmetric else 4
-    meta = rows * n_groups(cols, choice.group_size) * meta_per_group
-    return choice.terms * (codes + meta)
+    return codes + rows * n_groups(cols, choice.group_size) * meta_per_group
 
 
 def layer_bytes(spec: LayerSpec, choice: Choice) -> int:
@@ -41,5 +50,8 @@ def layer_bytes(spec: LayerSpec, choice: Choice) -> int:
 
 def layer_bops(spec: LayerSpec, choice: Choice, act_bits: int) -> int:
     """Bit operations per sample through this weight: MACs x weight bits x act bits x terms."""
-    bits = FP_BITS if not choice.quantized else choice.bits
-    return spec.macs * bits * act_bits * choice.terms
+    if not choice.quantized:
+        return spec.macs * FP_BITS * act_bits
+    per_term = spec.macs * choice.bits * act_bits
+    extra = (per_term * choice.extra_rows(spec.rows)) // spec.rows if choice.extra else 0
+    return per_term * choice.terms + extra

@@ -1,370 +1,376 @@
-"""Empirical-Fisher output score: the sensitivity of every (layer, choice) from a few passes.
+"""Empirical-Fisher output score: the sensitivity of every (layer, option) from a few passes.
 
-For a layer with weight `W`, output `Y` and a quantization error `ΔW` (choice `c`), the
+For a layer with weight `W`, output `Y` and a quantization error `ΔW` (option `c`), the
 first-order change of a pseudo-label loss on sample `s` is
 
-    a[s, c] = Σ g_Y ⊙ ΔY = ⟨ΔW_c, G_s⟩,   G_s = Σ_tokens g_Y xᵀ  (the per-sample weight gradient)
+    a[s, c] = Σ g_Y ⊙ ΔY = ⟨ΔW_c, G_s⟩ = Σ_rows ⟨ΔW_c[o], G_s[o]⟩,   G_s = Σ_tokens g_Y xᵀ
 
 where `g_Y` is the output-gradient for pseudo-labels drawn from the model's own output
-distribution. Its second moment over draws is `ΔYᵀ Jᵀ F J ΔY` (Gauss-Newton), the
-second-order loss increase, so the score
+distribution and `G_s` the per-sample weight gradient. Its second moment over draws is
+`ΔYᵀ Jᵀ F J ΔY` (Gauss-Newton), the second-order loss increase, so the score
 
     s[l, c] = ½ mean_{samples, draws} a[s, c]²
 
-estimates the expected divergence of the output when only layer `l` takes choice `c`, in the
-task's units (`Task.loss_units`). Cross terms between tokens of a sample are kept (the sum is
-taken before squaring), which is what makes the ranking of layers right.
+estimates the expected divergence of the output when only layer `l` takes option `c`, in the
+task's units (`Task.loss_units`). Cross terms between tokens, and between rows, are kept (sums
+are taken before squaring): that is what makes the ranking of layers right.
+
+Fractional options (`k` rows carry one more term): `a` is a sum over rows, so swapping the next
+term in for a set of rows changes it by the sum of those rows' differences `δ[s, o]`; the
+options' scores are exact for the nested row sets. Rows are ordered by how much of their own
+share of the score the extra term removes, `Σ r_base,o² − r_next,o²` with `r_c,o = ⟨ΔW_c[o], G_s[o]⟩`,
+measured on the first `warmup_samples` samples; the fractions are scored on the other samples,
+so the rows are not chosen for the noise of the samples that score them.
 
 Cost: one forward pass and `draws` backward passes to the layer outputs per batch (no
-parameter gradients); every choice is then scored from `G_s` by one matrix product. Modules
-sharing one weight add their `a` before squaring, so tied weights are scored jointly.
+parameter gradients); every option is then scored from `G_s` by one product with the stack
+of quantization errors. Modules sharing one weight add their `a` before squaring, so tied
+weights are scored jointly.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cost import layer_bops, layer_bytes
-from .layers import QuantTarget, find_targets, fingerprint_model, fixed_bytes, fp16_bytes
-from .quantize import as_matrix, fake_quantize
-from .specs import Choice, ChoiceProfile, LayerProfile, ProfileError, ProfileTable
-from .tasks import Task, infer_task
+from .base import Estimates, LayerEstimate, Profiler, ProgressFn
+from .capture import Call, batch_size, call_macs, capture_calls, check_batch_first, conv_patches
+from .layers import QuantTarget
+from .options import OptionLayout, error_stack
+from .specs import Choice, ProfileError
+from .tasks import Task
 
-__all__ = ["ProgressFn", "fingerprint_batches", "profile_fisher"]
-
-ProgressFn = Callable[[str, int, int], None]
-"""Called as `progress(stage, done, total)` while profiling."""
+__all__ = ["FisherProfiler", "per_sample_weight_grads"]
 
 # Per-sample weight gradients are built in chunks of at most this many elements.
 _MAX_CHUNK_ELEMENTS = 1 << 25
 
 
-@dataclass
-class _Call:
-    """One call of a quantizable module during the forward pass."""
-
-    target: int
-    module: nn.Module
-    inp: Tensor
-    out: Tensor
-
-
-def fingerprint_batches(batches: Sequence[Any]) -> str:
-    """SHA-256 over every tensor in the calibration batches (keys, shapes, values), hex."""
-    h = hashlib.sha256()
-
-    def visit(obj: Any, key: str = "") -> None:
-        if isinstance(obj, Tensor):
-            h.update(f"{key}|{tuple(obj.shape)}|{obj.dtype}".encode())
-            h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(obj, dict):
-            for k in sorted(obj):
-                visit(obj[k], f"{key}.{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                visit(v, f"{key}[{i}]")
-
-    for b in batches:
-        visit(b)
-    return h.hexdigest()
-
-
-def _batch_size(batch: Any) -> int | None:
-    """Leading dimension of the first tensor in a batch (None when there is no tensor)."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.dim() else None
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        n = _batch_size(item)
-        if n is not None:
-            return n
-    return None
-
-
-def _weight_errors(weight: Tensor, choices: Sequence[Choice]) -> Tensor:
-    """`[C, rows, cols]` stack of `fake_quantize(W, c) - W` in float32."""
-    w = as_matrix(weight.detach()).float()
-    return torch.stack([as_matrix(fake_quantize(w, c)) - w for c in choices])
-
-
-def _per_sample_scores(g3: Tensor, x3: Tensor, errors: Tensor) -> Tensor:
-    """`a[s, c] = ⟨ΔW_c, g_sᵀ x_s⟩` for `g3 [n, T, out]`, `x3 [n, T, in]`, `errors [C, out, in]`."""
-    n = g3.shape[0]
-    flat_err = errors.reshape(errors.shape[0], -1)
-    per_sample = max(1, errors.shape[1] * errors.shape[2])
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // per_sample)
-    parts = []
-    for i in range(0, n, chunk):
-        grad_w = torch.bmm(g3[i : i + chunk].transpose(1, 2), x3[i : i + chunk])
-        parts.append(grad_w.reshape(grad_w.shape[0], -1) @ flat_err.T)
-    return torch.cat(parts)
-
-
-def _linear_scores(call: _Call, g: Tensor, errors: Tensor) -> Tensor:
-    n = g.shape[0]
-    x3 = call.inp.detach().float().reshape(n, -1, call.inp.shape[-1])
-    g3 = g.float().reshape(n, -1, g.shape[-1])
-    return _per_sample_scores(g3, x3, errors)
-
-
-def _conv_padded_input(mod: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    if not isinstance(mod.padding, str):
-        return x, tuple(mod.padding)  # type: ignore[return-value]
-    if mod.padding == "valid":
-        return x, (0, 0)
-    pads: list[int] = []
-    for k, d in zip(reversed(mod.kernel_size), reversed(mod.dilation), strict=True):  # w then h
-        total = d * (k - 1)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads), (0, 0)
-
-
-def _conv2d_scores(call: _Call, g: Tensor, errors: Tensor) -> Tensor:
+def per_sample_weight_grads(call: Call, g: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    """`G[s] = dL_s/dW` as `[n, rows, cols]` for samples `start:stop` of a Linear/Conv2d call."""
     mod = call.module
-    assert isinstance(mod, nn.Conv2d)
+    g = g[start:stop].float()
+    x = call.inp[start:stop].detach().float()
     n = g.shape[0]
-    x, padding = _conv_padded_input(mod, call.inp.detach().float())
-    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
-    groups, out_ch = mod.groups, mod.out_channels
-    length = cols.shape[-1]
-    g3 = g.float().reshape(n, out_ch, length)
-    if groups == 1:
-        return _per_sample_scores(g3.transpose(1, 2), cols.transpose(1, 2), errors)
-    gg = g3.reshape(n, groups, out_ch // groups, length)
-    cc = cols.reshape(n, groups, -1, length)
-    grad_w = torch.einsum("ngol,ngil->ngoi", gg, cc).reshape(n, -1)
-    return grad_w @ errors.reshape(errors.shape[0], -1).T
+    if isinstance(mod, nn.Conv2d):
+        cols = conv_patches(mod, x)
+        length = cols.shape[-1]
+        if mod.groups == 1:
+            return torch.bmm(g.reshape(n, mod.out_channels, length), cols.transpose(1, 2))
+        gg = g.reshape(n, mod.groups, mod.out_channels // mod.groups, length)
+        cc = cols.reshape(n, mod.groups, -1, length)
+        return torch.einsum("ngol,ngil->ngoi", gg, cc).reshape(n, mod.out_channels, -1)
+    x3 = x.reshape(n, -1, x.shape[-1])
+    g3 = g.reshape(n, -1, g.shape[-1])
+    return torch.bmm(g3.transpose(1, 2), x3)
 
 
-def _embedding_scores(call: _Call, g: Tensor, rows: Tensor, row_errors: Tensor) -> Tensor:
-    """Scores for an embedding: only the rows this batch looked up can change its output."""
+def _products(grad_w: Tensor, stack: Tensor, n_paired: int) -> tuple[Tensor, Tensor | None]:
+    """`a [b, K]` = `⟨ΔW_k, G_b⟩`, and per row `[b, n_paired, rows]` for the first `n_paired`
+    stack rows (the ones fractional options mix), from per-sample gradients `grad_w [b, rows, cols]`."""
+    b = grad_w.shape[0]
+    if not n_paired:
+        return grad_w.reshape(b, -1) @ stack.reshape(stack.shape[0], -1).T, None
+    per_row = torch.einsum("boi,koi->bko", grad_w, stack[:n_paired])
+    a = per_row.sum(dim=-1)
+    if n_paired < stack.shape[0]:
+        rest = grad_w.reshape(b, -1) @ stack[n_paired:].reshape(stack.shape[0] - n_paired, -1).T
+        a = torch.cat([a, rest], dim=1)
+    return a, per_row
+
+
+def _dense_products(call: Call, g: Tensor, stack: Tensor, n_paired: int) -> tuple[Tensor, Tensor | None]:
+    """`_products` for a Linear/Conv call with output-gradient `g`, in chunks of samples."""
+    n = g.shape[0]
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, stack.shape[1] * stack.shape[2]))
+    parts = [_products(per_sample_weight_grads(call, g, i, i + chunk), stack, n_paired) for i in range(0, n, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    per_row = torch.cat([p[1] for p in parts]) if n_paired else None
+    return torch.cat([p[0] for p in parts]), per_row
+
+
+def _embedding_products(
+    call: Call, g: Tensor, rows: Tensor, stack: Tensor, n_paired: int
+) -> tuple[Tensor, Tensor | None]:
+    """`_products` for an embedding lookup; `rows` are the sorted rows of `stack [K, U, dim]`."""
     n = g.shape[0]
     dim = g.shape[-1]
-    inv = torch.searchsorted(rows, call.inp.reshape(n, -1).contiguous())
-    flat = (torch.arange(n, device=inv.device).unsqueeze(1) * rows.numel() + inv).reshape(-1)
+    local = torch.searchsorted(rows, call.inp.reshape(n, -1).contiguous())
+    flat = (torch.arange(n, device=local.device).unsqueeze(1) * rows.numel() + local).reshape(-1)
     grad_rows = torch.zeros(n * rows.numel(), dim, dtype=torch.float32, device=g.device)
     grad_rows.index_add_(0, flat, g.float().reshape(-1, dim))
-    return grad_rows.reshape(n, -1) @ row_errors.reshape(row_errors.shape[0], -1).T
+    return _products(grad_rows.reshape(n, rows.numel(), dim), stack, n_paired)
 
 
-def _call_macs(call: _Call) -> int:
-    mod = call.module
-    if isinstance(mod, nn.Linear):
-        return call.inp.numel() // mod.in_features * mod.in_features * mod.out_features
-    if isinstance(mod, nn.Conv2d):
-        return call.out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-    return 0  # embedding lookups do no multiply-accumulates
+class _RowErrors:
+    """Quantization errors of an embedding's rows, computed once per row as batches look them up."""
+
+    def __init__(self, weight: Tensor, stack: list[Choice]) -> None:
+        self.weight = weight
+        self.stack = stack
+        self.slot = torch.full((weight.shape[0],), -1, dtype=torch.long)
+        self.errors = torch.empty(len(stack), 0, weight.shape[1])
+
+    def get(self, rows: Tensor) -> Tensor:
+        """`[K, len(rows), dim]` errors of the sorted `rows`."""
+        missing = rows[self.slot[rows] < 0]
+        if missing.numel():
+            self.slot[missing] = torch.arange(missing.numel()) + self.errors.shape[1]
+            new = error_stack(self.weight.detach()[missing], self.stack)
+            self.errors = torch.cat([self.errors, new], dim=1)
+        return self.errors[:, self.slot[rows]]
 
 
-def profile_fisher(
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    choices: Sequence[Choice],
-    task: Task | None = None,
-    draws: int = 4,
-    seed: int = 0,
-    act_bits: int = 16,
-    include: Sequence[str] = ("*",),
-    exclude: Sequence[str] = (),
-    model_name: str = "",
-    progress: ProgressFn | None = None,
-) -> ProfileTable:
-    """Estimate the loss increase of every (layer, choice) with the empirical-Fisher output score.
+@dataclass
+class _LayerState:
+    """Running sums of one weight's first-order terms over samples and draws.
+
+    Fractional options need an order of rows. It is taken from the first `warmup` samples
+    and those samples do not score the fractions: rows chosen and scored on the same noisy
+    estimates would look better than they are (the winner's curse), so fractions are scored
+    on the remaining samples only. Whole-term options use every sample.
+    """
+
+    layout: OptionLayout
+    n_rows: int
+    warmup: int
+    sum2: Tensor = field(init=False)
+    sum4: Tensor = field(init=False)
+    frac2: Tensor = field(init=False)
+    frac4: Tensor = field(init=False)
+    marginal: Tensor = field(init=False)
+    count: int = 0
+    frac_count: int = 0
+    rank: Tensor | None = None
+    orders: list[Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        k, n_opt, p = len(self.layout.stack), len(self.layout.whole), len(self.layout.pairs)
+        self.sum2 = torch.zeros(k, dtype=torch.float64)
+        self.sum4 = torch.zeros(k, dtype=torch.float64)
+        self.frac2 = torch.zeros(n_opt, dtype=torch.float64)
+        self.frac4 = torch.zeros(n_opt, dtype=torch.float64)
+        self.marginal = torch.zeros(p, self.n_rows, dtype=torch.float64)
+        base = [pair.base for pair in self.layout.pairs]
+        nxt = [pair.next for pair in self.layout.pairs]
+        self._base = torch.tensor(base, dtype=torch.long)
+        self._next = torch.tensor(nxt, dtype=torch.long)
+        # Per pair, its fractional options (padded with -1) and their extra-row counts.
+        per_pair = [[j for j, q in enumerate(self.layout.pair) if q == p] for p in range(p)]
+        width = max((len(o) for o in per_pair), default=0)
+        self._opts = torch.full((p, width), -1, dtype=torch.long)
+        self._ks = torch.zeros((p, width), dtype=torch.long)
+        for q, opts in enumerate(per_pair):
+            self._opts[q, : len(opts)] = torch.tensor(opts, dtype=torch.long)
+            self._ks[q, : len(opts)] = torch.tensor([self.layout.rows[j] for j in opts], dtype=torch.long)
+
+    @property
+    def fractional(self) -> bool:
+        return bool(self.layout.pairs)
+
+    def add(self, a: Tensor, per_row: Tensor | None, rows: Tensor, first_sample: int) -> None:
+        """Add one draw's `a [n, K]` for calibration samples `first_sample ...`, and when
+        fractional, `per_row [n, K, U]` for the global `rows [U]` it covers."""
+        a2 = a.double().square()
+        self.sum2 += a2.sum(dim=0)
+        self.sum4 += a2.square().sum(dim=0)
+        self.count += a.shape[0]
+        if not self.fractional:
+            return
+        assert per_row is not None
+        split = min(a.shape[0], max(0, self.warmup - first_sample))
+        if split:
+            # Each row's own share of the score, before minus after the extra term: the
+            # diagonal of the score in rows (the signed cross terms are too noisy to rank by).
+            head = per_row[:split]  # per-row products of the paired stack rows
+            gain = (head[:, self._base].square() - head[:, self._next].square()).sum(dim=0).double()
+            self.marginal.index_add_(1, rows, -gain)
+        if split < a.shape[0]:
+            if self.rank is None:
+                self._fix_order()
+            tail = per_row[split:]
+            self._add_fractions(a[split:, self._base], tail[:, self._next] - tail[:, self._base], rows)
+
+    def _fix_order(self) -> None:
+        rank = torch.empty_like(self.marginal, dtype=torch.long)
+        for p in range(self.marginal.shape[0]):
+            order = torch.from_numpy(np.argsort(self.marginal[p].numpy(), kind="stable"))
+            self.orders.append(order)
+            rank[p, order] = torch.arange(self.n_rows)
+        self.rank = rank
+
+    def _add_fractions(self, a_base: Tensor, delta: Tensor, rows: Tensor) -> None:
+        """Score every fractional option on these samples: its `a` is `a_base` plus the
+        differences of the rows in its set (the first `k` of the pair's order)."""
+        assert self.rank is not None
+        m, n_pairs, n_rows = delta.shape
+        pos = self.rank[:, rows]  # [P, U] position of each row in its pair's order
+        pos_sorted, idx = torch.sort(pos, dim=1)
+        cums = delta.gather(2, idx.unsqueeze(0).expand(m, n_pairs, n_rows)).cumsum(dim=-1)  # [m, P, U]
+        counts = torch.searchsorted(pos_sorted, self._ks)  # [P, W] rows of this batch in each set
+        picked = cums.gather(2, (counts - 1).clamp_min(0).unsqueeze(0).expand(m, -1, -1)) * (counts > 0)
+        values = (a_base.unsqueeze(-1) + picked).double().square()  # [m, P, W]
+        valid = self._opts >= 0
+        opts = self._opts[valid]
+        self.frac2.index_add_(0, opts, values.sum(dim=0)[valid])
+        self.frac4.index_add_(0, opts, values.square().sum(dim=0)[valid])
+        self.frac_count += m
+
+    def finish(self) -> LayerEstimate:
+        if self.fractional and self.rank is None:
+            self._fix_order()
+        layout = self.layout
+        is_whole = torch.tensor([k >= 0 for k in layout.whole])
+        whole = torch.tensor([max(0, k) for k in layout.whole])
+        n = torch.where(is_whole, float(max(1, self.count)), float(max(1, self.frac_count))).double()
+        mean2 = torch.where(is_whole, self.sum2[whole], self.frac2) / n
+        mean4 = torch.where(is_whole, self.sum4[whole], self.frac4) / n
+        var = (mean4 - mean2.square()).clamp_min(0)
+        orders = {}
+        if self.fractional:
+            orders = {layout.pair_label(p): self.orders[p].numpy() for p in range(len(layout.pairs))}
+        return LayerEstimate(loss=(0.5 * mean2).numpy(), stderr=(0.5 * (var / n).sqrt()).numpy(), orders=orders)
+
+
+class FisherProfiler(Profiler):
+    """Empirical-Fisher output score (see the module docstring).
 
     Args:
-        model: the FP model; its weights are not changed.
-        batches: calibration batches (see `profilers.tasks.call_model` for their form).
-        choices: the options to score for every layer (include `Choice.fp16()` to allow
-            leaving a layer unquantized).
-        task: what the output is; inferred from the first batch when None.
-        draws: pseudo-label draws per batch (backward passes); more draws, less noise.
+        draws: pseudo-label draws (backward passes) per batch; more draws, less noise.
         seed: seed of the pseudo-label draws.
-        act_bits: activation bits assumed by the BOPs cost.
-        include: fnmatch patterns of layer names to quantize.
-        exclude: fnmatch patterns of layer names to keep in floating point.
-        model_name: recorded in the profile.
-        progress: optional callback `(stage, done, total)`.
-
-    Returns:
-        A `ProfileTable` with, per layer and choice, bytes, BOPs per sample and the estimated
-        loss with its Monte Carlo standard error.
+        warmup_samples: calibration samples (at most half of them) whose per-row statistics
+            order the rows for fractional options; fractions are scored on the others.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
         >>> data = [torch.randn(8, 16) for _ in range(2)]
-        >>> table = profile_fisher(model, data, choices=[Choice(bits=4, group_size=16), Choice.fp16()])
+        >>> table = FisherProfiler().profile(model, data, choices=[Choice(bits=4, group_size=16)])
         >>> [layer.spec.name for layer in table.layers]
         ['0', '2']
     """
-    batches = list(batches)
-    choices = list(dict.fromkeys(choices))
-    if not batches:
-        raise ProfileError("no calibration batches were given; pass at least one batch of inputs")
-    if not choices:
-        raise ProfileError("no choices to profile; give at least one bits/terms/group setting")
-    if draws < 1:
-        raise ProfileError(f"draws must be at least 1, got {draws}")
-    targets = find_targets(model, include=include, exclude=exclude)
-    task = task or infer_task(model, batches[0])
-    report = progress or (lambda stage, done, total: None)
 
-    n_choices = len(choices)
-    module_target = {id(m): i for i, t in enumerate(targets) for m in t.modules}
-    errors: dict[int, Tensor] = {}
-    for i, t in enumerate(targets):
-        report("quantizing", i, len(targets))
-        if t.spec.kind != "embedding":
-            errors[i] = _weight_errors(t.weight, choices)
-    report("quantizing", len(targets), len(targets))
+    name: ClassVar[str] = "fisher"
 
-    sum2 = [torch.zeros(n_choices, dtype=torch.float64) for _ in targets]
-    sum4 = [torch.zeros(n_choices, dtype=torch.float64) for _ in targets]
-    macs = [0] * len(targets)
-    first_call: dict[int, int] = {}
-    n_scored = 0
-    n_samples = 0
-    generator = torch.Generator().manual_seed(seed)
+    def __init__(self, *, draws: int = 2, seed: int = 0, warmup_samples: int = 16) -> None:
+        if draws < 1:
+            raise ProfileError(f"draws must be at least 1, got {draws}")
+        self.draws = draws
+        self.seed = seed
+        self.warmup_samples = warmup_samples
 
-    was_training = model.training
-    grad_flags = [t.weight.requires_grad for t in targets]
-    model.eval()
-    try:
-        for t in targets:
-            t.weight.requires_grad_(True)
-        for b, batch in enumerate(batches):
-            report("scoring", b, len(batches))
-            calls: list[_Call] = []
-            batch_n = _batch_size(batch)
+    def _estimate(
+        self,
+        model: nn.Module,
+        batches: list[Any],
+        targets: list[QuantTarget],
+        options: list[Choice],
+        layouts: list[OptionLayout],
+        task: Task,
+        report: ProgressFn,
+    ) -> Estimates:
+        lookup_only = [all(isinstance(m, nn.Embedding) for m in t.modules) for t in targets]
+        stacks: dict[int, Tensor] = {}
+        row_errors: dict[int, _RowErrors] = {}
+        for i, t in enumerate(targets):
+            report("quantizing", i, len(targets))
+            if lookup_only[i]:
+                row_errors[i] = _RowErrors(t.weight, layouts[i].stack)
+            else:
+                stacks[i] = error_stack(t.weight, layouts[i].stack)
+        report("quantizing", len(targets), len(targets))
 
-            def hook(mod: nn.Module, args: tuple[Any, ...], out: Tensor, calls=calls, n=batch_n) -> Tensor:
-                inp = args[0]
-                if n is not None and n > 1 and out.shape[0] == 1 and inp.shape[0] == 1:
-                    # One lookup broadcast over the batch (e.g. position ids [1, T]): give each
-                    # sample its own copy so its gradient stays per sample.
-                    inp = inp.expand(n, *inp.shape[1:])
-                    out = out.expand(n, *out.shape[1:])
-                calls.append(_Call(module_target[id(mod)], mod, inp, out))
-                # Later in-place ops (ReLU(inplace=True), `+=`) change the copy returned here,
-                # not the tensor whose gradient we take.
-                return out.clone()
-
-            handles = [m.register_forward_hook(hook) for t in targets for m in t.modules]
-            try:
-                with torch.enable_grad():
+        total = sum(batch_size(b) or 1 for b in batches)
+        warmup = max(1, min(self.warmup_samples, total // 2))
+        states = [_LayerState(layouts[i], t.spec.rows, warmup) for i, t in enumerate(targets)]
+        macs = dict.fromkeys(range(len(targets)), 0)
+        first_call: dict[int, int] = {}
+        samples = 0
+        generator = torch.Generator().manual_seed(self.seed)
+        grad_flags = [t.weight.requires_grad for t in targets]
+        try:
+            for t in targets:
+                t.weight.requires_grad_(True)
+            for b, batch in enumerate(batches):
+                report("scoring", b, len(batches))
+                with capture_calls(targets, batch) as calls, torch.enable_grad():
                     out = task.forward(model, batch)
-            finally:
-                for h in handles:
-                    h.remove()
-            n = out.shape[0]
-            n_samples += n
-            for call in calls:
-                first_call.setdefault(call.target, len(first_call))
-                macs[call.target] += _call_macs(call)
-                if call.inp.shape[0] != n:
-                    raise ProfileError(
-                        f"layer {targets[call.target].spec.name!r} sees inputs of shape {tuple(call.inp.shape)} "
-                        f"whose first dimension is not the batch size {n}; "
-                        "the Fisher profiler needs batch-first activations"
+                n = out.shape[0]
+                first_sample = samples
+                samples += n
+                check_batch_first(calls, targets, n)
+                for call in calls:
+                    first_call.setdefault(call.target, len(first_call))
+                    macs[call.target] += call_macs(call)
+                lookups = self._lookup_stacks(row_errors, calls)
+                outs = [c.out for c in calls]
+                for d in range(self.draws):
+                    v = task.pseudo_gradient(out, batch, generator)
+                    grads = torch.autograd.grad(
+                        out, outs, grad_outputs=v, retain_graph=d < self.draws - 1, allow_unused=True
                     )
-            rows_errors = _embedding_row_errors(targets, calls, choices)
-            outs = [c.out for c in calls]
-            for d in range(draws):
-                v = task.pseudo_gradient(out, batch, generator)
-                grads = torch.autograd.grad(out, outs, grad_outputs=v, retain_graph=d < draws - 1, allow_unused=True)
-                first_order: dict[int, Tensor] = {}
-                for call, g in zip(calls, grads, strict=True):
-                    if g is None:
-                        continue
-                    if call.target in rows_errors:
-                        rows, row_err = rows_errors[call.target]
-                        a = _embedding_scores(call, g, rows, row_err)
-                    elif isinstance(call.module, nn.Conv2d):
-                        a = _conv2d_scores(call, g, errors[call.target])
-                    else:
-                        a = _linear_scores(call, g, errors[call.target])
-                    first_order[call.target] = first_order.get(call.target, 0) + a
-                for ti, a in first_order.items():
-                    a2 = a.double().square()
-                    sum2[ti] += a2.sum(dim=0)
-                    sum4[ti] += a2.square().sum(dim=0)
-                n_scored += n
-            del calls, outs, out
-        report("scoring", len(batches), len(batches))
-    finally:
-        for t, flag in zip(targets, grad_flags, strict=True):
-            t.weight.requires_grad_(flag)
-        model.train(was_training)
+                    self._accumulate(targets, states, stacks, lookups, calls, [grads], first_sample)
+                del calls, outs, out
+            report("scoring", len(batches), len(batches))
+        finally:
+            for t, flag in zip(targets, grad_flags, strict=True):
+                t.weight.requires_grad_(flag)
 
-    seen = [i for i in range(len(targets)) if i in first_call]
-    unseen = [targets[i].spec.name for i in range(len(targets)) if i not in first_call]
-    if unseen:
-        warnings.warn(
-            f"{len(unseen)} layer(s) never ran during calibration and stay in fp16: {', '.join(unseen[:5])}",
-            stacklevel=2,
+        return Estimates(
+            layers={i: states[i].finish() for i in first_call},
+            macs={i: round(m / max(1, samples)) for i, m in macs.items()},
+            first_call=first_call,
+            samples=samples,
+            settings={"draws": self.draws, "seed": self.seed},
         )
-    if not seen:
-        raise ProfileError("no quantizable layer ran during calibration; check the batches and the task")
-    seen.sort(key=lambda i: first_call[i])
 
-    layers = []
-    for order, i in enumerate(seen):
-        t = targets[i]
-        spec = t.spec.model_copy(update={"macs": round(macs[i] / n_samples), "order": order})
-        mean2 = sum2[i] / n_scored
-        var2 = (sum4[i] / n_scored - mean2.square()).clamp_min(0)
-        stderr = 0.5 * (var2 / n_scored).sqrt()
-        options = tuple(
-            ChoiceProfile(
-                choice=c,
-                bytes=layer_bytes(spec, c),
-                bops=layer_bops(spec, c, act_bits),
-                loss=float(0.5 * mean2[j]),
-                loss_stderr=float(stderr[j]),
-            )
-            for j, c in enumerate(choices)
-        )
-        layers.append(LayerProfile(spec=spec, options=options))
+    @staticmethod
+    def _lookup_stacks(row_errors: dict[int, _RowErrors], calls: list[Call]) -> dict[int, tuple[Tensor, Tensor]]:
+        """For each lookup-only embedding called in this batch: the sorted rows it looked up and
+        their errors `[K, rows, dim]` (rows quantize independently of each other)."""
+        ids: dict[int, list[Tensor]] = {}
+        for call in calls:
+            if call.target in row_errors:
+                ids.setdefault(call.target, []).append(call.inp.reshape(-1))
+        out = {}
+        for i, parts in ids.items():
+            rows = torch.unique(torch.cat(parts))
+            out[i] = (rows, row_errors[i].get(rows))
+        return out
 
-    kept = [targets[i] for i in seen]
-    return ProfileTable(
-        model_name=model_name,
-        model_fingerprint=fingerprint_model(model),
-        data_fingerprint=fingerprint_batches(batches),
-        profiler="fisher",
-        settings={"draws": draws, "seed": seed, "task": task.describe(), "samples": n_samples},
-        loss_units=task.loss_units,
-        act_bits=act_bits,
-        fixed_bytes=fixed_bytes(model, kept),
-        fp16_bytes=fp16_bytes(model),
-        kept_fp16=tuple(unseen),
-        layers=tuple(layers),
-    )
-
-
-def _embedding_row_errors(
-    targets: Sequence[QuantTarget], calls: Sequence[_Call], choices: Sequence[Choice]
-) -> dict[int, tuple[Tensor, Tensor]]:
-    """For each embedding called in this batch: the sorted rows looked up and their
-    quantization errors `[C, rows, dim]` (rows quantize independently of each other)."""
-    out: dict[int, tuple[Tensor, Tensor]] = {}
-    for call in calls:
-        t = targets[call.target]
-        if t.spec.kind != "embedding":
-            continue
-        ids = call.inp.reshape(-1)
-        prev = out.get(call.target)
-        rows = torch.unique(ids if prev is None else torch.cat([prev[0], ids]))
-        out[call.target] = (rows, torch.empty(0))
-    for ti, (rows, _) in out.items():
-        out[ti] = (rows, _weight_errors(targets[ti].weight.detach()[rows], choices))
-    return out
+    @staticmethod
+    def _accumulate(
+        targets: list[QuantTarget],
+        states: list[_LayerState],
+        stacks: dict[int, Tensor],
+        lookups: dict[int, tuple[Tensor, Tensor]],
+        calls: list[Call],
+        draws: list[tuple[Tensor | None, ...]],
+        first_sample: int,
+    ) -> None:
+        """Add one batch's first-order terms for one draw (`draws` holds its gradients) to each
+        weight's running sums; the batch holds calibration samples `first_sample ...`."""
+        assert len(draws) == 1
+        grads = draws[0]
+        totals: dict[int, tuple[Tensor, Tensor | None]] = {}
+        for call, g in zip(calls, grads, strict=True):
+            if g is None:
+                continue
+            i = call.target
+            n_paired = states[i].layout.n_paired
+            if i in lookups or isinstance(call.module, nn.Embedding):
+                rows, stack = lookups[i] if i in lookups else (torch.arange(targets[i].spec.rows), stacks[i])
+                a, per_row = _embedding_products(call, g, rows, stack, n_paired)
+            else:
+                a, per_row = _dense_products(call, g, stacks[i], n_paired)
+            if i in totals:  # a weight used by several calls: first-order terms add up
+                a0, p0 = totals[i]
+                a, per_row = a0 + a, None if per_row is None else p0 + per_row
+            totals[i] = (a, per_row)
+        for i, (a, per_row) in totals.items():
+            rows = lookups[i][0] if i in lookups else torch.arange(targets[i].spec.rows)
+            states[i].add(a, per_row, rows, first_sample)

@@ -6,16 +6,22 @@ disk once and re-solved for any budget later, possibly on another machine.
 
 from __future__ import annotations
 
+import base64
+import math
 import os
 import re
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .files import atomic_write_text, load_json_model
 
 __all__ = [
+    "MAX_TERMS",
     "PROFILE_FORMAT",
     "PROFILE_VERSION",
     "Choice",
@@ -25,6 +31,9 @@ __all__ = [
     "LayerSpec",
     "ProfileError",
     "ProfileTable",
+    "Validation",
+    "decode_indices",
+    "encode_indices",
 ]
 
 PROFILE_FORMAT = "allocator.profile"
@@ -32,10 +41,13 @@ PROFILE_VERSION = 1
 
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP_BITS = 16
+MAX_TERMS = 4
 
 LayerKind = Literal["linear", "conv2d", "embedding"]
 
-_LABEL_RE = re.compile(r"^int(?P<bits>\d+)(?P<sym>s?)(?:x(?P<terms>\d+))?-(?P<group>g\d+|ch)$")
+_LABEL_RE = re.compile(
+    r"^int(?P<bits>\d+)(?P<sym>s?)(?:x(?P<terms>\d+))?(?:\+(?P<num>\d+)/(?P<den>\d+))?-(?P<group>g\d+|ch)$"
+)
 
 
 class ProfileError(ValueError):
@@ -47,23 +59,42 @@ class Choice(BaseModel):
 
     The weight is viewed as a matrix `[rows, cols]` (rows are output channels, or embedding
     rows); groups run along `cols`. Term `t` quantizes the residual the terms before it left.
-    `bits == 16` means the tensor stays in floating point (stored as fp16).
+    With `extra/extra_of > 0`, that fraction of the rows (the ones whose residual hurts most,
+    chosen by the profiler) carries one more term: `terms + extra/extra_of` terms on average,
+    so complexity grows continuously instead of in whole terms. `bits == 16` means the tensor
+    stays in floating point (stored as fp16).
 
     Examples:
         >>> Choice(bits=4, group_size=64).label
         'int4-g64'
         >>> Choice.parse("int2x2-ch")
-        Choice(bits=2, terms=2, group_size=None, symmetric=False)
+        Choice(bits=2, terms=2, group_size=None, symmetric=False, extra=0, extra_of=1)
+        >>> Choice(bits=3, extra=2, extra_of=8, group_size=64).label  # a quarter of rows: 2 terms
+        'int3+1/4-g64'
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     bits: int = Field(description="bits per code of every term; 16 = unquantized fp16")
-    terms: int = Field(default=1, ge=1, le=4, description="number of residual terms")
+    terms: int = Field(default=1, ge=1, le=MAX_TERMS, description="number of residual terms")
     group_size: int | None = Field(
         default=None, description="weights sharing one scale along a row; None = one group per row"
     )
     symmetric: bool = Field(default=False, description="signed codes, scale only (no zero point)")
+    extra: int = Field(default=0, ge=0, description="numerator of the share of rows with one more term")
+    extra_of: int = Field(default=1, ge=1, description="denominator of that share")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reduce_fraction(cls, data: object) -> object:
+        if isinstance(data, dict) and "extra" in data:
+            num, den = int(data.get("extra", 0)), int(data.get("extra_of", 1))
+            if num == 0:
+                data = {**data, "extra": 0, "extra_of": 1}
+            elif den >= 1 and num >= 0:
+                g = math.gcd(num, den)
+                data = {**data, "extra": num // g, "extra_of": den // g}
+        return data
 
     @field_validator("bits")
     @classmethod
@@ -80,9 +111,13 @@ class Choice(BaseModel):
         return group_size
 
     @model_validator(mode="after")
-    def _fp_is_plain(self) -> Choice:
-        if self.bits == FP_BITS and (self.terms != 1 or self.group_size is not None or self.symmetric):
-            raise ValueError("the fp16 choice takes no terms, group size or symmetry")
+    def _consistent(self) -> Choice:
+        if self.bits == FP_BITS and (self.terms != 1 or self.group_size is not None or self.symmetric or self.extra):
+            raise ValueError("the fp16 choice takes no terms, group size, symmetry or extra fraction")
+        if self.extra >= self.extra_of:
+            raise ValueError(f"the extra share {self.extra}/{self.extra_of} must be below 1; add a whole term instead")
+        if self.extra and self.terms + 1 > MAX_TERMS:
+            raise ValueError(f"an extra share needs room for term {self.terms + 1}; at most {MAX_TERMS} terms")
         return self
 
     @classmethod
@@ -94,13 +129,33 @@ class Choice(BaseModel):
         return self.bits != FP_BITS
 
     @property
+    def rho(self) -> float:
+        """Share of rows carrying the extra term (0 when none)."""
+        return self.extra / self.extra_of
+
+    @property
+    def base(self) -> Choice:
+        """The same choice without the extra share."""
+        return self.model_copy(update={"extra": 0, "extra_of": 1}) if self.extra else self
+
+    @property
+    def next_term(self) -> Choice:
+        """The base choice with one more whole term (what the extra rows get)."""
+        return self.model_copy(update={"terms": self.terms + 1, "extra": 0, "extra_of": 1})
+
+    def extra_rows(self, rows: int) -> int:
+        """Number of rows of a `rows`-row weight that carry the extra term (rounded half up)."""
+        return (2 * rows * self.extra + self.extra_of) // (2 * self.extra_of)
+
+    @property
     def label(self) -> str:
-        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int8s-ch`, `fp16`."""
+        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int3+3/8-g64`, `int8s-ch`, `fp16`."""
         if not self.quantized:
             return "fp16"
         terms = f"x{self.terms}" if self.terms > 1 else ""
+        extra = f"+{self.extra}/{self.extra_of}" if self.extra else ""
         group = f"g{self.group_size}" if self.group_size is not None else "ch"
-        return f"int{self.bits}{'s' if self.symmetric else ''}{terms}-{group}"
+        return f"int{self.bits}{'s' if self.symmetric else ''}{terms}{extra}-{group}"
 
     @classmethod
     def parse(cls, label: str) -> Choice:
@@ -110,17 +165,41 @@ class Choice(BaseModel):
             return cls.fp16()
         m = _LABEL_RE.match(text)
         if not m:
-            raise ValueError(f"cannot read choice {label!r}: write it like int4-g64, int2x2-g128, int8s-ch or fp16")
+            raise ValueError(
+                f"cannot read choice {label!r}: write it like int4-g64, int2x2-g128, int3+1/4-ch, int8s-ch or fp16"
+            )
         group = m["group"]
         return cls(
             bits=int(m["bits"]),
             terms=int(m["terms"] or 1),
             group_size=None if group == "ch" else int(group[1:]),
             symmetric=bool(m["sym"]),
+            extra=int(m["num"] or 0),
+            extra_of=int(m["den"] or 1),
         )
 
     def __str__(self) -> str:
         return self.label
+
+
+def encode_indices(indices: Sequence[int] | np.ndarray) -> str:
+    """Row indices as compact text (little-endian uint32, zlib, base64) for JSON files."""
+    arr = np.asarray(indices, dtype="<u4")
+    return base64.b64encode(zlib.compress(arr.tobytes(), 1)).decode("ascii")
+
+
+def decode_indices(text: str, *, limit: int | None = None) -> np.ndarray:
+    """Inverse of `encode_indices`; raises `ValueError` on corrupt text or indices >= `limit`."""
+    try:
+        raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    except (ValueError, zlib.error) as e:
+        raise ValueError(f"corrupt index list ({e})") from None
+    if len(raw) % 4:
+        raise ValueError("corrupt index list (length is not a multiple of 4 bytes)")
+    arr = np.frombuffer(raw, dtype="<u4").astype(np.int64)
+    if limit is not None and arr.size and int(arr.max()) >= limit:
+        raise ValueError(f"index {int(arr.max())} is out of range for {limit} rows")
+    return arr
 
 
 class LayerSpec(BaseModel):
@@ -170,10 +249,15 @@ class ChoiceProfile(BaseModel):
 
 
 class LayerProfile(BaseModel):
+    """All options of one layer, and for fractional options the order in which rows get the
+    extra term (`channel_orders[base label]`, encoded with `encode_indices`; the first
+    `choice.extra_rows(rows)` rows of that order carry it)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     spec: LayerSpec
     options: tuple[ChoiceProfile, ...]
+    channel_orders: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _distinct_choices(self) -> LayerProfile:
@@ -182,6 +266,9 @@ class LayerProfile(BaseModel):
             raise ValueError(f"layer {self.spec.name!r} lists a choice twice")
         if not labels:
             raise ValueError(f"layer {self.spec.name!r} has no options")
+        for o in self.options:
+            if o.choice.extra and o.choice.base.label not in self.channel_orders:
+                raise ValueError(f"layer {self.spec.name!r} has {o.choice.label} but no channel order for it")
         return self
 
     def option(self, choice: Choice) -> ChoiceProfile:
@@ -189,6 +276,30 @@ class LayerProfile(BaseModel):
             if o.choice == choice:
                 return o
         raise KeyError(f"layer {self.spec.name!r} was not profiled with {choice.label}")
+
+    def extra_rows(self, choice: Choice) -> np.ndarray:
+        """Sorted indices of the rows that carry the extra term under a fractional `choice`."""
+        if not choice.extra:
+            return np.zeros(0, dtype=np.int64)
+        order = decode_indices(self.channel_orders[choice.base.label], limit=self.spec.rows)
+        return np.sort(order[: choice.extra_rows(self.spec.rows)])
+
+
+class Validation(BaseModel):
+    """How well a proxy's estimates agree with measured output divergence."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pairs: int = Field(description="(layer, choice) pairs measured")
+    spearman: float = Field(description="rank correlation of estimated vs measured single-layer loss")
+    plans: int = Field(description="random whole-model plans measured")
+    additivity_pearson: float = Field(description="correlation of summed estimates with measured plan loss")
+    additivity_ratio: float = Field(description="median measured / summed-estimate ratio over the plans")
+    seconds: float = 0.0
+
+    @property
+    def trustworthy(self) -> bool:
+        return self.spearman >= 0.8 and self.additivity_pearson >= 0.9
 
 
 class ProfileTable(BaseModel):
@@ -221,6 +332,7 @@ class ProfileTable(BaseModel):
     fixed_bytes: int = Field(ge=0)
     fp16_bytes: int = Field(ge=0)
     kept_fp16: tuple[str, ...] = ()
+    validation: Validation | None = None
     layers: tuple[LayerProfile, ...]
 
     @model_validator(mode="after")

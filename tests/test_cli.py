@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from allocator.plan import Plan
 
@@ -67,3 +68,65 @@ def test_help_tells_the_truth():
 def test_version(args):
     res = run(*args)
     assert res.returncode == 0 and res.stdout.strip()
+
+
+def test_profile_once_then_solve_any_budget_and_refuse_a_stale_profile(tiny_encoder_dir, tmp_path):
+    from transformers import BertModel
+
+    from profilers.specs import ProfileTable
+
+    prof = tmp_path / "p.json"
+    res = run(
+        "profile",
+        "--model",
+        str(tiny_encoder_dir),
+        "-o",
+        str(prof),
+        "--fractions",
+        "4",
+        "--validate",
+        "--validate-pairs",
+        "12",
+        "--validate-plans",
+        "4",
+        *FAST,
+    )
+    assert res.returncode == 0, res.stderr
+    table = ProfileTable.load(prof)
+    assert table.validation is not None and table.validation.pairs == 12 and table.validation.plans == 4
+    assert any(o.choice.extra for o in table.layers[0].options)
+    assert "validation of fisher against measurement" in res.stdout
+
+    # Re-solving from the file needs no model and no calibration data.
+    for budget in ("25%", "3.5bpw"):
+        out = tmp_path / f"plan-{budget}.json"
+        res = run("solve", "--profile", str(prof), "--budget", budget, "-o", str(out), "--no-progress")
+        assert res.returncode == 0, res.stderr
+        plan = Plan.load(out)
+        assert plan.data_fingerprint == table.data_fingerprint
+        for lp in plan.layers.values():
+            assert len(lp.rows_with_extra_term()) == lp.choice.extra_rows(lp.shape[0])
+
+    # The same weights pass the fingerprint check; changed weights are refused.
+    res = run("solve", "--profile", str(prof), "--model", str(tiny_encoder_dir), "--budget", "25%", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    changed = tmp_path / "changed"
+    import shutil
+
+    shutil.copytree(tiny_encoder_dir, changed)
+    model = BertModel.from_pretrained(changed)
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight.mul_(1.01)
+    model.save_pretrained(changed)
+    res = run("solve", "--profile", str(prof), "--model", str(changed), "--budget", "25%", "--no-progress")
+    assert res.returncode == 2 and "the model changed" in res.stderr and "allocator profile" in res.stderr
+
+
+def test_other_profilers_from_the_command_line(tiny_encoder_dir, tmp_path):
+    res = run(
+        "solve", "--model", str(tiny_encoder_dir), "--budget", "30%", "--profiler", "hessian", "--fractions", "0", *FAST
+    )
+    assert res.returncode == 0, res.stderr
+    assert "profile: hessian estimates" in res.stdout
+    res = run("solve", "--model", str(tiny_encoder_dir), "--budget", "30%", "--profiler", "exact", *FAST)
+    assert res.returncode == 2 and "unknown profiler 'exact'" in res.stderr

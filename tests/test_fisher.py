@@ -1,5 +1,6 @@
 """Empirical-Fisher profiler: exact first-order terms, exactness on linear models, tied weights."""
 
+import itertools
 import warnings
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from profilers.fisher import _Call, _conv2d_scores, _embedding_scores, _linear_scores, profile_fisher
+from profilers.capture import Call
+from profilers.fisher import FisherProfiler, _dense_products, _embedding_products
 from profilers.quantize import fake_quantize
 from profilers.specs import Choice, ProfileError
 from profilers.tasks import EmbeddingTask, LogitsTask
@@ -20,6 +22,10 @@ CHOICES = [
 ]
 
 
+def profile_fisher(model, data, *, choices, task=None, draws=2, seed=0, **kw):
+    return FisherProfiler(draws=draws, seed=seed).profile(model, data, choices=choices, task=task, **kw)
+
+
 def _errors(weight):
     w = weight.detach().reshape(weight.shape[0], -1)
     return torch.stack([fake_quantize(w, c) - w for c in CHOICES])
@@ -30,9 +36,14 @@ def test_linear_first_order_terms_equal_output_space_products():
     lin = nn.Linear(12, 7)
     x, g = torch.randn(5, 9, 12), torch.randn(5, 9, 7)
     errors = _errors(lin.weight)
-    got = _linear_scores(_Call(0, lin, x, torch.empty(0)), g, errors)
+    call = Call(0, lin, x, torch.empty(0))
+    got, none = _dense_products(call, g, errors, n_paired=0)
     want = torch.stack([(g * F.linear(x, e)).sum(dim=(1, 2)) for e in errors], dim=1)
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert none is None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    a, per_row = _dense_products(call, g, errors, n_paired=2)  # per row for the first two stack rows
+    want_rows = torch.stack([(g * F.linear(x, e)).sum(dim=1) for e in errors[:2]], dim=1)  # [n, 2, out]
+    assert torch.allclose(per_row, want_rows, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(a, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +61,7 @@ def test_conv_first_order_terms_equal_output_space_products(conv):
     out = conv(x)
     g = torch.randn_like(out)
     errors = _errors(conv.weight)
-    got = _conv2d_scores(_Call(0, conv, x, out), g, errors)
+    got, _ = _dense_products(Call(0, conv, x, out), g, errors, n_paired=0)
     want = torch.stack(
         [(g * conv._conv_forward(x, e.reshape(conv.weight.shape), None)).sum(dim=(1, 2, 3)) for e in errors],
         dim=1,
@@ -65,10 +76,14 @@ def test_embedding_first_order_terms_use_only_looked_up_rows():
     g = torch.randn(4, 11, 16)
     rows = torch.unique(ids)
     row_errors = _errors(emb.weight)[:, rows]
-    got = _embedding_scores(_Call(0, emb, ids, torch.empty(0)), g, rows, row_errors)
+    call = Call(0, emb, ids, torch.empty(0))
+    got, _ = _embedding_products(call, g, rows, row_errors, n_paired=0)
     full = _errors(emb.weight)
     want = torch.stack([(g * F.embedding(ids, e)).sum(dim=(1, 2)) for e in full], dim=1)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    a, per_row = _embedding_products(call, g, rows, row_errors, n_paired=len(CHOICES))
+    assert torch.allclose(per_row.sum(dim=-1), want, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(a, want, rtol=1e-4, atol=1e-5)
 
 
 def test_linear_embedding_model_score_is_half_the_squared_output_change():
@@ -209,10 +224,80 @@ def test_profile_is_deterministic_and_round_trips(tmp_path):
     data = [torch.randn(8, 1, 8, 8) for _ in range(2)]
     a = profile_fisher(model, data, choices=CHOICES, seed=3)
     b = profile_fisher(model, data, choices=CHOICES, seed=3)
-    assert a.model_dump() == b.model_dump()
+    assert a.model_dump_json() == b.model_dump_json()
     assert a.layers[0].spec.macs == 4 * 6 * 6 * 9  # conv: outputs x (in/groups x kh x kw) per sample
     assert a.layers[1].spec.macs == 144 * 3
     path = a.save(tmp_path / "p.json")
     from profilers.specs import ProfileTable
 
     assert ProfileTable.load(path) == a
+    frac = profile_fisher(model, data, choices=CHOICES, seed=3, fractions=4)
+    path = frac.save(tmp_path / "f.json")
+    again = ProfileTable.load(path)
+    assert again == frac and again.layers[0].channel_orders == frac.layers[0].channel_orders
+    order = again.layers[0].extra_rows(Choice(bits=2, group_size=8, extra=1, extra_of=2))
+    assert len(order) == 2 and list(order) == sorted(order)
+
+
+def test_fractional_scores_are_exact_for_the_chosen_rows():
+    # Linear embedding model: the score of any option is ½ E‖ΔW x‖², also for mixed-term rows.
+    torch.manual_seed(9)
+    model = nn.Linear(32, 16, bias=False)
+    data = [torch.randn(32, 32) for _ in range(2)]
+    table = profile_fisher(
+        model,
+        data,
+        choices=[Choice(bits=2, group_size=32)],
+        task=EmbeddingTask("none", normalize=False),
+        draws=300,
+        fractions=4,
+    )
+    layer = table.layers[0]
+    assert [o.choice.label for o in layer.options] == ["int2-g32", "int2+1/4-g32", "int2+1/2-g32", "int2+3/4-g32"]
+    x = torch.cat(data)
+    losses = []
+    for opt in layer.options:
+        rows = torch.as_tensor(layer.extra_rows(opt.choice)) if opt.choice.extra else None
+        assert rows is None or len(rows) == opt.choice.extra_rows(16)
+        delta = fake_quantize(model.weight, opt.choice, extra_rows=rows) - model.weight
+        # Fractions are scored on the samples after the 16 that chose their rows.
+        scored = x[16:] if opt.choice.extra else x
+        exact = 0.5 * (scored @ delta.T).pow(2).sum(dim=1).mean().item()
+        assert abs(opt.loss - exact) <= 5 * opt.loss_stderr, (opt.choice.label, opt.loss, exact)
+        losses.append(opt.loss)
+    assert losses == sorted(losses, reverse=True)  # more rows with the extra term, less loss
+
+
+def test_rows_that_gain_most_get_the_extra_term_first():
+    # Rows of very different scale: the few large rows carry most of the error, and a good
+    # order gives them the extra term first, removing far more than its share of the loss.
+    torch.manual_seed(10)
+    model = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        model.weight.mul_(torch.logspace(0, 1.5, 16).unsqueeze(1)[torch.randperm(16)])
+    data = [torch.randn(32, 32) for _ in range(2)]
+    grid = [Choice(bits=2, group_size=32)]
+    table = profile_fisher(model, data, choices=grid, task=EmbeddingTask("none", normalize=False), fractions=4)
+    layer = table.layers[0]
+    x = torch.cat(data)[16:]  # the samples that score the fractions
+    w = model.weight.detach()
+
+    def exact(choice, rows=None):
+        delta = fake_quantize(w, choice, extra_rows=rows) - w
+        return 0.5 * (x @ delta.T).pow(2).sum(dim=1).mean().item()
+
+    base, full = exact(grid[0]), exact(Choice(bits=2, terms=2, group_size=32))
+    quarter = Choice(bits=2, group_size=32, extra=1, extra_of=4)
+    rows = torch.as_tensor(layer.extra_rows(quarter))
+    assert base - exact(quarter, rows) > 0.5 * (base - full)
+    largest = set(w.abs().amax(dim=1).topk(4).indices.tolist())
+    assert len(largest & set(rows.tolist())) >= 3
+
+
+def test_fractional_costs_grow_linearly():
+    model = nn.Linear(64, 64)
+    table = profile_fisher(model, [torch.randn(4, 64)], choices=[Choice(bits=3, group_size=32)], fractions=8)
+    sizes = [o.bytes for o in table.layers[0].options]
+    steps = {b - a for a, b in itertools.pairwise(sizes[1:])}
+    assert len(steps) == 1  # every eighth of the rows adds the same bytes
+    assert sizes[1] - sizes[0] == steps.pop() + 64 // 8  # ... plus the one-bit-per-row mask, once

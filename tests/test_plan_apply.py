@@ -34,6 +34,11 @@ def test_plan_round_trips_byte_for_byte(plan_and_data, tmp_path):
     assert loaded == plan
     assert loaded.save(tmp_path / "again.json").read_bytes() == path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.json", "plan.json"]  # no temp files left
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # normal permissions, not mkstemp's private ones
 
 
 def test_corrupt_or_foreign_plan_files_are_refused(plan_and_data, tmp_path):
@@ -93,3 +98,30 @@ def test_fp16_choice_roundtrip_through_apply():
     w = model[0].weight.detach().clone()
     allocator.apply.apply_choices_(model, {"0": Choice.fp16()})
     assert torch.equal(model[0].weight, w.half().float())
+
+
+def test_corrupt_extra_rows_are_refused(tmp_path):
+    torch.manual_seed(1)
+    model = _mlp()
+    data = [torch.randn(16, 32) for _ in range(2)]
+    table = allocator.profile(model, data, choices=allocator.choice_grid((2, 3), (1,), (16,)), fractions=8)
+    plan = None
+    for bpw in (4.25, 4.5, 4.75, 5.0, 5.25, 5.5):
+        plan = allocator.solve(table, budget=f"{bpw}bpw")
+        if any(lp.choice.extra for lp in plan.layers.values()):
+            break
+    name = next(n for n, lp in plan.layers.items() if lp.choice.extra)
+    from profilers.specs import encode_indices
+
+    bad = plan.model_copy(
+        update={
+            "layers": {**plan.layers, name: plan.layers[name].model_copy(update={"extra_rows": encode_indices([0])})}
+        }
+    )
+    with pytest.raises(PlanError, match="extra-term rows"):
+        apply_plan_(_mlp(), bad)
+    garbage = plan.model_copy(
+        update={"layers": {**plan.layers, name: plan.layers[name].model_copy(update={"extra_rows": "not base64!"})}}
+    )
+    with pytest.raises(PlanError, match="unreadable"):
+        apply_plan_(_mlp(), garbage)

@@ -8,14 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from profilers.quantize import (
-    CLIP_RATIOS,
     as_matrix,
+    clip_ratios,
     dequantize,
     dequantize_terms,
     fake_quantize,
     n_groups,
     quantize_groups,
     quantize_residual,
+    residual_reconstructions,
 )
 from profilers.specs import Choice
 
@@ -34,17 +35,23 @@ def reference(w2d, *, bits, group_size, symmetric, clip_ratios):
             seg = w2d[r, start : start + g]
             best_err, best_rec = None, None
             for ratio in clip_ratios:
+                # The search scores a candidate by scale² Σ (codes - u)², u = (w - offset) / scale:
+                # the squared error of codes * scale + offset, up to float rounding.
                 if symmetric:
                     qmax = 2 ** (bits - 1) - 1
                     scale = _fp16(seg.abs().max() * (ratio / qmax)).clamp_min(2.0**-24)
-                    rec = (seg / scale.expand_as(seg)).round().clamp(-qmax - 1, qmax) * scale
+                    u = seg / scale.expand_as(seg)
+                    codes = u.round().clamp(-qmax - 1, qmax)
+                    rec = codes * scale
                 else:
                     qmax = 2**bits - 1
                     lo, hi = seg.min(), seg.max()
                     scale = _fp16((hi - lo) * (ratio / qmax)).clamp_min(2.0**-24)
                     offset = _fp16(lo * ratio)
-                    rec = ((seg - offset) / scale.expand_as(seg)).round().clamp(0, qmax) * scale + offset
-                err = float(((rec - seg) ** 2).sum())
+                    u = (seg - offset) / scale.expand_as(seg)
+                    codes = u.round().clamp(0, qmax)
+                    rec = codes * scale + offset
+                err = float(((codes - u) ** 2).sum() * scale**2)
                 if best_err is None or err < best_err:
                     best_err, best_rec = err, rec
             out[r, start : start + g] = best_rec
@@ -59,7 +66,7 @@ def test_matches_slow_reference(seed, bits, group_size, symmetric):
     torch.manual_seed(seed * 1000 + bits * 100 + (group_size or 0))
     w = torch.randn(6, 40) * torch.rand(6, 1) * 3
     got = dequantize(quantize_groups(w, bits=bits, group_size=group_size, symmetric=symmetric))
-    want = reference(w, bits=bits, group_size=group_size, symmetric=symmetric, clip_ratios=CLIP_RATIOS)
+    want = reference(w, bits=bits, group_size=group_size, symmetric=symmetric, clip_ratios=clip_ratios(bits))
     assert torch.equal(got, want)
 
 
@@ -79,7 +86,7 @@ def test_clipping_search_never_worse_than_plain_minmax():
     w = torch.randn(16, 128)
     w[0, 0] = 25.0  # an outlier that min/max rounding wastes levels on
     for bits in (2, 3, 4):
-        plain = dequantize(quantize_groups(w, bits=bits, group_size=64, clip_ratios=(1.0,)))
+        plain = dequantize(quantize_groups(w, bits=bits, group_size=64, clip=(1.0,)))
         searched = dequantize(quantize_groups(w, bits=bits, group_size=64))
         assert ((searched - w) ** 2).sum() <= ((plain - w) ** 2).sum()
 
@@ -133,7 +140,7 @@ def test_constant_and_zero_groups_are_exact():
 def test_reconstruction_error_is_bounded_by_half_a_step(rows, cols, bits, group, symmetric):
     torch.manual_seed(rows * cols + bits)
     w = torch.randn(rows, cols)
-    t = quantize_groups(w, bits=bits, group_size=group, symmetric=symmetric, clip_ratios=(1.0,))
+    t = quantize_groups(w, bits=bits, group_size=group, symmetric=symmetric, clip=(1.0,))
     rec = dequantize(t)
     step = t.scale.float().repeat_interleave(t.group_size, dim=1)[:, :cols]
     # min/max rounding: every value lies within half a step (plus fp16 rounding of scale/offset).
@@ -153,3 +160,18 @@ def test_choice_labels_round_trip():
         Choice(bits=16, terms=2)
     with pytest.raises(ValueError):
         Choice(bits=9)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_search_reconstruction_is_exactly_what_the_codes_dequantize_to(symmetric):
+    from profilers.quantize import _quantize
+
+    torch.manual_seed(7)
+    w = torch.randn(9, 100) * 3
+    for bits in (2, 4, 8):
+        term, rec = _quantize(w, bits=bits, group_size=32, symmetric=symmetric, clip=None)
+        assert torch.equal(rec, dequantize(term))
+    recs = residual_reconstructions(w, bits=3, terms=3, group_size=32, symmetric=symmetric)
+    terms = quantize_residual(w, bits=3, terms=3, group_size=32, symmetric=symmetric)
+    for t in range(3):
+        assert torch.equal(recs[t], dequantize_terms(terms[: t + 1]))

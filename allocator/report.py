@@ -1,0 +1,155 @@
+"""What the CLI prints: plan, uniform settings, measured comparison, profile summary.
+
+Rendering only: every number comes from a `Plan`, `ProfileTable` or `Comparison`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from profilers.specs import ProfileTable, Validation
+
+from .budget import format_bytes
+from .evaluate import Comparison
+from .plan import Plan
+
+__all__ = ["Reporter"]
+
+
+class Reporter:
+    """Prints tables to `out` and progress/warnings to `err`."""
+
+    def __init__(self, out: Console, err: Console) -> None:
+        self.out = out
+        self.err = err
+
+    def line(self, text: str) -> None:
+        self.out.print(text, highlight=False, soft_wrap=True)
+
+    def warn(self, text: str) -> None:
+        self.err.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+    @contextmanager
+    def progress(self, enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+        """A progress display fed by `(stage, done, total)` callbacks (a no-op when disabled)."""
+        if not enabled:
+            yield lambda stage, done, total: None
+            return
+        columns = (TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def update(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            yield update
+
+    def profile(self, table: ProfileTable, seconds: float) -> None:
+        n_options = len(table.layers[0].options)
+        fractions = sum(1 for o in table.layers[0].options if o.choice.extra)
+        self.line(
+            f"profile: {table.profiler} estimates for {len(table.layers)} layers x {n_options} options"
+            f" ({fractions} fractional) from {table.settings.get('samples')} samples in {seconds:.1f}s;"
+            f" {table.quantizable_params:,} quantizable weights, {format_bytes(table.fixed_bytes)} kept fp16"
+        )
+        if table.kept_fp16:
+            self.line(f"never ran during calibration (kept fp16): {', '.join(table.kept_fp16)}")
+
+    def validation(self, v: Validation, profiler: str) -> None:
+        self.line(
+            f"validation of {profiler} against measurement: Spearman {v.spearman:.3f} over {v.pairs} (layer, option)"
+            f" pairs; additivity over {v.plans} random plans: Pearson {v.additivity_pearson:.3f},"
+            f" measured/estimated {v.additivity_ratio:.2f} ({v.seconds:.0f}s)"
+        )
+        if not v.trustworthy:
+            self.warn(
+                f"the {profiler} estimates agree poorly with measurement; plans may be off "
+                "(profile with more --draws or --profiler measured)"
+            )
+
+    def plan(self, plan: Plan, profile_params: int) -> None:
+        by_choice = Table(title="Plan by choice", title_justify="left")
+        for col in ("choice", "layers", "weights", "bytes", "share"):
+            by_choice.add_column(col, justify="left" if col == "choice" else "right")
+        total_q = plan.predicted.quantized_bytes
+        for label, (layers, weights, size) in plan.choice_summary().items():
+            by_choice.add_row(label, str(layers), f"{weights:,}", format_bytes(size), f"{100 * size / total_q:.1f}%")
+        self.out.print(by_choice)
+
+        budget = ", ".join(b.text for b in plan.budgets)
+        limit = plan.limits.get("bytes")
+        whole = f"  (≤ {format_bytes(limit + plan.fixed_bytes)} whole model)" if limit is not None else ""
+        self.line(f"budget        {budget}{whole}")
+        self.line(
+            f"predicted     {format_bytes(plan.predicted.bytes)} whole model"
+            f" = {format_bytes(plan.predicted.quantized_bytes)} planned weights"
+            f" ({plan.predicted.bpw:.3f} bpw on {profile_params:,} weights)"
+            f" + {format_bytes(plan.fixed_bytes)} kept fp16"
+        )
+        self.line(f"loss          {plan.predicted.loss:.5f}  [{plan.loss_units}]")
+        self.line(
+            f"solver        {plan.solver.backend}: {plan.solver.status}, proven gap {plan.solver.gap:.1e}"
+            f" (lower bound {plan.solver.lower_bound:.5f})"
+        )
+
+        uni = Table(title="Uniform settings at this budget (predicted, best first)", title_justify="left")
+        for col in ("setting", "size", "bpw", "predicted loss", "fits"):
+            uni.add_column(col, justify="left" if col == "setting" else "right")
+        fitting = [u for u in plan.uniform if u.fits][:5]
+        over = sorted(
+            (u for u in plan.uniform if not u.fits and u.bytes >= plan.predicted.bytes), key=lambda u: u.bytes
+        )
+        for u in fitting + over[:2]:
+            uni.add_row(
+                u.choice.label, format_bytes(u.bytes), f"{u.bpw:.3f}", f"{u.loss:.5f}", "yes" if u.fits else "no"
+            )
+        self.out.print(uni)
+        best = plan.best_uniform()
+        if best is None:
+            self.line("no uniform setting fits this budget; the plan is the only way to meet it")
+        else:
+            ratio = best.loss / plan.predicted.loss if plan.predicted.loss > 0 else float("inf")
+            self.line(
+                f"best uniform that fits: {best.choice.label} ({format_bytes(best.bytes)}), predicted loss "
+                f"{best.loss:.5f} = {ratio:.2f}x the plan's"
+            )
+
+    def comparison(self, cmp: Comparison, n_docs: int, fp_size: int) -> None:
+        table = Table(title=f"Measured on {n_docs} held-out documents", title_justify="left")
+        embedding = cmp.metric == "cosine"
+        cols = ["model", "size", "bpw", "predicted loss", "measured loss"]
+        cols += ["cosine to FP", "WordSim353 ρ"] if embedding else ["top-1 agreement"]
+        cols.append("time")
+        for col in cols:
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for m in cmp.rows:
+            size = format_bytes(fp_size) + " fp16" if m is cmp.fp else format_bytes(m.bytes)
+            row = [
+                m.label + ("" if m.fits else " (over budget)"),
+                size,
+                "16" if m is cmp.fp else f"{m.bpw:.3f}",
+                "-" if m.predicted_loss is None else f"{m.predicted_loss:.5f}",
+                f"{m.divergence:.5f}",
+            ]
+            if embedding:
+                row += [f"{m.cosine:.4f}", "-" if m.wordsim is None else f"{m.wordsim:.4f}"]
+            else:
+                row += [f"{m.agreement:.4f}"]
+            row.append(f"{m.seconds:.1f}s")
+            table.add_row(*row)
+        self.out.print(table)
+        best_fit = cmp.best_uniform(fitting_only=True)
+        if best_fit is not None:
+            delta = cmp.score(cmp.plan) - cmp.score(best_fit)
+            verdict = "beats" if delta > 0 else "does not beat"
+            self.line(
+                f"plan {verdict} the best measured uniform setting that fits ({best_fit.label}): "
+                f"{cmp.metric} {cmp.score(cmp.plan):.4f} vs {cmp.score(best_fit):.4f} ({delta:+.4f})"
+            )

@@ -1,0 +1,141 @@
+"""The options of a layer and the quantization errors they are scored from.
+
+Whole-term options (`int4-g64`, `int2x2-ch`, fp16) are rows of an *error stack*
+`ΔW = Q(W) - W`. A fractional option (`int3+1/4-g64`) is a base row of the stack with its
+next-term row swapped in for the `k` rows that gain most; every estimator scores it from the
+pair `(base, next)` and a row order, so fractions cost one pair, not one stack row each.
+
+The stack is built with one residual-quantization run per (bits, group, symmetry), up to the
+largest number of terms any option needs: `int4-g64`, `int4x2-g64` and the next term of
+`int4+k/8-g64` share their first term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .quantize import as_matrix, residual_reconstructions
+from .specs import MAX_TERMS, Choice
+
+__all__ = ["FractionPair", "OptionLayout", "error_stack", "expand_choices", "layout_options"]
+
+
+def expand_choices(
+    choices: Sequence[Choice], fractions: int = 0, *, max_bits: int = 8, max_terms: int = 2
+) -> list[Choice]:
+    """`choices` plus, when `fractions > 1`, the variants of each quantized whole-term choice
+    `(b, T, g)` in which `k/fractions` of the rows carry term `T + 1`, for `k = 1..fractions-1`.
+
+    Only bases whose next term stays within `max_bits` bits per weight (`b x (T+1)`) and
+    `max_terms` terms get fractions (by default `1 + k/fractions` terms): beyond that a wider
+    single term is cheaper.
+
+    Example:
+        >>> [c.label for c in expand_choices([Choice(bits=4, group_size=64)], 4)]
+        ['int4-g64', 'int4+1/4-g64', 'int4+1/2-g64', 'int4+3/4-g64']
+    """
+    out = list(dict.fromkeys(choices))
+    if fractions > 1:
+        for c in list(out):
+            if (
+                not c.quantized
+                or c.extra
+                or c.terms + 1 > min(max_terms, MAX_TERMS)
+                or c.bits * (c.terms + 1) > max_bits
+            ):
+                continue
+            for k in range(1, fractions):
+                out.append(Choice.model_validate({**c.model_dump(), "extra": k, "extra_of": fractions}))
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class FractionPair:
+    """A base stack row and its next-term stack row: the two reconstructions a fractional
+    option mixes, row by row."""
+
+    base: int
+    next: int
+
+
+@dataclass(frozen=True)
+class OptionLayout:
+    """How a layer's options map onto its error stack.
+
+    Attributes:
+        stack: whole-term choices, one per stack row (options' bases and next terms).
+        whole: per option, its stack row, or -1 for a fractional option.
+        pair: per option, its index in `pairs`, or -1 for a whole option.
+        rows: per option, rows carrying the extra term (0 for whole options).
+        pairs: distinct (base, next) pairs used by fractional options.
+        n_paired: the first `n_paired` stack rows are the ones pairs use.
+    """
+
+    stack: list[Choice]
+    whole: list[int]
+    pair: list[int]
+    rows: list[int]
+    pairs: list[FractionPair]
+    n_paired: int = 0
+
+    def pair_label(self, p: int) -> str:
+        return self.stack[self.pairs[p].base].label
+
+
+def layout_options(options: Sequence[Choice], n_rows: int) -> OptionLayout:
+    """Lay out `options` of a weight with `n_rows` rows onto a stack of whole-term errors.
+
+    Stack rows that fractional options mix come first (`stack[:OptionLayout.n_paired]`), so
+    per-row work can run on a contiguous slice of the stack.
+    """
+    wanted: list[Choice] = []
+    for c in options:
+        wanted += [c.base, c.next_term] if c.extra else [c]
+    paired = list(dict.fromkeys(x for c in options if c.extra for x in (c.base, c.next_term)))
+    stack = paired + [c for c in dict.fromkeys(wanted) if c not in paired]
+    index = {c: k for k, c in enumerate(stack)}
+
+    whole, pair, rows, pairs = [], [], [], []
+    pair_index: dict[tuple[int, int], int] = {}
+    for c in options:
+        if not c.extra:
+            whole.append(index[c])
+            pair.append(-1)
+            rows.append(0)
+            continue
+        key = (index[c.base], index[c.next_term])
+        if key not in pair_index:
+            pair_index[key] = len(pairs)
+            pairs.append(FractionPair(*key))
+        whole.append(-1)
+        pair.append(pair_index[key])
+        rows.append(c.extra_rows(n_rows))
+    return OptionLayout(stack=stack, whole=whole, pair=pair, rows=rows, pairs=pairs, n_paired=len(paired))
+
+
+def error_stack(weight: Tensor, stack: Sequence[Choice]) -> Tensor:
+    """`[K, rows, cols]` float32 errors `fake_quantize(W, c) - W` for the whole-term `stack`.
+
+    One residual run per (bits, group, symmetry) serves every term count of that setting.
+    """
+    w = as_matrix(weight.detach()).float()
+    out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
+    runs: dict[tuple[int, int | None, bool], list[int]] = {}
+    for k, c in enumerate(stack):
+        if c.extra:
+            raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
+        if not c.quantized:
+            out[k] = w.half().float() - w
+        else:
+            runs.setdefault((c.bits, c.group_size, c.symmetric), []).append(k)
+    for (bits, group, sym), ks in runs.items():
+        recs = residual_reconstructions(
+            w, bits=bits, terms=max(stack[k].terms for k in ks), group_size=group, symmetric=sym
+        )
+        for k in ks:
+            torch.sub(recs[stack[k].terms - 1], w, out=out[k])
+    return out
