@@ -37,15 +37,9 @@ if not _out.is_terminal:  # piped or captured: keep table rows on one line
 report = Reporter(_out, Console(stderr=True))
 
 # Options shared by `profile` and `solve`, defined once.
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        metavar="NAME|PATH",
-        help="'minilm' (built in) or a Hugging Face model folder. [default: minilm]",
-    ),
-]
+_MODEL_HELP = "'minilm' (built in) or a Hugging Face model folder. [default: minilm]"
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME|PATH", help=_MODEL_HELP)]
+ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help=_MODEL_HELP, show_default=False)]
 DataOpt = Annotated[
     str | None,
     typer.Option(
@@ -161,10 +155,10 @@ def _run_profile(
 
 @app.command()
 def profile(
+    model: ModelArg = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", metavar="PROFILE.json", help="Write the profile (JSON) here.")
-    ],
-    model: ModelOpt = None,
+    ] = Path("profile.json"),
     data: DataOpt = None,
     profiler: ProfilerOpt = "fisher",
     bits: BitsOpt = "2,3,4,5,6,8",

@@ -78,7 +78,6 @@ def test_profile_once_then_solve_any_budget_and_refuse_a_stale_profile(tiny_enco
     prof = tmp_path / "p.json"
     res = run(
         "profile",
-        "--model",
         str(tiny_encoder_dir),
         "-o",
         str(prof),
