@@ -1,176 +1,182 @@
-"""Convex-hull greedy for the one-resource multiple-choice knapsack, certified by its LP bound.
+"""Convex-hull greedy for one constraint, certified by its LP bound.
 
-Per item, options dominated in (cost, loss) are removed and the lower convex hull of the rest
-is taken. Starting from every item's cheapest option, hull upgrades are bought in order of
-loss saved per unit of cost. The first upgrade that no longer fits, bought fractionally, gives
-the optimum of the LP relaxation (a proven lower bound on the optimal loss); the integer
-answer keeps filling with the upgrades that still fit, then improves item by item with any
-non-hull option that fits. The returned gap is measured against that LP bound.
+On an `Instance` with one constraint (minimise `Σ obj` subject to `Σ w <= cap`): per item, the
+options not dominated in (w, obj) are kept and the lower convex hull of them taken. Starting
+from every item's lightest option, hull steps are bought in order of objective saved per unit
+of weight. The first step that no longer fits, bought fractionally, gives the optimum of the
+LP relaxation (Dantzig's bound, a proven lower bound) and the constraint's multiplier `λ`.
+The integer answer keeps buying the steps that still fit (fill), moves single items to any
+Pareto option that fits, then exchanges pairs: downgrade one item to afford another's upgrade
+(swap), for as long as that lowers the objective.
+
+Both questions fit this form: budgeted (obj = loss, w = bytes) and lossless (obj = bytes,
+w = loss), so one greedy serves both.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from .problem import Item, Problem, Solution, Status, merge_ties
+from .hull import lower_hull, pareto_front
+from .instance import Instance
 
-__all__ = ["lower_hull", "pareto_front", "solve_greedy"]
+__all__ = ["GreedyResult", "hull_greedy"]
 
-
-def pareto_front(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """Indices of the options not dominated in (cost, loss), by increasing cost.
-
-    An option is dominated when another costs no more and loses strictly less, or costs
-    strictly less and loses no more. Among exact duplicates the lowest index is kept.
-    """
-    order = np.lexsort((np.arange(costs.size), losses, costs))
-    keep, best = [], np.inf
-    for j in order:
-        if losses[j] < best:
-            keep.append(j)
-            best = losses[j]
-    return np.asarray(keep, dtype=np.int64)
+_TOL = 1e-12
 
 
-def lower_hull(costs: np.ndarray, losses: np.ndarray, front: np.ndarray) -> np.ndarray:
-    """Subset of the Pareto `front` (by increasing cost) on its lower convex hull."""
-    hull: list[int] = []
-    for j in front:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b lies on or above the segment a -> j: drop it.
-            cross = (costs[b] - costs[a]) * (losses[j] - losses[a]) - (losses[b] - losses[a]) * (costs[j] - costs[a])
-            if cross <= 0:
-                hull.pop()
-            else:
-                break
-        hull.append(int(j))
-    return np.asarray(hull, dtype=np.int64)
+@dataclass(frozen=True)
+class GreedyResult:
+    """Per-item picks (None if infeasible), the LP lower bound, and the constraint multiplier."""
+
+    picks: np.ndarray | None
+    objective: float
+    lower_bound: float
+    multiplier: float
+    minimum_use: float
 
 
-def solve_greedy(problem: Problem, *, tolerance: float = 1e-9) -> Solution:
-    """Solve a one-resource problem by hull greedy; the result carries the LP lower bound.
+def hull_greedy(inst: Instance, *, swaps: int = 64) -> GreedyResult:
+    """Solve a one-constraint `Instance` greedily (see the module docstring).
 
     Args:
-        problem: a `Problem` with exactly one resource.
-        tolerance: relative gap under which the answer is reported OPTIMAL.
-
-    Example:
-        >>> import numpy as np
-        >>> p = Problem(losses=[np.array([4.0, 1.0, 0.0])] * 2,
-        ...             costs=[np.array([[1], [2], [4]])] * 2, budgets=np.array([5]))
-        >>> s = solve_greedy(p)
-        >>> s.choice, s.objective, s.status.value
-        ((1, 1), 2.0, 'optimal')
+        inst: an instance with exactly one constraint.
+        swaps: at most this many pair exchanges in the final polish.
     """
-    if problem.n_resources != 1:
-        raise ValueError("the greedy solver handles one resource; use cpsat or milp for several budgets")
-    start = time.perf_counter()
-    items = merge_ties(problem)
-    budget = int(problem.budgets[0])
+    if inst.n_constraints != 1:
+        raise ValueError("the greedy solver handles one constraint; use cpsat or milp for several budgets")
+    cap = float(inst.cap[0])
+    w = [r[:, 0] for r in inst.rows]
+    obj = inst.obj
+    fronts = [pareto_front(wi, oi) for wi, oi in zip(w, obj, strict=True)]
+    hulls = [lower_hull(wi, oi, f) for wi, oi, f in zip(w, obj, fronts, strict=True)]
+    pos = np.array([h[0] for h in hulls], dtype=np.int64)
+    used = float(sum(wi[j] for wi, j in zip(w, pos, strict=True)))
+    if used > cap * (1 + _TOL) + _TOL * (not inst.integral[0]):
+        return GreedyResult(None, float("inf"), float("inf"), 0.0, used)
 
-    cost_of = [it.costs[:, 0] for it in items]
-    fronts = [pareto_front(c, it.losses) for c, it in zip(cost_of, items, strict=True)]
-    hulls = [lower_hull(c, it.losses, f) for c, it, f in zip(cost_of, items, fronts, strict=True)]
-    pos = np.array([h[0] for h in hulls], dtype=np.int64)  # current option of each item
-    spent = int(sum(int(c[j]) for c, j in zip(cost_of, pos, strict=True)))
-    if spent > budget:
-        return Solution(
-            status=Status.INFEASIBLE,
-            choice=None,
-            objective=float("inf"),
-            lower_bound=float("inf"),
-            cost=(spent,),
-            solver="greedy",
-            wall_s=time.perf_counter() - start,
-            min_budgets=(spent,),
-        )
-
-    # Every hull segment as (efficiency, item, step, delta cost, delta loss).
-    seg_item, seg_dc, seg_dl = [], [], []
-    for i, (c, it, h) in enumerate(zip(cost_of, items, hulls, strict=True)):
+    # Every hull segment as (item, weight step, objective step); buy by efficiency.
+    seg_item, seg_dw, seg_do = [], [], []
+    for i, (wi, oi, h) in enumerate(zip(w, obj, hulls, strict=True)):
         if h.size > 1:
             seg_item.append(np.full(h.size - 1, i))
-            seg_dc.append(np.diff(c[h]))
-            seg_dl.append(np.diff(it.losses[h]))
-    loss = float(sum(it.losses[j] for it, j in zip(items, pos, strict=True)))
-    lp_bound = None
+            seg_dw.append(np.diff(wi[h]))
+            seg_do.append(np.diff(oi[h]))
+    value = float(sum(oi[j] for oi, j in zip(obj, pos, strict=True)))
+    lower, multiplier = None, 0.0
     if seg_item:
         s_item = np.concatenate(seg_item)
-        s_dc = np.concatenate(seg_dc).astype(np.int64)
-        s_dl = np.concatenate(seg_dl)
-        eff = -s_dl / s_dc
-        order = np.lexsort((np.arange(eff.size), -eff))
-        step = np.zeros(len(items), dtype=np.int64)  # hull index reached per item
-        blocked = np.zeros(len(items), dtype=bool)
-        remaining = budget - spent
+        s_dw = np.concatenate(seg_dw)
+        s_do = np.concatenate(seg_do)
+        order = np.lexsort((np.arange(s_dw.size), s_do / s_dw))  # most objective saved per weight first
+        step = np.zeros(len(hulls), dtype=np.int64)
+        blocked = np.zeros(len(hulls), dtype=bool)
+        room = cap - used
         for k in order:
             i = s_item[k]
             if blocked[i]:
                 continue
-            dc = int(s_dc[k])
-            if dc <= remaining:
-                remaining -= dc
-                loss += float(s_dl[k])
+            if s_dw[k] <= room + _TOL * (not inst.integral[0]):
+                room -= s_dw[k]
+                value += s_do[k]
                 step[i] += 1
             else:
-                if lp_bound is None:
-                    lp_bound = loss + float(s_dl[k]) * remaining / dc
+                if lower is None:
+                    lower = value + s_do[k] * max(room, 0.0) / s_dw[k]
+                    multiplier = -s_do[k] / s_dw[k]
                 blocked[i] = True
         pos = np.array([h[s] for h, s in zip(hulls, step, strict=True)], dtype=np.int64)
-        spent = budget - remaining
-    if lp_bound is None:
-        lp_bound = loss  # every upgrade fitted: the LP optimum is integral
+    if lower is None:
+        lower = value  # every step fitted: the LP optimum is integral
 
-    pos, spent = _improve(items, cost_of, fronts, pos, spent, budget)
-    choice = _expand(problem, items, pos)
-    objective, cost = problem.evaluate(choice)
-    lower = min(lp_bound, objective)
-    gap = 0.0 if objective <= 0 else (objective - lower) / objective
-    return Solution(
-        status=Status.OPTIMAL if gap <= tolerance else Status.FEASIBLE,
-        choice=choice,
-        objective=objective,
-        lower_bound=lower,
-        cost=tuple(int(x) for x in cost),
-        solver="greedy",
-        wall_s=time.perf_counter() - start,
-    )
+    pos = _improve(w, obj, fronts, pos, cap, inst.integral[0])
+    pos = _swap(w, obj, fronts, pos, cap, swaps, inst.integral[0])
+    final = float(sum(oi[j] for oi, j in zip(obj, pos, strict=True)))
+    return GreedyResult(pos, final, min(lower, final), multiplier, float(sum(wi.min() for wi in w)))
 
 
-def _improve(
-    items: list[Item],
-    cost_of: list[np.ndarray],
-    fronts: list[np.ndarray],
-    pos: np.ndarray,
-    spent: int,
-    budget: int,
-    max_passes: int = 4,
-) -> tuple[np.ndarray, int]:
-    """Move single items to any Pareto option that lowers the loss and still fits."""
+def _padded_fronts(w, obj, fronts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Front options of every item as padded arrays `(option index, weight, objective)`;
+    padding has weight +inf."""
+    width = max(f.size for f in fronts)
+    opt = np.zeros((len(fronts), width), dtype=np.int64)
+    fw = np.full((len(fronts), width), np.inf)
+    fo = np.full((len(fronts), width), np.inf)
+    for i, (wi, oi, f) in enumerate(zip(w, obj, fronts, strict=True)):
+        opt[i, : f.size] = f
+        fw[i, : f.size] = wi[f]
+        fo[i, : f.size] = oi[f]
+    return opt, fw, fo
+
+
+def _improve(w, obj, fronts, pos, cap, integral) -> np.ndarray:
+    """Move single items to any Pareto option that lowers the objective and still fits,
+    largest objective saving first."""
     pos = pos.copy()
-    for _ in range(max_passes):
+    opt, fw, fo = _padded_fronts(w, obj, fronts)
+    rows = np.arange(len(fronts))
+    slack = 0.0 if integral else _TOL * max(cap, 1.0)
+    for _ in range(4):
+        cw = np.array([wi[j] for wi, j in zip(w, pos, strict=True)])
+        co = np.array([oi[j] for oi, j in zip(obj, pos, strict=True)])
+        room = cap - cw.sum() + slack
+        fits = fw <= (cw + room)[:, None]
+        gain = np.where(fits, co[:, None] - fo, -np.inf)
+        best = np.argmax(gain, axis=1)
+        best_gain = gain[rows, best]
+        order = np.argsort(-best_gain, kind="stable")
         changed = False
-        for i, (c, it, f) in enumerate(zip(cost_of, items, fronts, strict=True)):
-            room = budget - spent + int(c[pos[i]])
-            fits = f[c[f] <= room]
-            if fits.size == 0:
-                continue
-            best = fits[np.argmin(it.losses[fits])]
-            if it.losses[best] < it.losses[pos[i]]:
-                spent += int(c[best]) - int(c[pos[i]])
-                pos[i] = best
+        for i in order[best_gain[order] > 0]:
+            extra = fw[i, best[i]] - cw[i]
+            if extra <= room:
+                room -= extra
+                pos[i] = opt[i, best[i]]
                 changed = True
         if not changed:
             break
-    return pos, spent
+    return pos
 
 
-def _expand(problem: Problem, items: list[Item], pos: np.ndarray) -> tuple[int, ...]:
-    choice = [0] * problem.n_layers
-    for it, j in zip(items, pos, strict=True):
-        for m in it.members:
-            choice[m] = int(j)
-    return tuple(choice)
+def _swap(w, obj, fronts, pos, cap, rounds, integral) -> np.ndarray:
+    """Pair exchanges: downgrade item k (freeing weight) so item i can upgrade, best gain first."""
+    pos = pos.copy()
+    opt, fw, fo = _padded_fronts(w, obj, fronts)
+    slack = 0.0 if integral else _TOL * max(cap, 1.0)
+    for _ in range(rounds):
+        cw = np.array([wi[j] for wi, j in zip(w, pos, strict=True)])
+        co = np.array([oi[j] for oi, j in zip(obj, pos, strict=True)])
+        room = cap - cw.sum() + slack
+        up_i, up_j = np.nonzero((fo < co[:, None]) & (fw > cw[:, None]) & np.isfinite(fw))
+        dn_i, dn_j = np.nonzero(fw < cw[:, None])
+        if up_i.size == 0 or dn_i.size == 0:
+            break
+        need = fw[up_i, up_j] - cw[up_i] - room
+        gain = co[up_i] - fo[up_i, up_j]
+        free = cw[dn_i] - fw[dn_i, dn_j]
+        lost = fo[dn_i, dn_j] - co[dn_i]
+        order = np.argsort(free, kind="stable")
+        free_sorted, lost_sorted = free[order], lost[order]
+        # The cheapest downgrade (least objective lost) among those freeing at least x.
+        suffix_best = np.empty(order.size, dtype=np.int64)
+        best = order.size - 1
+        for k in range(order.size - 1, -1, -1):
+            if lost_sorted[k] <= lost_sorted[best]:
+                best = k
+            suffix_best[k] = best
+        first = np.searchsorted(free_sorted, need, side="left")
+        ok = first < order.size
+        if not ok.any():
+            break
+        partner = np.full(up_i.size, -1)
+        partner[ok] = order[suffix_best[first[ok]]]
+        net = np.where(ok, gain - np.where(ok, lost[np.maximum(partner, 0)], 0.0), -np.inf)
+        net[ok & (dn_i[np.maximum(partner, 0)] == up_i)] = -np.inf  # an item cannot pay for itself
+        u = int(np.argmax(net))
+        if net[u] <= 1e-15 * max(1.0, abs(float(co.sum()))):
+            break
+        d = partner[u]
+        pos[up_i[u]] = opt[up_i[u], up_j[u]]
+        pos[dn_i[d]] = opt[dn_i[d], dn_j[d]]
+    return pos

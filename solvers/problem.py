@@ -1,9 +1,15 @@
 """The allocation problem as numbers: a multiple-choice knapsack with tie groups.
 
 Layer `l` has options `j = 0..J_l-1`, each with a loss `losses[l][j] >= 0` and integer costs
-`costs[l][j, r]` in every resource `r` (bytes, BOPs, ...). Pick exactly one option per layer,
-minimising the summed loss, with every resource's summed cost at most `budgets[r]`. Layers in
-one tie group must pick the same option index (they share a format).
+`costs[l][j, r]` in every resource `r` (bytes, BOPs, ...). Pick exactly one allowed option per
+layer. Two questions can be asked of it:
+
+- *budgeted* (default): minimise the summed loss with every resource's summed cost at most
+  `budgets[r]`;
+- *lossless* (`max_loss` set): minimise the summed cost of resource 0 with the summed loss at
+  most `max_loss` (and the other resources within their budgets).
+
+Layers in one tie group must pick the same option index (they share a format).
 
 No torch here: the solver layer reads numbers and returns numbers.
 """
@@ -16,7 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Item", "Problem", "Solution", "Status", "merge_ties"]
+__all__ = ["NO_LIMIT", "Item", "Problem", "Solution", "Status", "merge_ties"]
+
+NO_LIMIT = np.iinfo(np.int64).max // 8  # a budget that binds nothing (sums of costs stay far below int64)
 
 
 class Status(str, enum.Enum):
@@ -35,14 +43,18 @@ class Problem:
     Attributes:
         losses: per layer, `(J_l,)` non-negative losses.
         costs: per layer, `(J_l, R)` non-negative integer costs.
-        budgets: `(R,)` integer limits, one per resource.
+        budgets: `(R,)` integer limits, one per resource (`NO_LIMIT` for none).
         ties: groups of layer indices that must pick the same option index.
+        allowed: per layer, a `(J_l,)` boolean mask of the options it may take (None: all).
+        max_loss: when set, minimise the cost of resource 0 subject to summed loss <= max_loss.
     """
 
     losses: Sequence[np.ndarray]
     costs: Sequence[np.ndarray]
     budgets: np.ndarray
     ties: Sequence[Sequence[int]] = field(default_factory=tuple)
+    allowed: Sequence[np.ndarray] | None = None
+    max_loss: float | None = None
 
     def __post_init__(self) -> None:
         budgets = np.atleast_1d(np.asarray(self.budgets, dtype=np.int64))
@@ -67,6 +79,18 @@ class Problem:
             costs.append(cs)
         object.__setattr__(self, "losses", tuple(losses))
         object.__setattr__(self, "costs", tuple(costs))
+        if self.allowed is None:
+            allowed = tuple(np.ones(ls.size, dtype=bool) for ls in losses)
+        else:
+            if len(self.allowed) != len(losses):
+                raise ValueError(f"{len(self.allowed)} allowed masks for {len(losses)} layers")
+            allowed = tuple(np.asarray(a, dtype=bool).reshape(-1) for a in self.allowed)
+            for i, (a, ls) in enumerate(zip(allowed, losses, strict=True)):
+                if a.size != ls.size:
+                    raise ValueError(f"layer {i}'s allowed mask has {a.size} entries for {ls.size} options")
+                if not a.any():
+                    raise ValueError(f"layer {i} allows no option")
+        object.__setattr__(self, "allowed", allowed)
         seen: set[int] = set()
         ties = []
         for group in self.ties:
@@ -80,6 +104,8 @@ class Problem:
             seen |= set(group)
             ties.append(group)
         object.__setattr__(self, "ties", tuple(ties))
+        if self.max_loss is not None and not (np.isfinite(self.max_loss) and self.max_loss >= 0):
+            raise ValueError(f"max_loss must be a non-negative number, got {self.max_loss}")
 
     @property
     def n_layers(self) -> int:
@@ -89,31 +115,62 @@ class Problem:
     def n_resources(self) -> int:
         return int(self.budgets.size)
 
+    @property
+    def lossless(self) -> bool:
+        """True when the question is the cheapest plan within `max_loss`."""
+        return self.max_loss is not None
+
     def evaluate(self, choice: Sequence[int]) -> tuple[float, np.ndarray]:
         """Summed loss and per-resource cost of a full assignment."""
         loss = float(sum(self.losses[i][j] for i, j in enumerate(choice)))
         cost = np.sum([self.costs[i][j] for i, j in enumerate(choice)], axis=0, dtype=np.int64)
         return loss, cost
 
+    def objective(self, choice: Sequence[int]) -> float:
+        """What is minimised: the loss, or (lossless) the cost of resource 0."""
+        loss, cost = self.evaluate(choice)
+        return float(cost[0]) if self.lossless else loss
+
     def fits(self, choice: Sequence[int]) -> bool:
-        """Whether an assignment respects every budget and tie group (exact integer arithmetic)."""
-        _, cost = self.evaluate(choice)
+        """Whether an assignment respects every budget, the loss cap, allowed options and ties
+        (costs in exact integer arithmetic)."""
+        if len(choice) != self.n_layers:
+            return False
+        if not all(self.allowed[i][j] for i, j in enumerate(choice)):
+            return False
+        loss, cost = self.evaluate(choice)
         if np.any(cost > self.budgets):
+            return False
+        if self.max_loss is not None and loss > self.max_loss * (1 + 1e-12):
             return False
         return all(len({choice[i] for i in g}) == 1 for g in self.ties)
 
 
 @dataclass(frozen=True)
 class Item:
-    """A decision unit after merging tie groups: `members` take the same option index."""
+    """A decision unit after merging tie groups: `members` take the same option index.
+
+    Attributes:
+        members: layer indices.
+        options: the option indices (of every member) this item may take.
+        losses: `(J,)` summed losses of those options.
+        costs: `(J, R)` summed costs of those options.
+    """
 
     members: tuple[int, ...]
-    losses: np.ndarray  # (J,)
-    costs: np.ndarray  # (J, R)
+    options: np.ndarray
+    losses: np.ndarray
+    costs: np.ndarray
 
 
 def merge_ties(problem: Problem) -> list[Item]:
-    """Fold every tie group into one item (losses and costs summed); untied layers stay alone."""
+    """Fold every tie group into one item (losses and costs summed, allowed options
+    intersected); untied layers stay alone.
+
+    Raises:
+        ValueError: a tie group whose members allow no common option.
+    """
+    assert problem.allowed is not None
     group_of = {i: g for g in problem.ties for i in g}
     items, done = [], set()
     for i in range(problem.n_layers):
@@ -121,11 +178,16 @@ def merge_ties(problem: Problem) -> list[Item]:
             continue
         members = group_of.get(i, (i,))
         done |= set(members)
+        mask = np.logical_and.reduce([problem.allowed[m] for m in members])
+        if not mask.any():
+            raise ValueError(f"tie group {members} allows no option that all its layers allow")
+        options = np.flatnonzero(mask)
         items.append(
             Item(
                 members=tuple(members),
-                losses=np.sum([problem.losses[m] for m in members], axis=0),
-                costs=np.sum([problem.costs[m] for m in members], axis=0),
+                options=options,
+                losses=np.sum([problem.losses[m][options] for m in members], axis=0),
+                costs=np.sum([problem.costs[m][options] for m in members], axis=0),
             )
         )
     return items
@@ -138,12 +200,15 @@ class Solution:
     Attributes:
         status: see `Status`.
         choice: option index per layer, or None when there is no plan.
-        objective: summed loss of `choice` (inf without a plan).
-        lower_bound: proven lower bound on the optimal loss.
+        objective: value of what is minimised (loss, or resource-0 cost when lossless); inf
+            without a plan.
+        lower_bound: proven lower bound on the optimal objective.
         cost: per-resource cost of `choice`.
+        loss: summed loss of `choice`.
         solver: backend name(s) that produced it.
         wall_s: seconds spent.
-        min_budgets: when INFEASIBLE, per resource the least cost any plan needs for it alone.
+        min_budgets: when INFEASIBLE, per resource the least cost any plan needs for it alone
+            (and, lossless, the least loss any plan reaches as the last entry).
     """
 
     status: Status
@@ -153,7 +218,8 @@ class Solution:
     cost: tuple[int, ...]
     solver: str
     wall_s: float = 0.0
-    min_budgets: tuple[int, ...] | None = None
+    min_budgets: tuple[float, ...] | None = None
+    loss: float = float("inf")
 
     @property
     def gap(self) -> float:
