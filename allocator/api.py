@@ -70,6 +70,8 @@ def profile(
     profiler: str = "fisher",
     choices: Sequence[Choice] | None = None,
     fractions: int = 8,
+    fraction_terms: int = 2,
+    fraction_bits: int = 8,
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     draws: int | None = None,
@@ -89,6 +91,8 @@ def profile(
         choices: whole-term options per layer; default `choice_grid()`.
         fractions: options where k/fractions of a layer's rows carry one more term
             (0 or 1: none).
+        fraction_terms, fraction_bits: fractions only where the next term stays within this
+            many terms and bits per weight.
         include, exclude: fnmatch patterns of layer names.
         draws: pseudo-label draws per batch (fisher, hessian); None: the profiler's default.
         seed: seed of the draws.
@@ -102,6 +106,8 @@ def profile(
         choices=list(choices) if choices is not None else choice_grid(),
         task=task,
         fractions=fractions,
+        fraction_terms=fraction_terms,
+        fraction_bits=fraction_bits,
         include=include,
         exclude=exclude,
         act_bits=act_bits,

@@ -47,8 +47,23 @@ DataOpt = Annotated[
     ),
 ]
 ProfilerOpt = Annotated[str, typer.Option(help="Sensitivity estimator: fisher, hessian or measured.")]
-BitsOpt = Annotated[str, typer.Option(help="Bit widths to consider, comma-separated (2-8).")]
-TermsOpt = Annotated[str, typer.Option(help="Residual term counts to consider (bits x terms <= 8).")]
+BitsOpt = Annotated[
+    str | None,
+    typer.Option(help="Bit widths to consider, comma-separated (2-8). [default: 2,3,4,5,6,8; up to --device-bits]"),
+]
+TermsOpt = Annotated[
+    str | None,
+    typer.Option(help="Residual term counts (bits x terms <= 8). [default: 1,2; with --device-bits: 1,2,3,4]"),
+]
+DeviceOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=2,
+        max=8,
+        metavar="BITS",
+        help="Low-bit-only hardware: no term wider than BITS and no fp16; precision comes from more terms.",
+    ),
+]
 GroupOpt = Annotated[
     str, typer.Option("--group-size", help="Group sizes along a row, or 'channel' (one group per row).")
 ]
@@ -90,10 +105,21 @@ def _setup(
     return _Setup(loaded, calib, eval_docs, source)
 
 
-def _grid(bits: str, terms: str, group_size: str) -> list:
-    from .api import choice_grid
+def _grid(bits: str | None, terms: str | None, group_size: str, device_bits: int | None) -> tuple[list, dict]:
+    """The whole-term choices to profile, and the fraction limits that go with them."""
+    from .api import DEFAULT_BITS, choice_grid
 
-    return choice_grid(_parse_ints(bits, "bits"), _parse_ints(terms, "terms"), _parse_groups(group_size))
+    if device_bits is None:
+        bit_list = _parse_ints(bits, "bits") if bits else list(DEFAULT_BITS)
+        term_list = _parse_ints(terms, "terms") if terms else [1, 2]
+        return choice_grid(bit_list, term_list, _parse_groups(group_size)), {}
+    bit_list = _parse_ints(bits, "bits") if bits else [b for b in DEFAULT_BITS if b <= device_bits]
+    if any(b > device_bits for b in bit_list):
+        raise AllocatorError(f"--bits {bits} has widths above --device-bits {device_bits}")
+    term_list = _parse_ints(terms, "terms") if terms else [1, 2, 3, 4]
+    limit = device_bits * max(term_list)
+    grid = choice_grid(bit_list, term_list, _parse_groups(group_size), max_bits=limit)
+    return grid, {"fraction_terms": max(term_list), "fraction_bits": limit}
 
 
 def _parse_ints(text: str, what: str) -> list[int]:
@@ -130,6 +156,7 @@ def _run_profile(
     draws: int | None,
     seed: int,
     progress: bool,
+    fraction_limits: dict | None = None,
 ) -> tuple[ProfileTable, float]:
     from . import api
 
@@ -149,6 +176,7 @@ def _run_profile(
             seed=seed,
             model_name=setup.loaded.name,
             progress=update,
+            **(fraction_limits or {}),
         )
     return table, time.perf_counter() - started
 
@@ -161,10 +189,11 @@ def profile(
     ] = Path("profile.json"),
     data: DataOpt = None,
     profiler: ProfilerOpt = "fisher",
-    bits: BitsOpt = "2,3,4,5,6,8",
-    terms: TermsOpt = "1,2",
+    bits: BitsOpt = None,
+    terms: TermsOpt = None,
     group_size: GroupOpt = "64,128,channel",
     fractions: FractionsOpt = 8,
+    device_bits: DeviceOpt = None,
     keep: KeepOpt = None,
     calibration: CalibrationOpt = 64,
     max_length: MaxLengthOpt = 128,
@@ -185,7 +214,7 @@ def profile(
     from .validation import validate_profile
 
     setup = _setup(model, data, calibration, seed, max_length, batch_size)
-    choices = _grid(bits, terms, group_size)
+    choices, limits = _grid(bits, terms, group_size, device_bits)
     table, seconds = _run_profile(
         setup,
         profiler=profiler,
@@ -195,6 +224,7 @@ def profile(
         draws=draws,
         seed=seed,
         progress=progress,
+        fraction_limits=limits,
     )
     report.profile(table, seconds)
     if validate:
@@ -215,17 +245,35 @@ def profile(
     report.line(f"profile written to {output}")
 
 
+def _pairs(values: list[str] | None, option: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values or []:
+        left, sep, right = v.partition("=")
+        if not sep or not left or not right:
+            raise AllocatorError(f"{option} takes LAYER-PATTERN=CHOICE, got {v!r} (e.g. 'classifier*=int8-ch')")
+        out.append((left, right))
+    return tuple(out)
+
+
 @app.command()
 def solve(
     budget: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--budget",
             "-b",
             metavar="BUDGET",
             help="Budget: 12MB / 300MiB / 0.3GB (whole model), 3.5bpw, 25% (of fp16 size), 40GBOPs. Repeatable.",
         ),
-    ],
+    ] = None,
+    max_loss: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            metavar="EPS",
+            help="Lossless mode: the smallest plan whose predicted loss is at most EPS (in the profile's units).",
+        ),
+    ] = None,
     profile_file: Annotated[
         Path | None,
         typer.Option(
@@ -241,11 +289,24 @@ def solve(
         bool, typer.Option("--evaluate/--no-evaluate", help="Measure FP, plan and uniform settings on held-out text.")
     ] = False,
     profiler: ProfilerOpt = "fisher",
-    bits: BitsOpt = "2,3,4,5,6,8",
-    terms: TermsOpt = "1,2",
+    bits: BitsOpt = None,
+    terms: TermsOpt = None,
     group_size: GroupOpt = "64,128,channel",
     fractions: FractionsOpt = 8,
+    device_bits: DeviceOpt = None,
     keep: KeepOpt = None,
+    pin: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LAYER=CHOICE", help="Give matching layers this choice, e.g. 'classifier*=int8-ch'. Repeatable."
+        ),
+    ] = None,
+    forbid: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LAYER=CHOICES", help="Keep matching layers off these choices, e.g. '*=int2*'. Repeatable."
+        ),
+    ] = None,
     tie: Annotated[
         list[str] | None,
         typer.Option(
@@ -258,17 +319,27 @@ def solve(
     batch_size: BatchOpt = 16,
     draws: DrawsOpt = None,
     seed: SeedOpt = 0,
-    solver: Annotated[str, typer.Option(help="auto, greedy, cpsat or exhaustive.")] = "auto",
-    gap: Annotated[float, typer.Option(help="Relative optimality gap accepted without an exact solve.")] = 1e-6,
-    time_limit: Annotated[float, typer.Option(help="Seconds for an exact solve.")] = 10.0,
+    solver: Annotated[str, typer.Option(help="auto, greedy, cpsat, milp, lp or exhaustive.")] = "auto",
+    gap: Annotated[float, typer.Option(help="Relative optimality gap accepted as optimal.")] = 1e-6,
+    time_limit: Annotated[float, typer.Option(help="Seconds for exact work (CP-SAT, HiGHS).")] = 10.0,
     progress: ProgressOpt = True,
 ) -> None:
     """Plan bits and terms per layer within the budget (profiling first unless --profile), compare with uniform."""
     from profilers.layers import fingerprint_model
 
+    from .plan import Constraints
     from .planning import plan_from_profile
 
-    budgets = [Budget.parse(b) for b in budget]
+    budgets = [Budget.parse(b) for b in budget or []]
+    if not budgets and max_loss is None:
+        raise AllocatorError("give a --budget (e.g. 12MB) or --max-loss")
+    constraints = Constraints(
+        pins=_pairs(pin, "--pin"),
+        forbid=_pairs(forbid, "--forbid"),
+        keep=tuple(keep or ()) if profile_file is not None else (),
+        device_bits=device_bits,
+        max_loss=max_loss,
+    )
     times: dict[str, float] = {}
     setup = None
     if profile_file is not None:
@@ -290,15 +361,17 @@ def solve(
         t0 = time.perf_counter()
         setup = _setup(model, data, calibration, seed, max_length, batch_size)
         times["load"] = time.perf_counter() - t0
+        choices, limits = _grid(bits, terms, group_size, device_bits)
         table, times["profile"] = _run_profile(
             setup,
             profiler=profiler,
-            choices=_grid(bits, terms, group_size),
+            choices=choices,
             fractions=fractions,
             keep=keep,
             draws=draws,
             seed=seed,
             progress=progress,
+            fraction_limits=limits,
         )
         report.profile(table, times["profile"])
 
@@ -314,7 +387,9 @@ def solve(
         graph = build_graph(setup.loaded.model, targets, setup.calib[0], task=setup.loaded.task)
         profiled = set(table.names)
         tie_names = [[n for n in g if n in profiled] for g in tie_groups(graph, tie)]
-    plan = plan_from_profile(table, budgets, ties=tie_names, method=solver, gap=gap, time_limit=time_limit)
+    plan = plan_from_profile(
+        table, budgets, ties=tie_names, constraints=constraints, method=solver, gap=gap, time_limit=time_limit
+    )
     times["solve"] = time.perf_counter() - t0
     report.plan(plan, table.quantizable_params)
     if output is not None:
@@ -351,8 +426,69 @@ def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, ba
             fp_bytes=table.fp16_bytes,
             progress=lambda label: update("measuring", labels.index(label), len(labels)),
         )
-    report.comparison(cmp, len(setup.eval_docs), table.fp16_bytes)
+    report.comparison(cmp, len(setup.eval_docs), table.fp16_bytes, plan)
     return time.perf_counter() - started
+
+
+@app.command()
+def frontier(
+    profile_file: Annotated[
+        Path, typer.Option("--profile", "-p", metavar="PROFILE.json", help="The profile to sweep (allocator profile).")
+    ],
+    start: Annotated[str, typer.Option("--from", metavar="BUDGET", help="Smallest budget, e.g. 2bpw or 8MB.")],
+    stop: Annotated[str, typer.Option("--to", metavar="BUDGET", help="Largest budget, of the same kind.")],
+    points: Annotated[int, typer.Option(help="Budgets in the sweep.")] = 40,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FRONTIER.csv", help="CSV of plans and uniform settings.")
+    ] = Path("frontier.csv"),
+    plot: Annotated[Path | None, typer.Option(metavar="PLOT.png", help="PNG plot. [default: next to the CSV]")] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Also measure every plan on held-out text (slow).")
+    ] = False,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    calibration: CalibrationOpt = 64,
+    max_length: MaxLengthOpt = 128,
+    batch_size: BatchOpt = 16,
+    seed: SeedOpt = 0,
+    solver: Annotated[str, typer.Option(help="auto, greedy, cpsat, milp, lp or exhaustive.")] = "auto",
+    progress: ProgressOpt = True,
+) -> None:
+    """Sweep the budget: the optimal plan at each size, against every uniform setting (CSV + PNG)."""
+    from .frontier import budget_sweep, plot_frontier, sweep, write_csv
+
+    table = ProfileTable.load(profile_file)
+    budgets = budget_sweep(Budget.parse(start), Budget.parse(stop), points)
+    with report.progress(progress) as update:
+        result = sweep(table, budgets, method=solver, progress=update)
+    if evaluate:
+        import copy
+
+        from profilers.layers import fingerprint_model
+
+        from . import models
+        from .apply import apply_plan_
+        from .evaluate import model_outputs
+
+        setup = _setup(model or table.model_name, data, calibration, seed, max_length, batch_size)
+        if fingerprint_model(setup.loaded.model) != table.model_fingerprint:
+            raise AllocatorError(f"{profile_file} was made for different weights; run allocator profile again")
+        loaded = setup.loaded
+        evals = models.text_batches(loaded.tokenizer, setup.eval_docs, max_length=max_length, batch_size=batch_size)
+        reference = model_outputs(loaded.model, evals, loaded.task)
+        with report.progress(progress) as update:
+            for k, point in enumerate(result):
+                update("measuring", k, len(result))
+                quantized = apply_plan_(copy.deepcopy(loaded.model), point.plan)
+                outs = model_outputs(quantized, evals, loaded.task)
+                div = [loaded.task.divergence(r, o, b).mean() for r, o, b in zip(reference, outs, evals, strict=True)]
+                point.measured_loss = float(sum(float(d) for d in div) / len(div))
+    write_csv(result, table, output)
+    png = plot or output.with_suffix(".png")
+    plot_frontier(result, table, png)
+    best = ", ".join(f"{p.budget}: {p.plan.predicted.loss:.4g}" for p in result[:: max(1, len(result) // 5)])
+    report.line(f"{len(result)} plans from {result[0].budget} to {result[-1].budget} (predicted loss {best})")
+    report.line(f"frontier written to {output} and {png}")
 
 
 @app.command()

@@ -217,7 +217,18 @@ def compare(
 
 
 def default_uniform(plan: Plan, *, top: int = 3) -> list[UniformPoint]:
-    """The `top` fitting uniform settings by predicted loss, plus the next size up from the plan."""
+    """The `top` fitting uniform settings by predicted loss, plus the next size up from the
+    plan. In lossless mode: the `top` smallest settings whose predicted loss meets the target,
+    plus the one closest to the plan in size."""
+    if plan.constraints.max_loss is not None:
+        eps = plan.constraints.max_loss
+        meeting = sorted((u for u in plan.uniform if u.fits and u.loss <= eps), key=lambda u: (u.bytes, u.loss))
+        chosen = meeting[:top]
+        if plan.uniform:
+            near = min(plan.uniform, key=lambda u: abs(u.bytes - plan.predicted.bytes))
+            if near not in chosen:
+                chosen.append(near)
+        return chosen
     fitting = [u for u in plan.uniform if u.fits][:top]
     larger = [u for u in plan.uniform if u.bytes >= plan.predicted.bytes and u.choice != Choice.fp16()]
     chosen = list(fitting)

@@ -19,7 +19,7 @@ from profilers.specs import Choice, decode_indices
 from .budget import Budget
 from .errors import PlanError
 
-__all__ = ["PLAN_FORMAT", "LayerPlan", "Plan", "Predicted", "SolverReport", "UniformPoint"]
+__all__ = ["PLAN_FORMAT", "Constraints", "LayerPlan", "Plan", "Predicted", "SolverReport", "UniformPoint"]
 
 PLAN_FORMAT = "allocator.plan"
 
@@ -73,15 +73,30 @@ class Predicted(BaseModel):
     loss: float = Field(description="sum of per-layer estimated losses")
 
 
+class Constraints(BaseModel):
+    """What the plan had to respect beyond its budgets (recorded so the plan can be reproduced)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pins: tuple[tuple[str, str], ...] = Field(default=(), description="(layer pattern, choice label)")
+    forbid: tuple[tuple[str, str], ...] = Field(default=(), description="(layer pattern, choice-label pattern)")
+    keep: tuple[str, ...] = Field(default=(), description="layer patterns kept in fp16")
+    device_bits: int | None = Field(default=None, ge=2, le=8, description="no term wider than this")
+    max_loss: float | None = Field(default=None, ge=0, description="lossless mode: the smallest plan within this loss")
+
+
 class SolverReport(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: str = Field(description="solver requested")
     backend: str = Field(description="backend(s) that produced the plan")
     status: Literal["optimal", "feasible", "timeout"]
-    objective: float
+    objective: float = Field(description="value minimised: summed loss, or bytes in lossless mode")
+    objective_is: Literal["loss", "bytes"] = "loss"
     lower_bound: float
     gap: float = Field(description="relative optimality gap, proven")
+    gap_limit: float = Field(default=1e-6, description="gap accepted as optimal")
+    time_limit: float = Field(default=10.0, description="seconds allowed for exact work")
 
 
 class UniformPoint(BaseModel):
@@ -117,6 +132,7 @@ class Plan(BaseModel):
     loss_units: str
     budgets: tuple[Budget, ...]
     limits: dict[str, int] = Field(description="per resource, the limit on the planned weights")
+    constraints: Constraints = Field(default_factory=Constraints)
     fixed_bytes: int = Field(ge=0, description="bytes outside the planned weights (fp16)")
     kept_fp16: tuple[str, ...] = ()
     ties: tuple[tuple[str, ...], ...] = ()
@@ -126,8 +142,12 @@ class Plan(BaseModel):
     uniform: tuple[UniformPoint, ...] = Field(default=(), description="every uniform setting, best first")
 
     def best_uniform(self) -> UniformPoint | None:
-        """The uniform setting with the least predicted loss that fits every budget."""
+        """The uniform setting to beat: the one with the least predicted loss that fits every
+        budget, or in lossless mode the smallest one whose predicted loss meets `max_loss`."""
         fitting = [u for u in self.uniform if u.fits]
+        if self.constraints.max_loss is not None:
+            meeting = [u for u in fitting if u.loss <= self.constraints.max_loss]
+            return min(meeting, key=lambda u: (u.bytes, u.loss)) if meeting else None
         return min(fitting, key=lambda u: u.loss) if fitting else None
 
     def choice_summary(self) -> dict[str, tuple[int, int, int]]:

@@ -1,4 +1,4 @@
-"""From a `ProfileTable` and budgets to a `Plan`: build the problem, solve it, decode it.
+"""From a `ProfileTable`, budgets and constraints to a `Plan`: build the problem, solve, decode.
 
 This is the only place where profiler output meets the solver layer: layer profiles become
 rows of numbers (`solvers.Problem`), the `Solution` becomes a `Plan` keyed by layer name.
@@ -6,19 +6,20 @@ rows of numbers (`solvers.Problem`), the `Solution` becomes a `Plan` keyed by la
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 
 import numpy as np
 
 from profilers.specs import Choice, ProfileTable, encode_indices
-from solvers import Problem, Status
+from solvers import NO_LIMIT, Problem, Status
 from solvers import solve as solve_problem
 
 from .budget import Budget, Resource, format_bops, format_bytes
 from .errors import AllocatorError, InfeasibleBudgetError
-from .plan import LayerPlan, Plan, Predicted, SolverReport, UniformPoint
+from .plan import Constraints, LayerPlan, Plan, Predicted, SolverReport, UniformPoint
 
-__all__ = ["plan_from_profile", "resource_limits", "uniform_points"]
+__all__ = ["allowed_options", "plan_from_profile", "resource_limits", "uniform_points"]
 
 
 def _common_choices(profile: ProfileTable) -> list[Choice]:
@@ -43,11 +44,58 @@ def resource_limits(profile: ProfileTable, budgets: Sequence[Budget]) -> dict[Re
     return limits
 
 
-def _infeasible_message(
-    profile: ProfileTable,
-    budgets: Sequence[Budget],
-    limits: dict[Resource, int],
-    minimum: dict[Resource, int],
+def allowed_options(profile: ProfileTable, choices: Sequence[Choice], constraints: Constraints) -> list[np.ndarray]:
+    """Per layer, which of `choices` the constraints allow.
+
+    Raises:
+        AllocatorError: a pattern that matches no layer, a pinned choice that was not profiled,
+            or a layer left with no option.
+    """
+    names = [layer.spec.name for layer in profile.layers]
+    labels = [c.label for c in choices]
+    masks = [np.ones(len(choices), dtype=bool) for _ in names]
+
+    def matching(pattern: str, what: str) -> list[int]:
+        hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise AllocatorError(f"{what} pattern {pattern!r} matches no profiled layer (names look like {names[0]!r})")
+        return hits
+
+    if constraints.device_bits is not None:
+        ok = np.array([c.quantized and c.bits <= constraints.device_bits for c in choices])
+        if not ok.any():
+            raise AllocatorError(
+                f"no profiled choice has at most {constraints.device_bits} bits per term; "
+                f"profile with --device-bits {constraints.device_bits}"
+            )
+        masks = [m & ok for m in masks]
+    for pattern in constraints.keep:
+        if Choice.fp16() not in choices:
+            raise AllocatorError("--keep needs the fp16 option in the profile")
+        fp = np.array([not c.quantized for c in choices])
+        for i in matching(pattern, "--keep"):
+            masks[i] = masks[i] & fp
+    for pattern, label in constraints.pins:
+        wanted = Choice.parse(label).label
+        if wanted not in labels:
+            raise AllocatorError(f"--pin asks for {wanted}, which the profile has no numbers for; profile it first")
+        pin = np.array([x == wanted for x in labels])
+        for i in matching(pattern, "--pin"):
+            masks[i] = masks[i] & pin
+    for pattern, label_pattern in constraints.forbid:
+        banned = np.array([fnmatch.fnmatchcase(x, label_pattern) for x in labels])
+        if not banned.any():
+            raise AllocatorError(f"--forbid choice pattern {label_pattern!r} matches no profiled choice")
+        for i in matching(pattern, "--forbid"):
+            masks[i] = masks[i] & ~banned
+    for i, m in enumerate(masks):
+        if not m.any():
+            raise AllocatorError(f"layer {names[i]!r} has no option left after --pin/--forbid/--keep/--device-bits")
+    return masks
+
+
+def _budget_message(
+    profile: ProfileTable, budgets: Sequence[Budget], limits: dict[Resource, int], minimum: dict[Resource, int]
 ) -> str:
     parts = []
     for b in budgets:
@@ -72,33 +120,39 @@ def _infeasible_message(
 
 def plan_from_profile(
     profile: ProfileTable,
-    budgets: Sequence[Budget | str],
+    budgets: Sequence[Budget | str] = (),
     *,
     ties: Sequence[Sequence[str]] = (),
+    constraints: Constraints | None = None,
     method: str = "auto",
     gap: float = 1e-6,
     time_limit: float = 10.0,
 ) -> Plan:
-    """Solve the allocation for `budgets` and return the `Plan`.
+    """Solve the allocation and return the `Plan`.
 
     Args:
         profile: per-layer, per-choice costs and losses.
-        budgets: one or more budgets (at most one per resource is binding).
+        budgets: budgets (at most one per resource binds); may be empty with `max_loss`.
         ties: groups of layer names that must take the same choice.
-        method: solver backend (`auto`, `greedy`, `cpsat`, `exhaustive`).
-        gap: relative gap accepted without an exact solve (`auto`).
-        time_limit: seconds for an exact solve.
+        constraints: pins, forbidden choices, kept layers, device bits, and `max_loss` (then
+            the plan is the smallest whose predicted loss is at most `max_loss`).
+        method: solver backend (`auto`, `greedy`, `cpsat`, `milp`, `lp`, `exhaustive`).
+        gap: relative gap accepted as optimal.
+        time_limit: seconds for exact work.
 
     Raises:
         BudgetError, InfeasibleBudgetError, AllocatorError.
     """
+    constraints = constraints or Constraints()
     budgets = [Budget.parse(b) for b in budgets]
-    if not budgets:
-        raise AllocatorError("no budget given: pass at least one, e.g. --budget 12MB")
+    if not budgets and constraints.max_loss is None:
+        raise AllocatorError("no budget given: pass one, e.g. --budget 12MB, or ask for --max-loss")
     choices = _common_choices(profile)
     if not choices:
         raise AllocatorError("the profile's layers share no common choice; re-profile with one choice grid")
     limits = resource_limits(profile, budgets)
+    if constraints.max_loss is not None:
+        limits = {"bytes": limits.get("bytes", NO_LIMIT), **{k: v for k, v in limits.items() if k != "bytes"}}
     resources: list[Resource] = list(limits)
     names = profile.names
     index = {n: i for i, n in enumerate(names)}
@@ -109,6 +163,7 @@ def plan_from_profile(
         opts = [by_choice[c] for c in choices]
         losses.append(np.array([o.loss for o in opts]))
         costs.append(np.array([[o.bytes if r == "bytes" else o.bops for r in resources] for o in opts], dtype=np.int64))
+    allowed = allowed_options(profile, choices, constraints)
 
     tie_index = []
     for group in ties:
@@ -119,16 +174,39 @@ def plan_from_profile(
             tie_index.append([index[n] for n in group])
 
     budget_vec = np.array([limits[r] for r in resources], dtype=np.int64)
-    minimum = {r: int(sum(c[:, k].min() for c in costs)) for k, r in enumerate(resources)}
+    minimum = {r: int(sum(c[a, k].min() for c, a in zip(costs, allowed, strict=True))) for k, r in enumerate(resources)}
     if np.any(budget_vec < 0) or any(minimum[r] > limits[r] for r in resources):
-        raise InfeasibleBudgetError(_infeasible_message(profile, budgets, limits, minimum))
+        raise InfeasibleBudgetError(_budget_message(profile, budgets, limits, minimum))
+    least_loss = float(sum(ls[a].min() for ls, a in zip(losses, allowed, strict=True)))
+    if constraints.max_loss is not None and least_loss > constraints.max_loss:
+        raise InfeasibleBudgetError(
+            f"no plan reaches predicted loss {constraints.max_loss:g}: the least the profile allows is "
+            f"{least_loss:.3g} (every layer at its most accurate allowed option); raise --max-loss or add terms"
+        )
 
-    problem = Problem(losses=losses, costs=costs, budgets=budget_vec, ties=tie_index)
-    solution = solve_problem(problem, method=method, gap=gap, time_limit=time_limit)  # type: ignore[arg-type]
+    try:
+        problem = Problem(
+            losses=losses,
+            costs=costs,
+            budgets=budget_vec,
+            ties=tie_index,
+            allowed=allowed,
+            max_loss=constraints.max_loss,
+        )
+        solution = solve_problem(problem, method=method, gap=gap, time_limit=time_limit)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise AllocatorError(str(e)) from None
     if solution.status is Status.INFEASIBLE or solution.choice is None:
+        if solution.status is Status.TIMEOUT:
+            raise AllocatorError(f"the {method} solver found no plan within {time_limit:g}s; raise --time-limit")
+        if constraints.max_loss is not None and "bytes" in limits and limits["bytes"] < NO_LIMIT:
+            raise InfeasibleBudgetError(
+                f"the smallest plan with predicted loss at most {constraints.max_loss:g} does not fit "
+                f"{', '.join(b.text for b in budgets)}; raise the budget or --max-loss"
+            )
         if solution.min_budgets is not None:
-            minimum = {r: int(m) for r, m in zip(resources, solution.min_budgets, strict=True)}
-        raise InfeasibleBudgetError(_infeasible_message(profile, budgets, limits, minimum))
+            minimum = {r: int(m) for r, m in zip(resources, solution.min_budgets, strict=False)}
+        raise InfeasibleBudgetError(_budget_message(profile, budgets, limits, minimum))
 
     layers: dict[str, LayerPlan] = {}
     for layer, j in zip(profile.layers, solution.choice, strict=True):
@@ -148,7 +226,7 @@ def plan_from_profile(
         quantized_bytes=q_bytes,
         bpw=8 * q_bytes / profile.quantizable_params,
         bops=sum(lp.bops for lp in layers.values()),
-        loss=float(solution.objective),
+        loss=float(solution.loss),
     )
     return Plan(
         model_name=profile.model_name,
@@ -157,7 +235,8 @@ def plan_from_profile(
         profiler=profile.profiler,
         loss_units=profile.loss_units,
         budgets=tuple(budgets),
-        limits=dict(limits),
+        limits={r: int(v) for r, v in limits.items() if v < NO_LIMIT},
+        constraints=constraints,
         fixed_bytes=profile.fixed_bytes,
         kept_fp16=profile.kept_fp16,
         ties=tuple(tuple(names[i] for i in g) for g in tie_index),
@@ -168,10 +247,13 @@ def plan_from_profile(
             backend=solution.solver,
             status=solution.status.value,  # type: ignore[arg-type]
             objective=float(solution.objective),
+            objective_is="bytes" if constraints.max_loss is not None else "loss",
             lower_bound=float(solution.lower_bound),
             gap=float(solution.gap),
+            gap_limit=gap,
+            time_limit=time_limit,
         ),
-        uniform=tuple(uniform_points(profile, limits, choices)),
+        uniform=tuple(uniform_points(profile, {r: v for r, v in limits.items() if v < NO_LIMIT}, choices)),
     )
 
 

@@ -83,10 +83,17 @@ class Reporter:
             by_choice.add_row(label, str(layers), f"{weights:,}", format_bytes(size), f"{100 * size / total_q:.1f}%")
         self.out.print(by_choice)
 
-        budget = ", ".join(b.text for b in plan.budgets)
+        budget = ", ".join(b.text for b in plan.budgets) or "none"
         limit = plan.limits.get("bytes")
         whole = f"  (≤ {format_bytes(limit + plan.fixed_bytes)} whole model)" if limit is not None else ""
         self.line(f"budget        {budget}{whole}")
+        c = plan.constraints
+        if c.max_loss is not None:
+            self.line(f"question      the smallest plan with predicted loss ≤ {c.max_loss:g}")
+        rules = [f"pin {p}={x}" for p, x in c.pins] + [f"forbid {p}={x}" for p, x in c.forbid]
+        rules += [f"keep {p}" for p in c.keep] + ([f"device bits {c.device_bits}"] if c.device_bits else [])
+        if rules:
+            self.line(f"constraints   {'; '.join(rules)}")
         self.line(
             f"predicted     {format_bytes(plan.predicted.bytes)} whole model"
             f" = {format_bytes(plan.predicted.quantized_bytes)} planned weights"
@@ -94,25 +101,43 @@ class Reporter:
             f" + {format_bytes(plan.fixed_bytes)} kept fp16"
         )
         self.line(f"loss          {plan.predicted.loss:.5f}  [{plan.loss_units}]")
+        bound = (
+            format_bytes(plan.solver.lower_bound)
+            if plan.solver.objective_is == "bytes"
+            else f"{plan.solver.lower_bound:.5f}"
+        )
         self.line(
             f"solver        {plan.solver.backend}: {plan.solver.status}, proven gap {plan.solver.gap:.1e}"
-            f" (lower bound {plan.solver.lower_bound:.5f})"
+            f" (lower bound {bound})"
         )
 
-        uni = Table(title="Uniform settings at this budget (predicted, best first)", title_justify="left")
+        if plan.constraints.max_loss is not None:
+            eps = plan.constraints.max_loss
+            title = f"Uniform settings with predicted loss ≤ {eps:g} (smallest first), and the closest that miss it"
+            shown = sorted((u for u in plan.uniform if u.fits and u.loss <= eps), key=lambda u: u.bytes)[:5]
+            shown += sorted((u for u in plan.uniform if u.loss > eps), key=lambda u: u.loss)[:2]
+        else:
+            title = "Uniform settings at this budget (predicted, best first)"
+            over = (u for u in plan.uniform if not u.fits and u.bytes >= plan.predicted.bytes)
+            shown = [u for u in plan.uniform if u.fits][:5] + sorted(over, key=lambda u: u.bytes)[:2]
+        uni = Table(title=title, title_justify="left")
         for col in ("setting", "size", "bpw", "predicted loss", "fits"):
             uni.add_column(col, justify="left" if col == "setting" else "right")
-        fitting = [u for u in plan.uniform if u.fits][:5]
-        over = sorted(
-            (u for u in plan.uniform if not u.fits and u.bytes >= plan.predicted.bytes), key=lambda u: u.bytes
-        )
-        for u in fitting + over[:2]:
+        for u in shown:
             uni.add_row(
                 u.choice.label, format_bytes(u.bytes), f"{u.bpw:.3f}", f"{u.loss:.5f}", "yes" if u.fits else "no"
             )
         self.out.print(uni)
         best = plan.best_uniform()
-        if best is None:
+        if plan.constraints.max_loss is not None:
+            if best is None:
+                self.line(f"no uniform setting reaches predicted loss ≤ {plan.constraints.max_loss:g}")
+            else:
+                self.line(
+                    f"smallest uniform setting with predicted loss ≤ {plan.constraints.max_loss:g}: {best.choice.label}"
+                    f" ({format_bytes(best.bytes)}) = {best.bytes / plan.predicted.bytes:.2f}x the plan's size"
+                )
+        elif best is None:
             self.line("no uniform setting fits this budget; the plan is the only way to meet it")
         else:
             ratio = best.loss / plan.predicted.loss if plan.predicted.loss > 0 else float("inf")
@@ -121,7 +146,7 @@ class Reporter:
                 f"{best.loss:.5f} = {ratio:.2f}x the plan's"
             )
 
-    def comparison(self, cmp: Comparison, n_docs: int, fp_size: int) -> None:
+    def comparison(self, cmp: Comparison, n_docs: int, fp_size: int, plan: Plan | None = None) -> None:
         table = Table(title=f"Measured on {n_docs} held-out documents", title_justify="left")
         embedding = cmp.metric == "cosine"
         cols = ["model", "size", "bpw", "predicted loss", "measured loss"]
@@ -145,6 +170,17 @@ class Reporter:
             row.append(f"{m.seconds:.1f}s")
             table.add_row(*row)
         self.out.print(table)
+        if plan is not None and plan.constraints.max_loss is not None:
+            target = plan.best_uniform()
+            rows = [m for m in cmp.uniform if target is not None and m.label == f"uniform {target.choice.label}"]
+            if rows:
+                u = rows[0]
+                self.line(
+                    f"plan: {format_bytes(cmp.plan.bytes)} at measured loss {cmp.plan.divergence:.5f}; smallest uniform"
+                    f" setting meeting the target ({u.label}): {format_bytes(u.bytes)} at {u.divergence:.5f}"
+                    f" — the plan is {u.bytes / cmp.plan.bytes:.2f}x smaller"
+                )
+            return
         best_fit = cmp.best_uniform(fitting_only=True)
         if best_fit is not None:
             delta = cmp.score(cmp.plan) - cmp.score(best_fit)

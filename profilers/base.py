@@ -101,6 +101,8 @@ class Profiler(ABC):
         choices: Sequence[Choice],
         task: Task | None = None,
         fractions: int = 0,
+        fraction_terms: int = 2,
+        fraction_bits: int = 8,
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         act_bits: int = 16,
@@ -116,6 +118,8 @@ class Profiler(ABC):
                 leaving a layer unquantized).
             task: what the output is; inferred from the first batch when None.
             fractions: when > 1, add options where k/fractions of the rows carry one more term.
+            fraction_terms, fraction_bits: only bases whose next term keeps them within this
+                many terms and bits per weight get fractions (`expand_choices`).
             include: fnmatch patterns of layer names to quantize.
             exclude: fnmatch patterns of layer names to keep in floating point.
             act_bits: activation bits assumed by the BOPs cost.
@@ -130,7 +134,7 @@ class Profiler(ABC):
             raise ProfileError("no calibration batches were given; pass at least one batch of inputs")
         if not choices:
             raise ProfileError("no choices to profile; give at least one bits/terms/group setting")
-        options = expand_choices(choices, fractions)
+        options = expand_choices(choices, fractions, max_bits=fraction_bits, max_terms=fraction_terms)
         targets = find_targets(model, include=include, exclude=exclude)
         task = task or infer_task(model, batches[0])
         report = progress or (lambda stage, done, total: None)

@@ -64,6 +64,7 @@ def cpsat_instance(
     hint: np.ndarray | None = None,
     workers: int = 2,
     seed: int = 0,
+    gap: float = 0.0,
 ) -> CpsatResult:
     """Solve `inst` with CP-SAT (see the module docstring).
 
@@ -73,19 +74,20 @@ def cpsat_instance(
         hint: per-item picks of a feasible plan: warm start, and the incumbent setting the scale.
         workers: CP-SAT search workers (the search is interleaved, so results are reproducible).
         seed: CP-SAT random seed.
+        gap: stop once the proven relative gap is at most this (0: prove optimality).
     """
     start = time.perf_counter()
-    relaxed = _solve(inst, hint, time_limit, workers, seed, round_up=False)
+    relaxed = _solve(inst, hint, time_limit, workers, seed, round_up=False, gap=gap)
     if relaxed.picks is None or inst.feasible(relaxed.picks) or np.all(inst.integral):
         return relaxed
     # The relaxed optimum breaks the loss cap by a rounding hair: find a plan that surely fits.
     left = max(0.01, time_limit - (time.perf_counter() - start))
-    safe = _solve(inst, hint, left, workers, seed, round_up=True)
+    safe = _solve(inst, hint, left, workers, seed, round_up=True, gap=gap)
     return CpsatResult(safe.picks, relaxed.lower_bound, False, safe.timed_out)
 
 
 def _solve(
-    inst: Instance, hint: np.ndarray | None, time_limit: float, workers: int, seed: int, *, round_up: bool
+    inst: Instance, hint: np.ndarray | None, time_limit: float, workers: int, seed: int, *, round_up: bool, gap: float
 ) -> CpsatResult:
     from ortools.sat.python import cp_model
 
@@ -145,6 +147,7 @@ def _solve(
     solver.parameters.num_workers = max(1, workers)
     solver.parameters.interleave_search = workers > 1  # reproducible with several workers
     solver.parameters.random_seed = seed
+    solver.parameters.relative_gap_limit = gap
     code = solver.Solve(model)
 
     if code == cp_model.INFEASIBLE:
@@ -163,4 +166,12 @@ def _solve(
             picks = np.asarray(hint)
     if round_up:
         bound = float("-inf")  # the conservative model's bound says nothing about the true problem
-    return CpsatResult(picks, float(bound), code == cp_model.OPTIMAL and not round_up, code != cp_model.OPTIMAL)
+    stopped_early = code != cp_model.OPTIMAL and gap > 0 and value_gap(inst, picks, bound) <= gap
+    return CpsatResult(
+        picks, float(bound), code == cp_model.OPTIMAL and not round_up, code != cp_model.OPTIMAL and not stopped_early
+    )
+
+
+def value_gap(inst: Instance, picks: np.ndarray, bound: float) -> float:
+    value, _ = inst.totals(picks)
+    return 0.0 if value <= 0 else (value - bound) / value

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .hull import lower_hull, pareto_front
+from .hull import hulls as all_hulls
 from .instance import Instance
 
 __all__ = ["GreedyResult", "hull_greedy"]
@@ -50,8 +50,7 @@ def hull_greedy(inst: Instance, *, swaps: int = 64) -> GreedyResult:
     cap = float(inst.cap[0])
     w = [r[:, 0] for r in inst.rows]
     obj = inst.obj
-    fronts = [pareto_front(wi, oi) for wi, oi in zip(w, obj, strict=True)]
-    hulls = [lower_hull(wi, oi, f) for wi, oi, f in zip(w, obj, fronts, strict=True)]
+    fronts, hulls = all_hulls(w, obj)
     pos = np.array([h[0] for h in hulls], dtype=np.int64)
     used = float(sum(wi[j] for wi, j in zip(w, pos, strict=True)))
     if used > cap * (1 + _TOL) + _TOL * (not inst.integral[0]):

@@ -1,4 +1,4 @@
-"""cvxpy on HiGHS: the exact MILP (boolean variables) and its LP relaxation.
+"""HiGHS: the exact MILP (boolean variables, through cvxpy) and its LP relaxation (direct).
 
 The LP relaxation of the multiple-choice knapsack is the *continuous-modification* bound: what
 could be reached if every layer could mix options in any proportion. Its constraint duals are
@@ -24,7 +24,7 @@ import numpy as np
 
 from .instance import Instance
 
-__all__ = ["LinearResult", "linear_instance"]
+__all__ = ["LinearResult", "linear_instance", "lp_relaxation"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,58 @@ class LinearResult:
     multipliers: np.ndarray | None
 
 
+def lp_relaxation(inst: Instance, *, time_limit: float = 10.0, reference: float | None = None) -> LinearResult:
+    """The LP relaxation of `inst`, passed to HiGHS directly (building it through cvxpy costs
+    more than solving it), with its constraint multipliers."""
+    import highspy
+
+    sizes = [o.size for o in inst.obj]
+    n_items, k = len(sizes), inst.n_constraints
+    n = int(np.sum(sizes))
+    ref = reference if reference and reference > 0 else float(np.sum([o.max() for o in inst.obj])) or 1.0
+    scale = 1.0 / np.maximum(inst.cap, 1e-300)
+    item = np.repeat(np.arange(n_items), sizes)
+    rows = np.concatenate(inst.rows, axis=0) * scale if k else np.zeros((n, 0))  # [n, K]
+    # Column j: a 1 in its item's row, then its normalised use of every constraint.
+    index = np.column_stack([item, np.tile(np.arange(k) + n_items, (n, 1))]) if k else item[:, None]
+    value = np.column_stack([np.ones(n), rows]) if k else np.ones((n, 1))
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = n, n_items + k
+    lp.col_cost_ = np.concatenate(inst.obj) / ref
+    lp.col_lower_, lp.col_upper_ = np.zeros(n), np.ones(n)
+    lp.row_lower_ = np.concatenate([np.ones(n_items), np.full(k, -highspy.kHighsInf)])
+    lp.row_upper_ = np.concatenate([np.ones(n_items), np.ones(k)])
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.arange(0, n * (k + 1) + 1, k + 1, dtype=np.int32)
+    lp.a_matrix_.index_ = index.reshape(-1).astype(np.int32)
+    lp.a_matrix_.value_ = value.reshape(-1).astype(np.float64)
+    with _quiet_stdout():
+        h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.passModel(lp)
+    h.run()
+    status = h.getModelStatus()
+    if status == highspy.HighsModelStatus.kInfeasible:
+        return LinearResult(None, float("inf"), "infeasible", None)
+    if status != highspy.HighsModelStatus.kOptimal:
+        return LinearResult(None, float("-inf"), h.modelStatusToString(status), None)
+    sol = h.getSolution()
+    x = np.clip(np.asarray(sol.col_value), 0.0, 1.0)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    values = [x[offsets[i] : offsets[i + 1]] for i in range(n_items)]
+    duals = np.asarray(sol.row_dual)[n_items:]
+    multipliers = np.maximum(-duals, 0.0) * ref * scale  # a <= row's dual is <= 0 when minimising
+    return LinearResult(values, float(h.getInfo().objective_function_value) * ref, "optimal", multipliers)
+
+
 def linear_instance(
     inst: Instance, *, integer: bool, time_limit: float = 10.0, reference: float | None = None, gap: float = 1e-9
 ) -> LinearResult:
-    """Solve the MILP (`integer=True`) or the LP relaxation of `inst` with HiGHS via cvxpy."""
+    """Solve the MILP (`integer=True`, cvxpy boolean variables on HiGHS) or the LP relaxation
+    (`lp_relaxation`) of `inst`."""
+    if not integer:
+        return lp_relaxation(inst, time_limit=time_limit, reference=reference)
     import cvxpy as cp
     import scipy.sparse as sp
 

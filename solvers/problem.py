@@ -178,6 +178,14 @@ def merge_ties(problem: Problem) -> list[Item]:
             continue
         members = group_of.get(i, (i,))
         done |= set(members)
+        if len(members) == 1:
+            mask = problem.allowed[i]
+            if mask.all():
+                items.append(Item((i,), np.arange(mask.size), problem.losses[i], problem.costs[i]))
+            else:
+                options = np.flatnonzero(mask)
+                items.append(Item((i,), options, problem.losses[i][options], problem.costs[i][options]))
+            continue
         mask = np.logical_and.reduce([problem.allowed[m] for m in members])
         if not mask.any():
             raise ValueError(f"tie group {members} allows no option that all its layers allow")

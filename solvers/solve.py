@@ -7,24 +7,26 @@
 | `milp`       | cvxpy MILP on HiGHS, exact to HiGHS's gap                                       |
 | `lp`         | the LP relaxation (the continuous bound), rounded and repaired to a plan        |
 | `exhaustive` | every plan (tiny problems)                                                      |
-| `auto`       | greedy (or LP + repair with several budgets) → reduced-cost fixing with the     |
-|              | LP multipliers → CP-SAT on the few layers left; keeps the best, proves its gap  |
+| `auto`       | greedy (or LP + rounding with several budgets) → reduced-cost fixing with the   |
+|              | LP multipliers → exact DP (one budget) or CP-SAT on the few layers left         |
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Literal
 
 import numpy as np
 
 from .cpsat import cpsat_instance
+from .dp import dp_instance
 from .exhaustive import exhaustive_instance
 from .greedy import hull_greedy
-from .heuristic import repair_and_fill
+from .heuristic import repair_and_fill, swap_polish
 from .instance import Instance, build_instance
-from .lagrange import lagrangian_bound, reduce_instance
-from .milp import linear_instance
+from .lagrange import reduce_instance
+from .milp import linear_instance, lp_relaxation
 from .problem import Problem, Solution, Status
 
 __all__ = ["METHODS", "Method", "solve"]
@@ -159,10 +161,8 @@ def _incumbent(inst: Instance, time_limit: float) -> np.ndarray | None:
     """A good feasible plan to start exact solvers from."""
     if inst.n_constraints == 1:
         return hull_greedy(inst).picks
-    lp = linear_instance(inst, integer=False, time_limit=time_limit)
-    if lp.values is None:
-        return None
-    return repair_and_fill(inst, np.array([int(np.argmax(v)) for v in lp.values]))
+    lp = lp_relaxation(inst, time_limit=time_limit)
+    return None if lp.values is None else _round_lp(inst, lp.values, lp.multipliers)
 
 
 def _milp(inst: Instance, time_limit: float, gap: float) -> tuple[np.ndarray | None, float, Status]:
@@ -181,10 +181,10 @@ def _milp(inst: Instance, time_limit: float, gap: float) -> tuple[np.ndarray | N
 
 
 def _lp(inst: Instance, time_limit: float, workers: int) -> tuple[np.ndarray | None, float, Status]:
-    res = linear_instance(inst, integer=False, time_limit=time_limit)
+    res = lp_relaxation(inst, time_limit=time_limit)
     if res.values is None:
         return None, res.lower_bound, Status.INFEASIBLE if res.status == "infeasible" else Status.TIMEOUT
-    picks = repair_and_fill(inst, np.array([int(np.argmax(v)) for v in res.values]))
+    picks = _round_lp(inst, res.values, res.multipliers)
     if picks is None and inst.n_constraints == 1:
         picks = hull_greedy(inst).picks
     if picks is None:  # the rounding could not be repaired: ask CP-SAT for any plan
@@ -195,6 +195,52 @@ def _lp(inst: Instance, time_limit: float, workers: int) -> tuple[np.ndarray | N
     return picks, res.lower_bound, Status.FEASIBLE
 
 
+def _surrogate_greedy(inst: Instance, multipliers: np.ndarray | None) -> np.ndarray | None:
+    """Hull greedy on one surrogate constraint, the constraints weighted by their LP multipliers
+    (each normalised by its right-hand side when none binds); its plan may break a single
+    constraint, which repair then fixes."""
+    lam = np.zeros(inst.n_constraints) if multipliers is None else np.asarray(multipliers, dtype=np.float64)
+    if not np.any(lam > 0):
+        lam = 1.0 / np.maximum(inst.cap, 1e-300)
+    lam = lam / lam.max()
+    surrogate = Instance(
+        items=inst.items,
+        obj=inst.obj,
+        rows=[(r @ lam)[:, None] for r in inst.rows],
+        cap=np.array([float(lam @ inst.cap)]),
+        integral=np.array([False]),
+        lossless=inst.lossless,
+    )
+    return hull_greedy(surrogate).picks
+
+
+def _round_lp(inst: Instance, values: list[np.ndarray], multipliers: np.ndarray | None = None) -> np.ndarray | None:
+    """The best plan among repaired, filled and swap-polished candidates: every option
+    combination of the LP solution's (few) fractional items, and the surrogate greedy's plan."""
+    base = np.array([int(np.argmax(v)) for v in values])
+    fractional = [i for i, v in enumerate(values) if v.max() < 1 - 1e-7]
+    choices = [np.flatnonzero(values[i] > 1e-7) for i in fractional]
+    starts = []
+    for combo in itertools.islice(itertools.product(*choices), 64) if fractional else [()]:
+        picks = base.copy()
+        for i, j in zip(fractional, combo, strict=True):
+            picks[i] = j
+        starts.append(picks)
+    surrogate = _surrogate_greedy(inst, multipliers)
+    if surrogate is not None:
+        starts.append(surrogate)
+    best, best_value = None, np.inf
+    for start in starts:
+        picks = repair_and_fill(inst, start)
+        if picks is None:
+            continue
+        picks = swap_polish(inst, picks)
+        value = inst.totals(picks)[0]
+        if value < best_value:
+            best, best_value = picks, value
+    return best
+
+
 def _auto(inst: Instance, gap: float, time_limit: float, workers: int) -> tuple[np.ndarray | None, float, Status, str]:
     start = time.perf_counter()
     if inst.n_constraints == 1:
@@ -203,17 +249,16 @@ def _auto(inst: Instance, gap: float, time_limit: float, workers: int) -> tuple[
             return None, float("inf"), Status.INFEASIBLE, "greedy"
         picks, lower, multipliers, name = g.picks, g.lower_bound, np.array([g.multiplier]), "greedy"
     else:
-        lp = linear_instance(inst, integer=False, time_limit=time_limit)
+        lp = lp_relaxation(inst, time_limit=time_limit)
         if lp.values is None:
             return None, lp.lower_bound, Status.INFEASIBLE if lp.status == "infeasible" else Status.TIMEOUT, "lp"
-        picks = repair_and_fill(inst, np.array([int(np.argmax(v)) for v in lp.values]))
-        lower, multipliers, name = lp.lower_bound, lp.multipliers, "lp+repair"
+        picks = _round_lp(inst, lp.values, lp.multipliers)
+        lower, multipliers, name = lp.lower_bound, lp.multipliers, "lp+rounding"
         if picks is None:  # no rounding fits: let CP-SAT find a first plan
             res = cpsat_instance(inst, time_limit=time_limit, workers=workers)
             if res.picks is None:
                 return None, lower, Status.TIMEOUT if res.timed_out else Status.INFEASIBLE, "cpsat"
-            picks, lower = res.picks, max(lower, res.lower_bound)
-            name = "cpsat"
+            picks, lower, name = res.picks, max(lower, res.lower_bound), "cpsat"
     value = inst.totals(picks)[0]
     if _gap(value, lower) <= gap or multipliers is None:
         return picks, lower, Status.FEASIBLE, name
@@ -221,24 +266,35 @@ def _auto(inst: Instance, gap: float, time_limit: float, workers: int) -> tuple[
     # Reduced-cost fixing with the LP multipliers leaves few layers undecided: solve those exactly.
     red = reduce_instance(inst, multipliers, value, picks)
     lower = max(lower, red.bound)
-    if _gap(value, lower) <= gap or not red.core:
-        return picks, max(lower, value) if not red.core else lower, Status.FEASIBLE, name + "+fixing"
+    if not red.core:
+        return picks, value, Status.FEASIBLE, name + "+fixing"  # only the incumbent survives: optimal
+    if _gap(value, lower) <= gap:
+        return picks, lower, Status.FEASIBLE, name + "+fixing"
     sub = inst.restrict(red.core, red.keep, red.fixed)
     hint = np.array([int(np.flatnonzero(kept == picks[i])[0]) for i, kept in zip(red.core, red.keep, strict=True)])
-    left = max(0.05, time_limit - (time.perf_counter() - start))
-    res = cpsat_instance(sub, time_limit=left, hint=hint, workers=workers)
     fixed_value = sum(inst.obj[i][j] for i, j in red.fixed.items())
-    name = f"{name}+fixing+cpsat({len(red.core)} of {len(inst.items)} layers)"
-    if res.picks is not None:
+    core_value = value - fixed_value
+    label = f"{len(red.core)} of {len(inst.items)} layers"
+    found, core_lower, timed_out = None, -np.inf, False
+    if sub.n_constraints == 1:
+        dp = dp_instance(sub, incumbent=core_value)
+        if dp.proven:
+            found, core_lower, name = (
+                dp.picks,
+                core_value if dp.picks is None else sub.totals(dp.picks)[0],
+                f"{name}+fixing+dp({label})",
+            )
+    if core_lower == -np.inf:  # several constraints, or the DP gave up: CP-SAT on the core
+        left = max(0.05, time_limit - (time.perf_counter() - start))
+        res = cpsat_instance(sub, time_limit=left, hint=hint, workers=workers, gap=gap / 2)
+        found, core_lower, timed_out = res.picks, res.lower_bound, res.timed_out
+        name = f"{name}+fixing+cpsat({label})"
+    if found is not None:
         candidate = picks.copy()
-        for i, kept, j in zip(red.core, red.keep, res.picks, strict=True):
+        for i, kept, j in zip(red.core, red.keep, found, strict=True):
             candidate[i] = kept[j]
         if inst.feasible(candidate) and inst.totals(candidate)[0] < value:
             picks, value = candidate, inst.totals(candidate)[0]
     # Any plan better than the incumbent uses the fixed options, so it costs at least this:
-    lower = max(lower, min(value, fixed_value + res.lower_bound))
-    return picks, lower, Status.TIMEOUT if res.timed_out and _gap(value, lower) > gap else Status.FEASIBLE, name
-
-
-# Kept for callers that want the Lagrangian bound of a known plan.
-lagrangian = lagrangian_bound
+    lower = max(lower, min(value, fixed_value + core_lower))
+    return picks, lower, Status.TIMEOUT if timed_out and _gap(value, lower) > gap else Status.FEASIBLE, name

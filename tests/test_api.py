@@ -103,3 +103,53 @@ def test_same_inputs_give_the_same_plan_file(setup):
 def test_solve_from_a_model_needs_data():
     with pytest.raises(AllocatorError, match="calibration data"):
         allocator.solve(nn.Linear(4, 4), budget="4bpw")
+
+
+def test_pins_forbids_keeps_and_device_bits(setup):
+    from allocator.plan import Constraints
+
+    _, _, table = setup
+    c = Constraints(pins=(("out", "int8-ch"),), forbid=(("*", "int2*"),), keep=("embed",))
+    plan = plan_from_profile(table, ["8bpw"], constraints=c)
+    assert plan.layers["out"].choice.label == "int8-ch"
+    assert plan.layers["embed"].choice.label == "fp16"
+    assert not any(lp.choice.label.startswith("int2") for lp in plan.layers.values())
+    assert plan.constraints == c
+    device = plan_from_profile(table, ["6bpw"], constraints=Constraints(device_bits=3))
+    assert all(lp.choice.quantized and lp.choice.bits <= 3 for lp in device.layers.values())
+    for bad, message in [
+        (Constraints(pins=(("nothing*", "int8-ch"),)), "matches no profiled layer"),
+        (Constraints(pins=(("out", "int7-g16"),)), "no numbers for"),
+        (Constraints(forbid=(("*", "int9*"),)), "matches no profiled choice"),
+        (Constraints(pins=(("out", "int8-ch"),), forbid=(("out", "int8*"),)), "no option left"),
+    ]:
+        with pytest.raises(AllocatorError, match=message):
+            plan_from_profile(table, ["4bpw"], constraints=bad)
+
+
+def test_lossless_mode_finds_the_smallest_plan_within_the_loss(setup):
+    from allocator.plan import Constraints
+
+    _, _, table = setup
+    eps = allocator.solve(table, budget="3bpw").predicted.loss
+    plan = plan_from_profile(table, [], constraints=Constraints(max_loss=eps))
+    assert plan.solver.objective_is == "bytes" and plan.solver.status == "optimal"
+    assert plan.predicted.loss <= eps * (1 + 1e-12)
+    # No plan within the loss is smaller: a byte budget just below it admits none within eps.
+    tighter = plan_from_profile(table, [f"{plan.predicted.bytes - 1}B"])
+    assert tighter.predicted.loss > eps
+    assert plan.best_uniform() is None or plan.best_uniform().bytes >= plan.predicted.bytes
+    with pytest.raises(InfeasibleBudgetError, match="no plan reaches predicted loss"):
+        plan_from_profile(table, [], constraints=Constraints(max_loss=0.0))
+    with pytest.raises(InfeasibleBudgetError, match="does not fit"):
+        plan_from_profile(table, [f"{plan.predicted.bytes - 1}B"], constraints=Constraints(max_loss=eps))
+
+
+def test_every_solver_gives_a_plan_within_budget_and_the_exact_ones_agree(setup):
+    _, _, table = setup
+    plans = {m: allocator.solve(table, budget="3.5bpw", method=m) for m in ("greedy", "cpsat", "milp", "lp", "auto")}
+    for m, plan in plans.items():
+        assert plan.predicted.quantized_bytes <= plan.limits["bytes"], m
+        assert plan.solver.lower_bound <= plan.predicted.loss + 1e-12, m
+    exact = {round(plans[m].predicted.loss, 12) for m in ("cpsat", "milp", "auto")}
+    assert len(exact) == 1

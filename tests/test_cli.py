@@ -129,3 +129,57 @@ def test_other_profilers_from_the_command_line(tiny_encoder_dir, tmp_path):
     assert "profile: hessian estimates" in res.stdout
     res = run("solve", "--model", str(tiny_encoder_dir), "--budget", "30%", "--profiler", "exact", *FAST)
     assert res.returncode == 2 and "unknown profiler 'exact'" in res.stderr
+
+
+def test_frontier_writes_csv_and_plot_and_lossless_solve(tiny_encoder_dir, tmp_path):
+    import csv
+
+    prof = tmp_path / "p.json"
+    assert run("profile", str(tiny_encoder_dir), "-o", str(prof), *FAST).returncode == 0
+    out = tmp_path / "f.csv"
+    res = run(
+        "frontier", "-p", str(prof), "--from", "3bpw", "--to", "6bpw", "--points", "7", "-o", str(out), "--no-progress"
+    )
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(out.open()))
+    plans = [r for r in rows if r["kind"] == "plan"]
+    assert len(plans) == 7 and all(r["status"] == "optimal" for r in plans)
+    losses = [float(r["predicted_loss"]) for r in plans]
+    assert losses == sorted(losses, reverse=True)  # more bytes, less loss
+    assert any(r["kind"] == "uniform" for r in rows)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run("frontier", "-p", str(prof), "--from", "6bpw", "--to", "3MB", "--no-progress")
+    assert bad.returncode == 2 and "same kind of budget" in bad.stderr
+
+    plan_file = tmp_path / "lossless.json"
+    eps = float(plans[3]["predicted_loss"])
+    res = run(
+        "solve", "-p", str(prof), "--max-loss", str(eps), "--device-bits", "4", "-o", str(plan_file), "--no-progress"
+    )
+    if res.returncode == 0:  # the profile's 2-4 bit options reach the loss: the plan uses only them
+        plan = Plan.load(plan_file)
+        assert plan.predicted.loss <= eps * (1 + 1e-9)
+        assert all(lp.choice.bits <= 4 for lp in plan.layers.values())
+    else:
+        assert "no plan reaches predicted loss" in res.stderr
+    res = run("solve", "-p", str(prof), "--no-progress")
+    assert res.returncode == 2 and "--budget" in res.stderr and "--max-loss" in res.stderr
+    res = run("solve", "-p", str(prof), "--budget", "5bpw", "--pin", "oops", "--no-progress")
+    assert res.returncode == 2 and "LAYER-PATTERN=CHOICE" in res.stderr
+
+
+def test_same_inputs_give_the_same_plan_file(tiny_encoder_dir, tmp_path):
+    prof = tmp_path / "p.json"
+    assert run("profile", str(tiny_encoder_dir), "-o", str(prof), *FAST).returncode == 0
+    files = []
+    for k in range(2):
+        out = tmp_path / f"plan{k}.json"
+        for solver in ("auto",):
+            assert (
+                run(
+                    "solve", "-p", str(prof), "--budget", "4bpw", "--solver", solver, "-o", str(out), "--no-progress"
+                ).returncode
+                == 0
+            )
+        files.append(out.read_bytes())
+    assert files[0] == files[1]

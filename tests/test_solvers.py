@@ -218,3 +218,15 @@ def test_every_returned_plan_respects_every_budget_exactly(data):
         if lossless:
             assert sum(losses[i][j] for i, j in enumerate(sol.choice)) <= max_loss * (1 + 1e-12), method
         assert sol.lower_bound <= sol.objective * (1 + 1e-9) + 1e-9
+
+
+def test_vectorised_hulls_match_the_reference():
+    from solvers.hull import hulls
+
+    rng = np.random.default_rng(3)
+    weights = [rng.integers(0, 20, rng.integers(1, 12)).astype(float) for _ in range(300)]
+    values = [rng.uniform(0, 10, w.size).round(1) for w in weights]  # ties included
+    fronts, hull_list = hulls(weights, values)
+    for w, v, f, h in zip(weights, values, fronts, hull_list, strict=True):
+        assert f.tolist() == pareto_front(w, v).tolist()
+        assert h.tolist() == lower_hull(w, v, pareto_front(w, v)).tolist()
