@@ -43,22 +43,33 @@ def choice_grid(
     terms: Sequence[int] = DEFAULT_TERMS,
     group_sizes: Sequence[int | None] = DEFAULT_GROUP_SIZES,
     *,
+    kinds: Sequence[str] = ("residual",),
     max_bits: int = MAX_BITS_PER_WEIGHT,
     symmetric: bool = False,
 ) -> list[Choice]:
     """All (bits, terms, group) combinations with `bits x terms <= max_bits` (single terms are
-    always kept), plus fp16 (leave the layer unquantized).
+    always kept), multi-term ones in every requested `kind` that applies (`tied` needs an
+    asymmetric grid of at most 16 bits), plus fp16 (leave the layer unquantized).
 
     Example:
         >>> [c.label for c in choice_grid((2, 4), (1, 2), (64,))]
         ['fp16', 'int2-g64', 'int2x2-g64', 'int4-g64', 'int4x2-g64']
+        >>> [c.label for c in choice_grid((4,), (2,), (64,), kinds=("residual", "tied"))]
+        ['fp16', 'int4x2-g64', 'int4x2t-g64']
     """
     out = [Choice.fp16()]
     for g in group_sizes:
         for b in bits:
             for t in terms:
-                if t == 1 or b * t <= max_bits:
-                    out.append(Choice(bits=b, terms=t, group_size=g, symmetric=symmetric))
+                if t == 1:
+                    out.append(Choice(bits=b, group_size=g, symmetric=symmetric))
+                    continue
+                if b * t > max_bits:
+                    continue
+                for kind in kinds:
+                    if kind == "tied" and (symmetric or b * t > 16):
+                        continue
+                    out.append(Choice(bits=b, terms=t, group_size=g, symmetric=symmetric, kind=kind))
     return list(dict.fromkeys(out))
 
 

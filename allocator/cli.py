@@ -55,6 +55,14 @@ TermsOpt = Annotated[
     str | None,
     typer.Option(help="Residual term counts (bits x terms <= 8). [default: 1,2; with --device-bits: 1,2,3,4]"),
 ]
+KindsOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="KINDS",
+        help="How multi-term choices relate: residual, tied (one scale, a finer grid), joint (refined together)."
+        " [default: residual; with --device-bits: residual,tied]",
+    ),
+]
 DeviceOpt = Annotated[
     int | None,
     typer.Option(
@@ -105,20 +113,29 @@ def _setup(
     return _Setup(loaded, calib, eval_docs, source)
 
 
-def _grid(bits: str | None, terms: str | None, group_size: str, device_bits: int | None) -> tuple[list, dict]:
+def _grid(
+    bits: str | None, terms: str | None, group_size: str, device_bits: int | None, kinds: str | None = None
+) -> tuple[list, dict]:
     """The whole-term choices to profile, and the fraction limits that go with them."""
     from .api import DEFAULT_BITS, choice_grid
 
+    kind_list = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+    for k in kind_list or []:
+        if k not in ("residual", "tied", "joint"):
+            raise AllocatorError(f"--kinds takes residual, tied and joint, got {k!r}")
     if device_bits is None:
         bit_list = _parse_ints(bits, "bits") if bits else list(DEFAULT_BITS)
         term_list = _parse_ints(terms, "terms") if terms else [1, 2]
-        return choice_grid(bit_list, term_list, _parse_groups(group_size)), {}
+        grid = choice_grid(bit_list, term_list, _parse_groups(group_size), kinds=kind_list or ["residual"])
+        return grid, {}
     bit_list = _parse_ints(bits, "bits") if bits else [b for b in DEFAULT_BITS if b <= device_bits]
     if any(b > device_bits for b in bit_list):
         raise AllocatorError(f"--bits {bits} has widths above --device-bits {device_bits}")
     term_list = _parse_ints(terms, "terms") if terms else [1, 2, 3, 4]
     limit = device_bits * max(term_list)
-    grid = choice_grid(bit_list, term_list, _parse_groups(group_size), max_bits=limit)
+    grid = choice_grid(
+        bit_list, term_list, _parse_groups(group_size), kinds=kind_list or ["residual", "tied"], max_bits=limit
+    )
     return grid, {"fraction_terms": max(term_list), "fraction_bits": limit}
 
 
@@ -193,6 +210,7 @@ def profile(
     terms: TermsOpt = None,
     group_size: GroupOpt = "64,128,channel",
     fractions: FractionsOpt = 8,
+    kinds: KindsOpt = None,
     device_bits: DeviceOpt = None,
     keep: KeepOpt = None,
     calibration: CalibrationOpt = 64,
@@ -214,7 +232,7 @@ def profile(
     from .validation import validate_profile
 
     setup = _setup(model, data, calibration, seed, max_length, batch_size)
-    choices, limits = _grid(bits, terms, group_size, device_bits)
+    choices, limits = _grid(bits, terms, group_size, device_bits, kinds)
     table, seconds = _run_profile(
         setup,
         profiler=profiler,
@@ -293,6 +311,7 @@ def solve(
     terms: TermsOpt = None,
     group_size: GroupOpt = "64,128,channel",
     fractions: FractionsOpt = 8,
+    kinds: KindsOpt = None,
     device_bits: DeviceOpt = None,
     keep: KeepOpt = None,
     pin: Annotated[
@@ -361,7 +380,7 @@ def solve(
         t0 = time.perf_counter()
         setup = _setup(model, data, calibration, seed, max_length, batch_size)
         times["load"] = time.perf_counter() - t0
-        choices, limits = _grid(bits, terms, group_size, device_bits)
+        choices, limits = _grid(bits, terms, group_size, device_bits, kinds)
         table, times["profile"] = _run_profile(
             setup,
             profiler=profiler,

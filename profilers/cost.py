@@ -2,9 +2,9 @@
 
 Bytes are those of the packed format: per term, the codes of the whole `[rows, cols]` matrix
 bit-packed into `ceil(rows * cols * bits / 8)` bytes, plus per group an fp16 scale (and an fp16
-offset when asymmetric). A fractional extra term stores its `k` rows the same way, plus a
-one-bit-per-row mask saying which rows they are. Unquantized tensors cost 2 bytes per element
-(fp16).
+offset when asymmetric). Tied terms store their scale and zero point once. A fractional extra
+term stores its `k` rows the same way, plus a one-bit-per-row mask saying which rows they are.
+Unquantized tensors cost 2 bytes per element (fp16).
 
 BOPs (bit operations) = MACs x weight bits x activation bits x terms, per sample; an extra
 term on `k` of `rows` rows adds `k / rows` of a term.
@@ -31,16 +31,22 @@ def weight_bytes(rows: int, cols: int, choice: Choice) -> int:
     """
     if not choice.quantized:
         return rows * cols * FP_BYTES_PER_ELEMENT
-    total = choice.terms * _term_bytes(rows, cols, choice)
+    meta = _meta_bytes(rows, cols, choice)
+    if choice.kind == "tied":  # every term's codes, one scale and zero point per group
+        return choice.terms * _code_bytes(rows, cols, choice.bits) + meta
+    total = choice.terms * (_code_bytes(rows, cols, choice.bits) + meta)
     if choice.extra:
-        total += _term_bytes(choice.extra_rows(rows), cols, choice) + math.ceil(rows / 8)
+        k = choice.extra_rows(rows)
+        total += _code_bytes(k, cols, choice.bits) + _meta_bytes(k, cols, choice) + math.ceil(rows / 8)
     return total
 
 
-def _term_bytes(rows: int, cols: int, choice: Choice) -> int:
-    codes = math.ceil(rows * cols * choice.bits / 8)
-    meta_per_group = 2 if choice.symmetric else 4
-    return codes + rows * n_groups(cols, choice.group_size) * meta_per_group
+def _code_bytes(rows: int, cols: int, bits: int) -> int:
+    return math.ceil(rows * cols * bits / 8)
+
+
+def _meta_bytes(rows: int, cols: int, choice: Choice) -> int:
+    return rows * n_groups(cols, choice.group_size) * (2 if choice.symmetric else 4)
 
 
 def layer_bytes(spec: LayerSpec, choice: Choice) -> int:

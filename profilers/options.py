@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .quantize import as_matrix, residual_reconstructions
+from .quantize import as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
 from .specs import MAX_TERMS, Choice
 
 __all__ = ["FractionPair", "OptionLayout", "error_stack", "expand_choices", "layout_options"]
@@ -44,6 +44,7 @@ def expand_choices(
             if (
                 not c.quantized
                 or c.extra
+                or c.kind == "tied"
                 or c.terms + 1 > min(max_terms, MAX_TERMS)
                 or c.bits * (c.terms + 1) > max_bits
             ):
@@ -130,6 +131,8 @@ def error_stack(weight: Tensor, stack: Sequence[Choice]) -> Tensor:
             raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
         if not c.quantized:
             out[k] = w.half().float() - w
+        elif c.kind != "residual":
+            torch.sub(dequantize_terms(quantize_terms(w, c)), w, out=out[k])
         else:
             runs.setdefault((c.bits, c.group_size, c.symmetric), []).append(k)
     for (bits, group, sym), ks in runs.items():

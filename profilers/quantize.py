@@ -32,7 +32,10 @@ __all__ = [
     "fake_quantize",
     "n_groups",
     "quantize_groups",
+    "quantize_joint",
     "quantize_residual",
+    "quantize_terms",
+    "quantize_tied",
     "residual_reconstructions",
 ]
 
@@ -137,15 +140,19 @@ def quantize_groups(
     Returns:
         The `Term` whose `dequantize` is the closest of the candidates to `w2d`, group by group.
     """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8 for integer codes, got {bits}")
     return _quantize(w2d, bits=bits, group_size=group_size, symmetric=symmetric, clip=clip)[0]
 
 
 def _quantize(
     w2d: Tensor, *, bits: int, group_size: int | None, symmetric: bool, clip: tuple[float, ...] | None
 ) -> tuple[Term, Tensor]:
-    """`quantize_groups`, also returning the reconstruction `[rows, cols]` it computed."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in 2..8 for integer codes, got {bits}")
+    """`quantize_groups`, also returning the reconstruction `[rows, cols]` it computed.
+
+    Accepts up to 16 bits (tied terms quantize on their combined grid, then split it)."""
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in 2..16 for integer codes, got {bits}")
     if w2d.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {tuple(w2d.shape)}")
     rows, cols = w2d.shape
@@ -195,8 +202,9 @@ def _quantize(
     else:
         codes = torch.sub(wg, best_offset, out=u).div_(best_scale).round_().clamp_(qmin, qmax)
         rec = codes * best_scale + best_offset
+    code_type = torch.int32 if bits > 8 else torch.int8 if symmetric else torch.uint8
     term = Term(
-        codes=codes.reshape(rows, -1)[:, :cols].to(torch.int8 if symmetric else torch.uint8).contiguous(),
+        codes=codes.reshape(rows, -1)[:, :cols].to(code_type).contiguous(),
         scale=best_scale.squeeze(-1).half(),
         offset=None if best_offset is None else best_offset.squeeze(-1).half(),
         bits=bits,
@@ -258,11 +266,103 @@ def residual_reconstructions(
     return out
 
 
+def quantize_tied(w2d: Tensor, *, bits: int, terms: int, group_size: int | None) -> list[Term]:
+    """Tied terms: one `bits·terms`-bit asymmetric quantization split into `terms` digits of
+    `bits` bits. Term t's step is the first's divided by 2^(bits·(t-1)); only term 1 carries
+    the zero point (the sum reconstructs exactly the combined grid)."""
+    full, _ = _quantize(w2d.detach().float(), bits=bits * terms, group_size=group_size, symmetric=False, clip=None)
+    code = full.codes.to(torch.int64)
+    mask = (1 << bits) - 1
+    out = []
+    for t in range(terms):
+        shift = bits * (terms - 1 - t)
+        digit = ((code >> shift) & mask).to(torch.uint8)
+        scale = (full.scale.float() * float(1 << shift)).half()
+        out.append(Term(digit, scale, full.offset if t == 0 else None, bits, full.group_size))
+    return out
+
+
+def quantize_joint(
+    w2d: Tensor, *, bits: int, terms: int, group_size: int | None, symmetric: bool = False, iters: int = 4
+) -> list[Term]:
+    """Jointly refined terms: start from residual terms, then alternate (a) a least-squares fit
+    of every term's scale and the shared zero point per group, codes fixed, and (b) re-rounding
+    each term's codes given the others. Per group, the best reconstruction seen is kept."""
+    w = w2d.detach().float()
+    rows, cols = w.shape
+    init = quantize_residual(w, bits=bits, terms=terms, group_size=group_size, symmetric=symmetric)
+    g = init[0].group_size
+    wg, mask = _grouped(w, g)
+    m = torch.ones_like(wg) if mask is None else mask.expand_as(wg)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+    def grouped_codes(term: Term) -> Tensor:
+        return _grouped(term.codes.float(), g)[0]
+
+    codes = torch.stack([grouped_codes(t) for t in init])  # [T, rows, ng, g]
+    scales = torch.stack([t.scale.float() for t in init]).unsqueeze(-1)  # [T, rows, ng, 1]
+    zero = sum(t.offset.float() for t in init if t.offset is not None)
+    zero = zero.unsqueeze(-1) if isinstance(zero, Tensor) else torch.zeros_like(scales[0])
+
+    def error(sc: Tensor, z: Tensor) -> Tensor:
+        rec = (codes * sc).sum(dim=0) + z
+        return ((rec - wg).square() * m).sum(dim=-1, keepdim=True)
+
+    best_err = error(scales, zero)
+    best = (codes.clone(), scales.clone(), zero.clone())
+    for _ in range(iters):
+        # (a) least squares for [s_1..s_T, z] per group, codes fixed (a tiny ridge keeps it solvable).
+        feats = torch.cat([codes, torch.ones_like(codes[:1])], dim=0) * m  # [T+1, rows, ng, g]
+        a = torch.einsum("irgk,jrgk->rgij", feats, feats)
+        b = torch.einsum("irgk,rgk->rgi", feats, wg * m)
+        a = a + 1e-9 * a.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1) * torch.eye(terms + 1)
+        theta = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)  # [rows, ng, T+1]
+        theta = _to_fp16_grid(theta)
+        scales = theta[..., :terms].permute(2, 0, 1).unsqueeze(-1)
+        scales = torch.where(scales.abs() < _FP16_TINY, torch.full_like(scales, _FP16_TINY), scales)
+        zero = theta[..., terms:].clone()
+        if symmetric:
+            zero = torch.zeros_like(zero)
+        # (b) re-round each term's codes against what the others leave.
+        for t in range(terms):
+            others = (codes * scales).sum(dim=0) - codes[t] * scales[t]
+            codes[t] = ((wg - others - zero) / scales[t]).round().clamp(qmin, qmax)
+        err = error(scales, zero)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (
+            torch.where(better.unsqueeze(0), codes, best[0]),
+            torch.where(better.unsqueeze(0), scales, best[1]),
+            torch.where(better, zero, best[2]),
+        )
+    codes, scales, zero = best
+    out = []
+    for t in range(terms):
+        term_codes = codes[t].reshape(rows, -1)[:, :cols].to(torch.int8 if symmetric else torch.uint8).contiguous()
+        offset = zero.squeeze(-1).half() if (t == 0 and not symmetric) else None
+        out.append(Term(term_codes, scales[t].squeeze(-1).half(), offset, bits, g))
+    return out
+
+
+def quantize_terms(w2d: Tensor, choice: Choice) -> list[Term]:
+    """The whole terms of `choice` (its extra share aside) for a matrix."""
+    if choice.kind == "tied":
+        return quantize_tied(w2d, bits=choice.bits, terms=choice.terms, group_size=choice.group_size)
+    if choice.kind == "joint":
+        return quantize_joint(
+            w2d, bits=choice.bits, terms=choice.terms, group_size=choice.group_size, symmetric=choice.symmetric
+        )
+    return quantize_residual(
+        w2d, bits=choice.bits, terms=choice.terms, group_size=choice.group_size, symmetric=choice.symmetric
+    )
+
+
 def fake_quantize(w: Tensor, choice: Choice, *, extra_rows: Tensor | None = None) -> Tensor:
     """Return `w` replaced by its reconstruction under `choice` (same shape and dtype).
 
     `fp16` rounds to half precision, which is how unquantized tensors are stored. A fractional
-    choice gives its extra term to exactly `extra_rows` (row indices of the matrix view).
+    choice gives its extra term to exactly `extra_rows` (row indices of the matrix view): those
+    rows take the reconstruction with one more term.
 
     Example:
         >>> w = torch.randn(8, 64)
@@ -273,21 +373,14 @@ def fake_quantize(w: Tensor, choice: Choice, *, extra_rows: Tensor | None = None
     if not choice.quantized:
         return w.detach().half().to(w.dtype)
     w2d = as_matrix(w)
+    out = dequantize_terms(quantize_terms(w2d, choice.base))
     if choice.extra:
         if extra_rows is None or len(extra_rows) != choice.extra_rows(w2d.shape[0]):
             got = None if extra_rows is None else len(extra_rows)
             raise ValueError(
                 f"{choice.label} needs the {choice.extra_rows(w2d.shape[0])} rows that carry the extra term, got {got}"
             )
-        recs = residual_reconstructions(
-            w2d, bits=choice.bits, terms=choice.terms + 1, group_size=choice.group_size, symmetric=choice.symmetric
-        )
-        out = recs[-2]
         rows = torch.as_tensor(extra_rows, dtype=torch.long)
-        out[rows] = recs[-1][rows]
-    else:
-        terms = quantize_residual(
-            w2d, bits=choice.bits, terms=choice.terms, group_size=choice.group_size, symmetric=choice.symmetric
-        )
-        out = dequantize_terms(terms)
+        richer = quantize_terms(w2d[rows], choice.next_term)
+        out[rows] = dequantize_terms(richer)
     return out.reshape(w.shape).to(w.dtype)

@@ -46,8 +46,10 @@ MAX_TERMS = 4
 LayerKind = Literal["linear", "conv2d", "embedding"]
 
 _LABEL_RE = re.compile(
-    r"^int(?P<bits>\d+)(?P<sym>s?)(?:x(?P<terms>\d+))?(?:\+(?P<num>\d+)/(?P<den>\d+))?-(?P<group>g\d+|ch)$"
+    r"^int(?P<bits>\d+)(?P<sym>s?)(?:x(?P<terms>\d+)(?P<kind>[tj]?))?(?:\+(?P<num>\d+)/(?P<den>\d+))?-(?P<group>g\d+|ch)$"
 )
+TermKind = Literal["residual", "tied", "joint"]
+_KIND_SUFFIX = {"residual": "", "tied": "t", "joint": "j"}
 
 
 class ProfileError(ValueError):
@@ -63,6 +65,16 @@ class Choice(BaseModel):
     chosen by the profiler) carries one more term: `terms + extra/extra_of` terms on average,
     so complexity grows continuously instead of in whole terms. `bits == 16` means the tensor
     stays in floating point (stored as fp16).
+
+    How several terms relate (`kind`):
+
+    - `residual` (default): each term quantizes what the ones before left, with its own scale
+      and zero point per group;
+    - `tied` (`int4x2t-g64`): one scale and zero point per group for all terms, term t's step
+      being the first's divided by 2^(bits·(t-1)): the terms are the digits of a finer
+      `bits·terms`-bit grid (int8 quality from int4 pieces), and the metadata is stored once;
+    - `joint` (`int2x2j-g64`): independent scales refined jointly (alternating least-squares
+      updates of every term's scale and re-rounding of its codes).
 
     Examples:
         >>> Choice(bits=4, group_size=64).label
@@ -81,6 +93,7 @@ class Choice(BaseModel):
         default=None, description="weights sharing one scale along a row; None = one group per row"
     )
     symmetric: bool = Field(default=False, description="signed codes, scale only (no zero point)")
+    kind: TermKind = Field(default="residual", description="how several terms relate (see above)")
     extra: int = Field(default=0, ge=0, description="numerator of the share of rows with one more term")
     extra_of: int = Field(default=1, ge=1, description="denominator of that share")
 
@@ -118,6 +131,10 @@ class Choice(BaseModel):
             raise ValueError(f"the extra share {self.extra}/{self.extra_of} must be below 1; add a whole term instead")
         if self.extra and self.terms + 1 > MAX_TERMS:
             raise ValueError(f"an extra share needs room for term {self.terms + 1}; at most {MAX_TERMS} terms")
+        if self.kind != "residual" and self.terms < 2:
+            raise ValueError(f"{self.kind} terms need at least 2 terms")
+        if self.kind == "tied" and (self.symmetric or self.extra or self.bits * self.terms > 16):
+            raise ValueError("tied terms are asymmetric, whole, and at most 16 bits in all")
         return self
 
     @classmethod
@@ -149,10 +166,10 @@ class Choice(BaseModel):
 
     @property
     def label(self) -> str:
-        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int3+3/8-g64`, `int8s-ch`, `fp16`."""
+        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int4x2t-g64`, `int3+3/8-g64`, `fp16`."""
         if not self.quantized:
             return "fp16"
-        terms = f"x{self.terms}" if self.terms > 1 else ""
+        terms = f"x{self.terms}{_KIND_SUFFIX[self.kind]}" if self.terms > 1 else ""
         extra = f"+{self.extra}/{self.extra_of}" if self.extra else ""
         group = f"g{self.group_size}" if self.group_size is not None else "ch"
         return f"int{self.bits}{'s' if self.symmetric else ''}{terms}{extra}-{group}"
@@ -166,7 +183,7 @@ class Choice(BaseModel):
         m = _LABEL_RE.match(text)
         if not m:
             raise ValueError(
-                f"cannot read choice {label!r}: write it like int4-g64, int2x2-g128, int3+1/4-ch, int8s-ch or fp16"
+                f"cannot read choice {label!r}: write it like int4-g64, int2x2-g128, int4x2t-g64, int3+1/4-ch or fp16"
             )
         group = m["group"]
         return cls(
@@ -174,6 +191,7 @@ class Choice(BaseModel):
             terms=int(m["terms"] or 1),
             group_size=None if group == "ch" else int(group[1:]),
             symmetric=bool(m["sym"]),
+            kind={"": "residual", "t": "tied", "j": "joint"}[m["kind"] or ""],
             extra=int(m["num"] or 0),
             extra_of=int(m["den"] or 1),
         )

@@ -175,3 +175,30 @@ def test_search_reconstruction_is_exactly_what_the_codes_dequantize_to(symmetric
     terms = quantize_residual(w, bits=3, terms=3, group_size=32, symmetric=symmetric)
     for t in range(3):
         assert torch.equal(recs[t], dequantize_terms(terms[: t + 1]))
+
+
+def test_tied_terms_are_the_finer_grid_split_into_digits():
+    torch.manual_seed(11)
+    w = torch.randn(6, 96)
+    for bits, terms in ((2, 2), (4, 2), (3, 3)):
+        tied = fake_quantize(w, Choice(bits=bits, terms=terms, group_size=32, kind="tied"))
+        if bits * terms <= 8:
+            assert torch.equal(tied, fake_quantize(w, Choice(bits=bits * terms, group_size=32)))
+        from profilers.quantize import quantize_tied
+
+        digits = quantize_tied(w, bits=bits, terms=terms, group_size=32)
+        assert all(int(d.codes.max()) < 2**bits for d in digits)
+        assert digits[0].offset is not None and all(d.offset is None for d in digits[1:])
+        assert torch.equal(dequantize_terms(digits), tied)
+
+
+def test_joint_terms_are_never_worse_than_residual_ones():
+    torch.manual_seed(12)
+    w = torch.randn(16, 128) * torch.rand(16, 1)
+    for bits, terms in ((2, 2), (3, 2), (2, 3)):
+        residual = fake_quantize(w, Choice(bits=bits, terms=terms, group_size=32))
+        joint = fake_quantize(w, Choice(bits=bits, terms=terms, group_size=32, kind="joint"))
+        err_r = (residual - w).pow(2).reshape(16, 4, 32).sum(-1)
+        err_j = (joint - w).pow(2).reshape(16, 4, 32).sum(-1)
+        assert torch.all(err_j <= err_r * (1 + 1e-5))  # group by group
+        assert err_j.sum() < 0.95 * err_r.sum()
