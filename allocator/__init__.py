@@ -18,6 +18,7 @@ from .apply import apply_plan_
 from .budget import Budget
 from .errors import AllocatorError, BudgetError, InfeasibleBudgetError, ModelError, PlanError
 from .evaluate import Comparison, compare
+from .export import QuantizedFileError, export_quantized, load_quantized
 from .plan import Plan
 
 __version__ = "0.1.0"
@@ -35,11 +36,14 @@ __all__ = [
     "Plan",
     "PlanError",
     "ProfileTable",
+    "QuantizedFileError",
     "Task",
     "__version__",
     "apply_plan_",
     "choice_grid",
     "compare",
+    "export_quantized",
+    "load_quantized",
     "profile",
     "solve",
 ]

@@ -26,6 +26,7 @@ from profilers.tasks import Task, infer_task
 
 from .budget import Budget
 from .errors import AllocatorError
+from .export import header_allowance
 from .graph import build_graph, tie_groups
 from .plan import Plan
 from .planning import plan_from_profile
@@ -111,7 +112,7 @@ def profile(
         model_name: recorded in the profile.
         progress: optional `(stage, done, total)` callback.
     """
-    return make_profiler(profiler, draws=draws, seed=seed).profile(
+    table = make_profiler(profiler, draws=draws, seed=seed).profile(
         model,
         data,
         choices=list(choices) if choices is not None else choice_grid(),
@@ -125,6 +126,8 @@ def profile(
         model_name=model_name,
         progress=progress,
     )
+    # Reserve the packed file's header, so a byte budget holds for the file on disk.
+    return table.model_copy(update={"file_overhead": header_allowance(model, table)})
 
 
 def solve(

@@ -18,7 +18,7 @@ from profilers.specs import Choice, ProfileError
 from .errors import PlanError
 from .plan import Plan
 
-__all__ = ["apply_choices_", "apply_plan_"]
+__all__ = ["apply_choices_", "apply_plan_", "check_plan_fits_model"]
 
 
 def apply_choices_(
@@ -72,16 +72,11 @@ def apply_choices_(
     return model
 
 
-def apply_plan_(model: nn.Module, plan: Plan, *, round_rest_to_fp16: bool = True) -> nn.Module:
-    """Quantize `model` in place as `plan` says and return it.
+def check_plan_fits_model(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """The plan's layers in `model`, checked to exist with the shapes the plan was made for.
 
     Raises:
-        PlanError: the plan names layers the model lacks, or a weight's shape differs from
-            the one the plan was made for.
-
-    Example:
-        >>> plan = Plan.load("plan.json")  # doctest: +SKIP
-        >>> apply_plan_(model, plan)  # doctest: +SKIP
+        PlanError: a layer the model lacks, or a weight of another shape.
     """
     try:
         modules = resolve_modules(model, plan.layers)
@@ -95,6 +90,21 @@ def apply_plan_(model: nn.Module, plan: Plan, *, round_rest_to_fp16: bool = True
                 f"layer {name!r} has weight shape {got} but the plan was made for {tuple(lp.shape)}; "
                 "use the plan made for this model"
             )
+    return modules
+
+
+def apply_plan_(model: nn.Module, plan: Plan, *, round_rest_to_fp16: bool = True) -> nn.Module:
+    """Quantize `model` in place as `plan` says and return it.
+
+    Raises:
+        PlanError: the plan names layers the model lacks, or a weight's shape differs from
+            the one the plan was made for.
+
+    Example:
+        >>> plan = Plan.load("plan.json")  # doctest: +SKIP
+        >>> apply_plan_(model, plan)  # doctest: +SKIP
+    """
+    check_plan_fits_model(model, plan)
     rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
     return apply_choices_(
         model,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 
@@ -447,6 +448,59 @@ def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, ba
         )
     report.comparison(cmp, len(setup.eval_docs), table.fp16_bytes, plan)
     return time.perf_counter() - started
+
+
+@app.command()
+def apply(
+    model: ModelArg = None,
+    plan_file: Annotated[
+        Path, typer.Argument(metavar="PLAN.json", help="The plan (allocator solve -o).", show_default=False)
+    ] = Path("plan.json"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="OUT.safetensors", help="The packed model file to write.")
+    ] = Path("model.allocator.safetensors"),
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Reload the file and compare it with the fake-quantized model.")
+    ] = True,
+) -> None:
+    """Quantize the model by the plan and write it packed (safetensors; reload with allocator.load_quantized)."""
+    import copy
+
+    from profilers.layers import fingerprint_model
+
+    from . import models
+    from .apply import apply_plan_
+    from .budget import format_bytes
+    from .export import export_quantized, load_quantized
+    from .plan import Plan
+
+    plan = Plan.load(plan_file)
+    loaded = models.load_model(model or plan.model_name or models.DEFAULT_MODEL)
+    if fingerprint_model(loaded.model) != plan.model_fingerprint:
+        raise AllocatorError(
+            f"{plan_file} was made for different weights than {loaded.name}'s; solve again for this model"
+        )
+    t0 = time.perf_counter()
+    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild)
+    seconds = time.perf_counter() - t0
+    size = output.stat().st_size
+    budget = plan.limits.get("bytes")
+    within = (
+        "" if budget is None else f"; budget {format_bytes(budget + plan.fixed_bytes + plan.predicted.file_overhead)}"
+    )
+    report.line(
+        f"wrote {output}: {format_bytes(size)} on disk, plan predicted {format_bytes(plan.predicted.bytes)}"
+        f" ({100 * (size / plan.predicted.bytes - 1):+.2f}%){within}; {seconds:.1f}s"
+    )
+    if check:
+        reloaded = load_quantized(output)
+        fake = apply_plan_(copy.deepcopy(loaded.model), plan)
+        docs = models.lee_documents()[:8]
+        if loaded.tokenizer is not None:
+            batch = models.text_batches(loaded.tokenizer, docs, max_length=64, batch_size=8)[0]
+            with torch.no_grad():
+                a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)
+            report.line(f"reloaded model vs fake-quantized model: max |difference| {float((a - b).abs().max()):.2e}")
 
 
 @app.command()

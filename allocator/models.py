@@ -48,6 +48,7 @@ class LoadedModel:
     task: Task
     tokenizer: Any | None = None
     kind: str = "sentence-encoder"
+    rebuild: dict[str, Any] | None = None  # how `load_quantized` rebuilds the architecture
 
 
 def _quiet_transformers() -> None:
@@ -87,14 +88,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
 
 def _load_hf_folder(path: Path, *, name: str) -> LoadedModel:
     _quiet_transformers()
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -108,27 +103,24 @@ def _load_hf_folder(path: Path, *, name: str) -> LoadedModel:
     archs = " ".join(config.architectures or [])
     try:
         if (path / "modules.json").is_file():
-            task, kwargs = _sentence_transformers_task(path), {}
+            task, init = _sentence_transformers_task(path), {}
             if config.model_type in ("bert", "roberta", "xlm-roberta", "mpnet"):
-                kwargs["add_pooling_layer"] = False  # sentence-transformers never uses the pooler
-            model = AutoModel.from_pretrained(path, **kwargs)
-            kind = "sentence-encoder"
+                init["add_pooling_layer"] = False  # sentence-transformers never uses the pooler
+            auto, kind = "AutoModel", "sentence-encoder"
         elif "CausalLM" in archs or "LMHeadModel" in archs:
-            model, task, kind = AutoModelForCausalLM.from_pretrained(path), LogitsTask(), "causal-lm"
+            auto, init, task, kind = "AutoModelForCausalLM", {}, LogitsTask(), "causal-lm"
         elif "MaskedLM" in archs:
-            model, task, kind = AutoModelForMaskedLM.from_pretrained(path), LogitsTask(), "masked-lm"
+            auto, init, task, kind = "AutoModelForMaskedLM", {}, LogitsTask(), "masked-lm"
         elif "SequenceClassification" in archs:
-            model, task, kind = (
-                AutoModelForSequenceClassification.from_pretrained(path),
-                LogitsTask(),
-                "classifier",
-            )
+            auto, init, task, kind = "AutoModelForSequenceClassification", {}, LogitsTask(), "classifier"
         else:
-            model, task, kind = AutoModel.from_pretrained(path), EmbeddingTask("mean", True), "encoder"
+            auto, init, task, kind = "AutoModel", {}, EmbeddingTask("mean", True), "encoder"
+        model = getattr(transformers, auto).from_pretrained(path, **init)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model weights in {path}: {e}") from None
     model.eval()
-    return LoadedModel(name=name, model=model, task=task, tokenizer=tokenizer, kind=kind)
+    rebuild = {"source": "transformers", "auto_class": auto, "init": init, "config": model.config.to_dict()}
+    return LoadedModel(name=name, model=model, task=task, tokenizer=tokenizer, kind=kind, rebuild=rebuild)
 
 
 def _sentence_transformers_task(path: Path) -> EmbeddingTask:

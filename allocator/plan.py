@@ -66,8 +66,9 @@ class Predicted(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bytes: int = Field(description="whole model: quantized weights, metadata, fp16 rest")
+    bytes: int = Field(description="whole model file: quantized weights, metadata, fp16 rest, header allowance")
     quantized_bytes: int = Field(description="the planned weights only")
+    file_overhead: int = Field(default=0, description="header allowance included in `bytes` (an upper bound)")
     bpw: float = Field(description="bits per planned weight, metadata included")
     bops: int = Field(description="bit operations per sample through planned weights")
     loss: float = Field(description="sum of per-layer estimated losses")

@@ -37,7 +37,7 @@ def resource_limits(profile: ProfileTable, budgets: Sequence[Budget]) -> dict[Re
     for b in budgets:
         limit = b.limit(
             fp16_bytes=profile.fp16_bytes,
-            fixed_bytes=profile.fixed_bytes,
+            fixed_bytes=profile.fixed_bytes + profile.file_overhead,
             quantizable_params=profile.quantizable_params,
         )
         limits[b.resource] = min(limit, limits.get(b.resource, limit))
@@ -104,7 +104,7 @@ def _budget_message(
         least = b.describe_minimum(
             minimum[b.resource],
             fp16_bytes=profile.fp16_bytes,
-            fixed_bytes=profile.fixed_bytes,
+            fixed_bytes=profile.fixed_bytes + profile.file_overhead,
             quantizable_params=profile.quantizable_params,
         )
         parts.append(
@@ -222,8 +222,9 @@ def plan_from_profile(
         )
     q_bytes = sum(lp.bytes for lp in layers.values())
     predicted = Predicted(
-        bytes=q_bytes + profile.fixed_bytes,
+        bytes=q_bytes + profile.fixed_bytes + profile.file_overhead,
         quantized_bytes=q_bytes,
+        file_overhead=profile.file_overhead,
         bpw=8 * q_bytes / profile.quantizable_params,
         bops=sum(lp.bops for lp in layers.values()),
         loss=float(solution.loss),
@@ -273,7 +274,7 @@ def uniform_points(
         points.append(
             UniformPoint(
                 choice=c,
-                bytes=q_bytes + profile.fixed_bytes,
+                bytes=q_bytes + profile.fixed_bytes + profile.file_overhead,
                 bpw=8 * q_bytes / profile.quantizable_params,
                 bops=bops,
                 loss=float(sum(o.loss for o in opts)),

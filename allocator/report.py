@@ -99,6 +99,11 @@ class Reporter:
             f" = {format_bytes(plan.predicted.quantized_bytes)} planned weights"
             f" ({plan.predicted.bpw:.3f} bpw on {profile_params:,} weights)"
             f" + {format_bytes(plan.fixed_bytes)} kept fp16"
+            + (
+                f" + {format_bytes(plan.predicted.file_overhead)} file header allowance"
+                if plan.predicted.file_overhead
+                else ""
+            )
         )
         self.line(f"loss          {plan.predicted.loss:.5f}  [{plan.loss_units}]")
         bound = (

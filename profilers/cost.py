@@ -2,7 +2,8 @@
 
 Bytes are those of the packed format: per term, the codes of the whole `[rows, cols]` matrix
 bit-packed into `ceil(rows * cols * bits / 8)` bytes, plus per group an fp16 scale (and an fp16
-offset when asymmetric). Tied terms store their scale and zero point once. A fractional extra
+offset when asymmetric). Tied terms store their scale and zero point once; joint terms a scale
+each and one zero point. A fractional extra
 term stores its `k` rows the same way, plus a one-bit-per-row mask saying which rows they are.
 Unquantized tensors cost 2 bytes per element (fp16).
 
@@ -32,9 +33,13 @@ def weight_bytes(rows: int, cols: int, choice: Choice) -> int:
     if not choice.quantized:
         return rows * cols * FP_BYTES_PER_ELEMENT
     meta = _meta_bytes(rows, cols, choice)
-    if choice.kind == "tied":  # every term's codes, one scale and zero point per group
-        return choice.terms * _code_bytes(rows, cols, choice.bits) + meta
-    total = choice.terms * (_code_bytes(rows, cols, choice.bits) + meta)
+    codes = choice.terms * _code_bytes(rows, cols, choice.bits)
+    if choice.kind == "tied":  # one scale and zero point per group for all terms
+        return codes + meta
+    if choice.kind == "joint":  # a scale per term, one (summed) zero point per group
+        scale = rows * n_groups(cols, choice.group_size) * 2
+        return codes + choice.terms * scale + (meta - scale)
+    total = codes + choice.terms * meta
     if choice.extra:
         k = choice.extra_rows(rows)
         total += _code_bytes(k, cols, choice.bits) + _meta_bytes(k, cols, choice) + math.ceil(rows / 8)

@@ -44,7 +44,7 @@ def expand_choices(
             if (
                 not c.quantized
                 or c.extra
-                or c.kind == "tied"
+                or c.kind != "residual"  # only residual terms keep their first terms when one is added
                 or c.terms + 1 > min(max_terms, MAX_TERMS)
                 or c.bits * (c.terms + 1) > max_bits
             ):

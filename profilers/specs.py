@@ -333,6 +333,8 @@ class ProfileTable(BaseModel):
         fp16_bytes: bytes of the whole model stored in fp16 (the reference for `25%` budgets).
         kept_fp16: quantizable layers that never ran during calibration; left in fp16 and
             counted in `fixed_bytes`.
+        file_overhead: bytes reserved for the header of the packed file (tensor index and
+            metadata), an upper bound, so a byte budget holds for the file on disk.
         layers: one entry per quantizable weight, in forward order.
     """
 
@@ -350,6 +352,7 @@ class ProfileTable(BaseModel):
     fixed_bytes: int = Field(ge=0)
     fp16_bytes: int = Field(ge=0)
     kept_fp16: tuple[str, ...] = ()
+    file_overhead: int = Field(default=0, ge=0, description="bytes reserved for the packed file's header")
     validation: Validation | None = None
     layers: tuple[LayerProfile, ...]
 
