@@ -8,7 +8,7 @@ Example:
     >>> plan = allocator.solve(model, data, budget="4bpw")
     >>> plan.solver.status, plan.predicted.bpw <= 4
     ('optimal', True)
-    >>> _ = allocator.apply_plan_(model, plan)
+    >>> _ = allocator.apply_plan_(model, plan, calibration=data)
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def profile(
     fractions: int = 8,
     fraction_terms: int = 2,
     fraction_bits: int = 8,
+    method: str = "gptq",
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     draws: int | None = None,
@@ -105,6 +106,7 @@ def profile(
             (0 or 1: none).
         fraction_terms, fraction_bits: fractions only where the next term stays within this
             many terms and bits per weight.
+        method: rounding the applier will use (`rtn`, `gptq`); choices are scored with its errors.
         include, exclude: fnmatch patterns of layer names.
         draws: pseudo-label draws per batch (fisher, hessian); None: the profiler's default.
         seed: seed of the draws.
@@ -120,6 +122,7 @@ def profile(
         fractions=fractions,
         fraction_terms=fraction_terms,
         fraction_bits=fraction_bits,
+        method=method,
         include=include,
         exclude=exclude,
         act_bits=act_bits,
@@ -136,7 +139,7 @@ def solve(
     *,
     budget: str | Budget | Sequence[str | Budget],
     ties: Sequence[str | Sequence[str]] = (),
-    method: str = "auto",
+    solver: str = "auto",
     gap: float = 1e-6,
     time_limit: float = 10.0,
     task: Task | None = None,
@@ -150,11 +153,11 @@ def solve(
         budget: `"12MB"`, `"300MiB"`, `"3.5bpw"`, `"25%"`, `"40GBOPs"`, or several.
         ties: groups of layers that must share a choice: presets (`"qkv"`, `"gate_up"`) or
             fnmatch patterns (needs the model, to build the layer graph).
-        method: solver backend: `auto`, `greedy`, `cpsat`, `exhaustive`.
+        solver: solver backend: `auto`, `greedy`, `cpsat`, `milp`, `lp`, `exhaustive`.
         gap: relative optimality gap `auto` accepts without an exact solve.
         time_limit: seconds for an exact solve.
         task: the model's output kind; inferred when None.
-        **profile_options: passed to `profile` (choices, include, exclude, draws, seed, ...).
+        **profile_options: passed to `profile` (method, choices, include, exclude, draws, ...).
 
     Returns:
         The `Plan`: per-layer choice, predicted bytes/BOPs/loss, solver status and gap, and
@@ -187,4 +190,4 @@ def solve(
             graph = build_graph(model_or_profile, targets, batches[0], task=task)
             profiled = set(table.names)  # layers that never ran stay fp16 and need no tie
             tie_names = [[n for n in g if n in profiled] for g in tie_groups(graph, ties)]
-    return plan_from_profile(table, budgets, ties=tie_names, method=method, gap=gap, time_limit=time_limit)
+    return plan_from_profile(table, budgets, ties=tie_names, solver=solver, gap=gap, time_limit=time_limit)

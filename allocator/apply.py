@@ -7,18 +7,30 @@ would be stored, so measured quality is the quality of the model the plan descri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from profilers.layers import resolve_modules
-from profilers.quantize import fake_quantize
+from profilers.hessians import input_hessians
+from profilers.layers import find_targets, resolve_modules
+from profilers.methods import reconstruct
 from profilers.specs import Choice, ProfileError
+from profilers.tasks import Task
 
 from .errors import PlanError
 from .plan import Plan
 
-__all__ = ["apply_choices_", "apply_plan_", "check_plan_fits_model"]
+__all__ = ["apply_choices_", "apply_plan_", "check_plan_fits_model", "layer_hessians"]
+
+
+def layer_hessians(model: nn.Module, batches: Sequence[Any], task: Task) -> dict[str, Tensor]:
+    """Every quantizable layer's input second moment `H` (what GPTQ needs), by layer name."""
+    targets = find_targets(model)
+    found = input_hessians(model, batches, task, targets)
+    return {targets[i].spec.name: h for i, h in found.items()}
 
 
 def apply_choices_(
@@ -26,6 +38,8 @@ def apply_choices_(
     choices: dict[str, Choice],
     *,
     extra_rows: dict[str, np.ndarray] | None = None,
+    method: str = "rtn",
+    hessians: dict[str, Tensor] | None = None,
     round_rest_to_fp16: bool = True,
 ) -> nn.Module:
     """Quantize the named layers' weights in place with the given choices.
@@ -37,6 +51,8 @@ def apply_choices_(
         model: the model to change.
         choices: layer name -> choice.
         extra_rows: layer name -> rows carrying the extra term, for fractional choices.
+        method: `rtn` or `gptq` (GPTQ where `hessians` has the layer's `H`).
+        hessians: layer name -> `H` (`layer_hessians`).
         round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
             precision (how the plan stores them).
 
@@ -61,7 +77,8 @@ def apply_choices_(
     with torch.no_grad():
         for name, weight in weights.items():
             rows = torch.as_tensor(extra_rows[name]) if choices[name].extra and extra_rows else None
-            weight.copy_(fake_quantize(weight.detach(), choices[name], extra_rows=rows))
+            h = (hessians or {}).get(name)
+            weight.copy_(reconstruct(weight.detach(), choices[name], method=method, hessian=h, extra_rows=rows))
         if round_rest_to_fp16:
             seen: set[int] = set()
             for t in [*model.parameters(), *model.buffers()]:
@@ -93,22 +110,58 @@ def check_plan_fits_model(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
     return modules
 
 
-def apply_plan_(model: nn.Module, plan: Plan, *, round_rest_to_fp16: bool = True) -> nn.Module:
+def apply_plan_(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
+    task: Task | None = None,
+    round_rest_to_fp16: bool = True,
+) -> nn.Module:
     """Quantize `model` in place as `plan` says and return it.
 
+    A plan scored for GPTQ (`plan.method == "gptq"`, the default) needs every layer's `H`: pass
+    the `calibration` batches it was profiled with (and its `task`, else inferred), or `hessians`
+    (`layer_hessians`).
+
     Raises:
-        PlanError: the plan names layers the model lacks, or a weight's shape differs from
-            the one the plan was made for.
+        PlanError: the plan names layers the model lacks, a weight's shape differs from the one
+            the plan was made for, or a GPTQ plan comes without calibration data.
 
     Example:
         >>> plan = Plan.load("plan.json")  # doctest: +SKIP
         >>> apply_plan_(model, plan)  # doctest: +SKIP
     """
     check_plan_fits_model(model, plan)
+    hessians = plan_hessians(model, plan, hessians, calibration, task)
     rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
     return apply_choices_(
         model,
         {name: lp.choice for name, lp in plan.layers.items()},
         extra_rows=rows,
+        method=plan.method,
+        hessians=hessians,
         round_rest_to_fp16=round_rest_to_fp16,
     )
+
+
+def plan_hessians(
+    model: nn.Module,
+    plan: Plan,
+    hessians: dict[str, Tensor] | None,
+    calibration: Sequence[Any] | None,
+    task: Task | None,
+) -> dict[str, Tensor] | None:
+    """The `H` a plan's rounding needs: none for RTN; given, or computed from calibration, for GPTQ."""
+    if plan.method != "gptq" or hessians is not None:
+        return hessians
+    if not calibration:
+        raise PlanError(
+            "this plan was scored for GPTQ rounding: pass the calibration batches it was profiled with"
+            " (apply_plan_(model, plan, calibration=batches)) or hessians=layer_hessians(...)"
+        )
+    batches = list(calibration)
+    from profilers.tasks import infer_task
+
+    return layer_hessians(model, batches, task or infer_task(model, batches[0]))

@@ -48,6 +48,10 @@ DataOpt = Annotated[
     ),
 ]
 ProfilerOpt = Annotated[str, typer.Option(help="Sensitivity estimator: fisher, hessian or measured.")]
+MethodOpt = Annotated[
+    str,
+    typer.Option(help="Rounding under every term: rtn (round to nearest) or gptq (second-order error feedback)."),
+]
 BitsOpt = Annotated[
     str | None,
     typer.Option(help="Bit widths to consider, comma-separated (2-8). [default: 2,3,4,5,6,8; up to --device-bits]"),
@@ -174,6 +178,7 @@ def _run_profile(
     draws: int | None,
     seed: int,
     progress: bool,
+    method: str = "rtn",
     fraction_limits: dict | None = None,
 ) -> tuple[ProfileTable, float]:
     from . import api
@@ -194,6 +199,7 @@ def _run_profile(
             seed=seed,
             model_name=setup.loaded.name,
             progress=update,
+            method=method,
             **(fraction_limits or {}),
         )
     return table, time.perf_counter() - started
@@ -207,6 +213,7 @@ def profile(
     ] = Path("profile.json"),
     data: DataOpt = None,
     profiler: ProfilerOpt = "fisher",
+    method: MethodOpt = "gptq",
     bits: BitsOpt = None,
     terms: TermsOpt = None,
     group_size: GroupOpt = "64,128,channel",
@@ -243,6 +250,7 @@ def profile(
         draws=draws,
         seed=seed,
         progress=progress,
+        method=method,
         fraction_limits=limits,
     )
     report.profile(table, seconds)
@@ -308,6 +316,7 @@ def solve(
         bool, typer.Option("--evaluate/--no-evaluate", help="Measure FP, plan and uniform settings on held-out text.")
     ] = False,
     profiler: ProfilerOpt = "fisher",
+    method: MethodOpt = "gptq",
     bits: BitsOpt = None,
     terms: TermsOpt = None,
     group_size: GroupOpt = "64,128,channel",
@@ -391,6 +400,7 @@ def solve(
             draws=draws,
             seed=seed,
             progress=progress,
+            method=method,
             fraction_limits=limits,
         )
         report.profile(table, times["profile"])
@@ -408,7 +418,7 @@ def solve(
         profiled = set(table.names)
         tie_names = [[n for n in g if n in profiled] for g in tie_groups(graph, tie)]
     plan = plan_from_profile(
-        table, budgets, ties=tie_names, constraints=constraints, method=solver, gap=gap, time_limit=time_limit
+        table, budgets, ties=tie_names, constraints=constraints, solver=solver, gap=gap, time_limit=time_limit
     )
     times["solve"] = time.perf_counter() - t0
     report.plan(plan, table.quantizable_params)
@@ -424,6 +434,7 @@ def solve(
 
 def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, batch_size: int, progress: bool) -> float:
     from . import models
+    from .apply import layer_hessians
     from .evaluate import compare, default_uniform, wordsim_spearman
 
     started = time.perf_counter()
@@ -436,6 +447,7 @@ def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, ba
     uniform = default_uniform(plan)
     labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform)]
     with report.progress(progress) as update:
+        hessians = layer_hessians(loaded.model, setup.calib, loaded.task) if plan.method == "gptq" else None
         cmp = compare(
             loaded.model,
             plan,
@@ -445,6 +457,7 @@ def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, ba
             words=words,
             fp_bytes=table.fp16_bytes,
             progress=lambda label: update("measuring", labels.index(label), len(labels)),
+            hessians=hessians,
         )
     report.comparison(cmp, len(setup.eval_docs), table.fp16_bytes, plan)
     return time.perf_counter() - started
@@ -462,6 +475,11 @@ def apply(
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Reload the file and compare it with the fake-quantized model.")
     ] = True,
+    data: DataOpt = None,
+    calibration: CalibrationOpt = 64,
+    max_length: MaxLengthOpt = 128,
+    batch_size: BatchOpt = 16,
+    seed: SeedOpt = 0,
 ) -> None:
     """Quantize the model by the plan and write it packed (safetensors; reload with allocator.load_quantized)."""
     import copy
@@ -480,8 +498,21 @@ def apply(
         raise AllocatorError(
             f"{plan_file} was made for different weights than {loaded.name}'s; solve again for this model"
         )
+    hessians = None
+    if plan.method == "gptq":  # GPTQ needs the calibration data the plan was profiled on
+        from profilers.base import fingerprint_batches
+
+        from .apply import layer_hessians
+
+        setup = _setup(model or plan.model_name, data, calibration, seed, max_length, batch_size)
+        if fingerprint_batches(setup.calib) != plan.data_fingerprint:
+            raise AllocatorError(
+                "this GPTQ plan was profiled on other calibration data; pass the same --data, --calibration,"
+                " --seed, --max-length and --batch-size as when profiling"
+            )
+        hessians = layer_hessians(loaded.model, setup.calib, loaded.task)
     t0 = time.perf_counter()
-    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild)
+    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, hessians=hessians)
     seconds = time.perf_counter() - t0
     size = output.stat().st_size
     budget = plan.limits.get("bytes")
@@ -494,7 +525,7 @@ def apply(
     )
     if check:
         reloaded = load_quantized(output)
-        fake = apply_plan_(copy.deepcopy(loaded.model), plan)
+        fake = apply_plan_(copy.deepcopy(loaded.model), plan, hessians=hessians)
         docs = models.lee_documents()[:8]
         if loaded.tokenizer is not None:
             batch = models.text_batches(loaded.tokenizer, docs, max_length=64, batch_size=8)[0]
@@ -533,7 +564,7 @@ def frontier(
     table = ProfileTable.load(profile_file)
     budgets = budget_sweep(Budget.parse(start), Budget.parse(stop), points)
     with report.progress(progress) as update:
-        result = sweep(table, budgets, method=solver, progress=update)
+        result = sweep(table, budgets, solver=solver, progress=update)
     if evaluate:
         import copy
 
@@ -549,10 +580,13 @@ def frontier(
         loaded = setup.loaded
         evals = models.text_batches(loaded.tokenizer, setup.eval_docs, max_length=max_length, batch_size=batch_size)
         reference = model_outputs(loaded.model, evals, loaded.task)
+        from .apply import plan_hessians
+
+        hessians = plan_hessians(loaded.model, result[0].plan, None, setup.calib, loaded.task)
         with report.progress(progress) as update:
             for k, point in enumerate(result):
                 update("measuring", k, len(result))
-                quantized = apply_plan_(copy.deepcopy(loaded.model), point.plan)
+                quantized = apply_plan_(copy.deepcopy(loaded.model), point.plan, hessians=hessians)
                 outs = model_outputs(quantized, evals, loaded.task)
                 div = [loaded.task.divergence(r, o, b).mean() for r, o, b in zip(reference, outs, evals, strict=True)]
                 point.measured_loss = float(sum(float(d) for d in div) / len(div))

@@ -149,6 +149,7 @@ def compare(
     words: Callable[[nn.Module], float] | None = None,
     fp_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
+    hessians: dict[str, Tensor] | None = None,
 ) -> Comparison:
     """Measure FP, the plan and uniform settings on `batches`.
 
@@ -163,6 +164,7 @@ def compare(
         fp_bytes: size of the FP reference to print (default: the plan's fp16 size is unknown
             here, so the fp32 parameter bytes).
         progress: optional callback receiving the label being measured.
+        hessians: every layer's `H`, for a GPTQ plan; uniform settings are rounded the same way.
     """
     note = progress or (lambda label: None)
     if fp_bytes is None:
@@ -193,14 +195,16 @@ def compare(
 
     plan_row = variant(
         "plan",
-        apply_plan_(copy.deepcopy(model), plan),
+        apply_plan_(copy.deepcopy(model), plan, hessians=hessians),
         size=plan.predicted.bytes,
         bpw=plan.predicted.bpw,
         predicted=plan.predicted.loss,
     )
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
-        quantized = apply_choices_(copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice))
+        quantized = apply_choices_(
+            copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, hessians=hessians
+        )
         rows.append(
             variant(
                 f"uniform {u.choice.label}",

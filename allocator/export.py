@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from profilers.files import atomic_write_bytes
 from profilers.layers import resolve_modules
-from profilers.quantize import Term, as_matrix, quantize_terms
+from profilers.methods import layer_terms
+from profilers.quantize import Term, as_matrix
 from profilers.specs import ProfileError, ProfileTable
 
 from .apply import check_plan_fits_model
@@ -76,7 +77,12 @@ def _pack_term(term: Term, bits: int, symmetric: bool) -> Tensor:
 
 
 def export_quantized(
-    model: nn.Module, plan: Plan, path: str | os.PathLike[str], *, rebuild: dict[str, Any] | None = None
+    model: nn.Module,
+    plan: Plan,
+    path: str | os.PathLike[str],
+    *,
+    rebuild: dict[str, Any] | None = None,
+    hessians: dict[str, Tensor] | None = None,
 ) -> Path:
     """Quantize `model` as `plan` says and write the packed file (atomically). The model is
     not changed.
@@ -87,11 +93,14 @@ def export_quantized(
         path: the file to write.
         rebuild: how to rebuild the architecture (`LoadedModel.rebuild`); without it,
             `load_quantized` needs the skeleton passed in.
+        hessians: every layer's `H`, for a plan scored for GPTQ (`apply.layer_hessians`).
 
     Raises:
         PlanError: the plan does not fit the model.
     """
     modules = check_plan_fits_model(model, plan)
+    if plan.method == "gptq" and hessians is None:
+        raise AllocatorError("this plan was scored for GPTQ rounding: pass hessians=layer_hessians(model, data, task)")
     tensors: dict[str, Tensor] = {}
     planned: set[int] = set()
     for name, lp in plan.layers.items():
@@ -102,7 +111,8 @@ def export_quantized(
             tensors[f"{name}::weight"] = weight.half().contiguous()
             continue
         w2d = as_matrix(weight).float()
-        terms = quantize_terms(w2d, c.base)
+        h = (hessians or {}).get(name)
+        terms = layer_terms(w2d, c.base, method=plan.method, hessian=h)
         for t, term in enumerate(terms):
             tensors[f"{name}::t{t}.codes"] = _pack_term(term, c.bits, c.symmetric)
             if c.kind == "tied" and t:
@@ -112,7 +122,7 @@ def export_quantized(
                 tensors[f"{name}::t{t}.zero"] = term.offset.contiguous()
         if c.extra:
             rows = torch.as_tensor(lp.rows_with_extra_term(), dtype=torch.long)
-            extra = quantize_terms(w2d[rows], c.next_term)[-1]
+            extra = layer_terms(w2d[rows], c.next_term, method=plan.method, hessian=h)[-1]
             mask = torch.zeros(w2d.shape[0], dtype=torch.int64)
             mask[rows] = 1
             tensors[f"{name}::x.codes"] = _pack_term(extra, c.bits, c.symmetric)

@@ -58,7 +58,7 @@ def sweep(
     budgets: Sequence[Budget],
     *,
     constraints: Constraints | None = None,
-    method: str = "auto",
+    solver: str = "auto",
     gap: float = 1e-6,
     time_limit: float = 10.0,
     progress: Callable[[str, int, int], None] | None = None,
@@ -70,7 +70,7 @@ def sweep(
         report("solving", k, len(budgets))
         try:
             plan = plan_from_profile(
-                profile, [b], constraints=constraints, method=method, gap=gap, time_limit=time_limit
+                profile, [b], constraints=constraints, solver=solver, gap=gap, time_limit=time_limit
             )
         except InfeasibleBudgetError:
             continue

@@ -130,6 +130,7 @@ class Plan(BaseModel):
     model_fingerprint: str
     data_fingerprint: str
     profiler: str
+    method: Literal["rtn", "gptq"] = Field(default="rtn", description="rounding the plan was scored for")
     loss_units: str
     budgets: tuple[Budget, ...]
     limits: dict[str, int] = Field(description="per resource, the limit on the planned weights")

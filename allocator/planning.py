@@ -124,7 +124,7 @@ def plan_from_profile(
     *,
     ties: Sequence[Sequence[str]] = (),
     constraints: Constraints | None = None,
-    method: str = "auto",
+    solver: str = "auto",
     gap: float = 1e-6,
     time_limit: float = 10.0,
 ) -> Plan:
@@ -136,7 +136,7 @@ def plan_from_profile(
         ties: groups of layer names that must take the same choice.
         constraints: pins, forbidden choices, kept layers, device bits, and `max_loss` (then
             the plan is the smallest whose predicted loss is at most `max_loss`).
-        method: solver backend (`auto`, `greedy`, `cpsat`, `milp`, `lp`, `exhaustive`).
+        solver: solver backend (`auto`, `greedy`, `cpsat`, `milp`, `lp`, `exhaustive`).
         gap: relative gap accepted as optimal.
         time_limit: seconds for exact work.
 
@@ -193,12 +193,12 @@ def plan_from_profile(
             allowed=allowed,
             max_loss=constraints.max_loss,
         )
-        solution = solve_problem(problem, method=method, gap=gap, time_limit=time_limit)  # type: ignore[arg-type]
+        solution = solve_problem(problem, method=solver, gap=gap, time_limit=time_limit)  # type: ignore[arg-type]
     except ValueError as e:
         raise AllocatorError(str(e)) from None
     if solution.status is Status.INFEASIBLE or solution.choice is None:
         if solution.status is Status.TIMEOUT:
-            raise AllocatorError(f"the {method} solver found no plan within {time_limit:g}s; raise --time-limit")
+            raise AllocatorError(f"the {solver} solver found no plan within {time_limit:g}s; raise --time-limit")
         if constraints.max_loss is not None and "bytes" in limits and limits["bytes"] < NO_LIMIT:
             raise InfeasibleBudgetError(
                 f"the smallest plan with predicted loss at most {constraints.max_loss:g} does not fit "
@@ -234,6 +234,7 @@ def plan_from_profile(
         model_fingerprint=profile.model_fingerprint,
         data_fingerprint=profile.data_fingerprint,
         profiler=profile.profiler,
+        method=str(profile.settings.get("method", "rtn")),
         loss_units=profile.loss_units,
         budgets=tuple(budgets),
         limits={r: int(v) for r, v in limits.items() if v < NO_LIMIT},
@@ -244,7 +245,7 @@ def plan_from_profile(
         layers=layers,
         predicted=predicted,
         solver=SolverReport(
-            method=method,
+            method=solver,
             backend=solution.solver,
             status=solution.status.value,  # type: ignore[arg-type]
             objective=float(solution.objective),

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from profilers.base import ProgressFn
+from profilers.hessians import input_hessians
 from profilers.layers import find_targets
 from profilers.measured import OutputMeter
-from profilers.quantize import fake_quantize
+from profilers.methods import reconstruct
 from profilers.specs import ProfileError, ProfileTable, Validation
 from profilers.tasks import Task
 
@@ -52,7 +53,7 @@ def sample_plans(
     plans = []
     for _ in range(count):
         bpw = rng.uniform(low, max(low, high_bpw))
-        plan = plan_from_profile(table, [f"{bpw:.4f}bpw"], method="greedy")
+        plan = plan_from_profile(table, [f"{bpw:.4f}bpw"], solver="greedy")
         chosen = [index[layer.spec.name][plan.layers[layer.spec.name].choice] for layer in table.layers]
         for i in rng.choice(len(chosen), size=round(moved * len(chosen)), replace=False):
             layer = table.layers[i]
@@ -94,12 +95,14 @@ def validate_profile(
         )
     targets = [by_name[n] for n in table.names]
     meter = OutputMeter(model, targets, batches, task)
+    method = str(table.settings.get("method", "rtn"))
+    hessians = input_hessians(model, batches, task, targets) if method == "gptq" else {}
 
     def quantized(i: int, j: int) -> torch.Tensor:
         layer = table.layers[i]
         choice = layer.options[j].choice
         rows = torch.as_tensor(layer.extra_rows(choice)) if choice.extra else None
-        return fake_quantize(targets[i].weight.detach(), choice, extra_rows=rows)
+        return reconstruct(targets[i].weight.detach(), choice, method=method, hessian=hessians.get(i), extra_rows=rows)
 
     rng = np.random.default_rng(seed)
     candidates = [

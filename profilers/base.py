@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from .cost import layer_bops, layer_bytes
+from .hessians import input_hessians
 from .layers import QuantTarget, find_targets, fingerprint_model, fixed_bytes, fp16_bytes
+from .methods import METHODS, Quantizer
 from .options import OptionLayout, expand_choices, layout_options
 from .specs import Choice, ChoiceProfile, LayerProfile, ProfileError, ProfileTable, encode_indices
 from .tasks import Task, infer_task
@@ -103,6 +105,7 @@ class Profiler(ABC):
         fractions: int = 0,
         fraction_terms: int = 2,
         fraction_bits: int = 8,
+        method: str = "rtn",
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         act_bits: int = 16,
@@ -120,6 +123,8 @@ class Profiler(ABC):
             fractions: when > 1, add options where k/fractions of the rows carry one more term.
             fraction_terms, fraction_bits: only bases whose next term keeps them within this
                 many terms and bits per weight get fractions (`expand_choices`).
+            method: the rounding the applier will use (`rtn`, `gptq`); choices are scored with
+                exactly its errors (GPTQ collects every layer's `H` in one more forward pass).
             include: fnmatch patterns of layer names to quantize.
             exclude: fnmatch patterns of layer names to keep in floating point.
             act_bits: activation bits assumed by the BOPs cost.
@@ -139,18 +144,24 @@ class Profiler(ABC):
         task = task or infer_task(model, batches[0])
         report = progress or (lambda stage, done, total: None)
         layouts = [layout_options(options, t.spec.rows) for t in targets]
+        if method not in METHODS:
+            raise ProfileError(f"unknown rounding method {method!r}; choose one of {', '.join(METHODS)}")
 
         was_training = model.training
         saved = [t.weight.detach().clone() for t in targets] if self._mutates_weights else None
         model.eval()
         try:
-            est = self._estimate(model, batches, targets, options, layouts, task, report)
+            quantizer = Quantizer(method)  # type: ignore[arg-type]
+            if method == "gptq":
+                quantizer.hessians = input_hessians(model, batches, task, targets, progress=report)
+            est = self._estimate(model, batches, targets, options, layouts, task, quantizer, report)
         finally:
             model.train(was_training)
             if saved is not None:
                 with torch.no_grad():
                     for t, w in zip(targets, saved, strict=True):
                         t.weight.copy_(w)
+        est.settings["method"] = method
         return self._assemble(model, batches, targets, options, task, est, act_bits, model_name, fractions)
 
     # Estimators that write quantized weights into the model set this, so the base restores them.
@@ -165,9 +176,10 @@ class Profiler(ABC):
         options: list[Choice],
         layouts: list[OptionLayout],
         task: Task,
+        quantizer: Quantizer,
         report: ProgressFn,
     ) -> Estimates:
-        """Estimate the loss of every (target, option); see `Estimates`."""
+        """Estimate the loss of every (target, option), quantizing with `quantizer`."""
 
     def _assemble(
         self,

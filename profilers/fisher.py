@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .base import Estimates, LayerEstimate, Profiler, ProgressFn
 from .capture import Call, batch_size, call_macs, capture_calls, check_batch_first, conv_patches
 from .layers import QuantTarget
+from .methods import Quantizer
 from .options import OptionLayout, error_stack
 from .specs import Choice, ProfileError
 from .tasks import Task
@@ -271,6 +272,7 @@ class FisherProfiler(Profiler):
         options: list[Choice],
         layouts: list[OptionLayout],
         task: Task,
+        quantizer: Quantizer,
         report: ProgressFn,
     ) -> Estimates:
         lookup_only = [all(isinstance(m, nn.Embedding) for m in t.modules) for t in targets]
@@ -281,7 +283,7 @@ class FisherProfiler(Profiler):
             if lookup_only[i]:
                 row_errors[i] = _RowErrors(t.weight, layouts[i].stack)
             else:
-                stacks[i] = error_stack(t.weight, layouts[i].stack)
+                stacks[i] = quantizer.stack(i, t.weight, layouts[i].stack)
         report("quantizing", len(targets), len(targets))
 
         total = sum(batch_size(b) or 1 for b in batches)

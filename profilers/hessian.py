@@ -17,6 +17,8 @@ Rows separate, so fractional options are exact here: rows are ordered by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from .base import Estimates, LayerEstimate, Profiler, ProgressFn
 from .capture import call_macs, capture_calls, check_batch_first, conv_patches
 from .layers import QuantTarget
+from .methods import Quantizer
 from .options import OptionLayout, error_stack
 from .specs import Choice, ProfileError
 from .tasks import Task
@@ -80,17 +83,20 @@ class _ModuleStats:
         assert self.grad_sq is not None
         return self.grad_sq / max(1, self.positions)
 
-    def row_errors(self, weight: Tensor, stack: list[Choice]) -> tuple[Tensor, Tensor]:
-        """`[K, rows]` λ-weighted errors `λ_o (ΔW H ΔWᵀ)_oo` per stack row, and the rows they cover."""
+    def row_errors(
+        self, weight: Tensor, stack: list[Choice], errors_of: Callable[[Tensor, list[Choice]], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """`[K, rows]` λ-weighted errors `λ_o (ΔW H ΔWᵀ)_oo` per stack row (`errors_of` gives a
+        layer's error stack), and the rows they cover."""
         lam = self.weight_of_channel.float()
         if isinstance(self.module, nn.Embedding):
             assert self.counts is not None
             rows = torch.nonzero(self.counts).squeeze(1)
-            errors = error_stack(weight.detach()[rows], stack)  # [K, U, dim]
+            errors = error_stack(weight.detach()[rows], stack)  # [K, U, dim]; lookups have no H
             per_row = (errors.square() * lam).sum(dim=-1) * self.counts[rows].float()
             return per_row, rows
         assert self.h is not None
-        errors = error_stack(weight, stack)  # [K, rows, cols]
+        errors = errors_of(weight, stack)  # [K, rows, cols]
         groups = self.h.shape[0]
         k, rows, cols = errors.shape
         e = errors.reshape(k, groups, rows // groups, cols)
@@ -124,6 +130,7 @@ class HessianProfiler(Profiler):
         options: list[Choice],
         layouts: list[OptionLayout],
         task: Task,
+        quantizer: Quantizer,
         report: ProgressFn,
     ) -> Estimates:
         stats: dict[int, _ModuleStats] = {}
@@ -169,7 +176,8 @@ class HessianProfiler(Profiler):
         layers = {}
         for done, i in enumerate(sorted(first_call)):
             report("scoring", done, len(first_call))
-            layers[i] = self._layer(targets[i], layouts[i], [stats[id(m)] for m in targets[i].modules], samples)
+            module_stats = [stats[id(m)] for m in targets[i].modules]
+            layers[i] = self._layer(targets[i], layouts[i], module_stats, samples, partial(quantizer.stack, i))
         report("scoring", len(first_call), len(first_call))
         return Estimates(
             layers=layers,
@@ -181,14 +189,18 @@ class HessianProfiler(Profiler):
 
     @staticmethod
     def _layer(
-        target: QuantTarget, layout: OptionLayout, module_stats: list[_ModuleStats], samples: int
+        target: QuantTarget,
+        layout: OptionLayout,
+        module_stats: list[_ModuleStats],
+        samples: int,
+        errors_of: Callable[[Tensor, list[Choice]], Tensor],
     ) -> LayerEstimate:
         n_rows = target.spec.rows
         per_row = torch.zeros(len(layout.stack), n_rows, dtype=torch.float64)
         for st in module_stats:
             if st.grad_sq is None or (st.h is None and st.counts is None):
                 continue  # a module whose output does not reach the loss adds nothing
-            errs, rows = st.row_errors(target.weight, layout.stack)
+            errs, rows = st.row_errors(target.weight, layout.stack, errors_of)
             per_row[:, rows] += errs.double()
         scale = 0.5 / max(1, samples)
         whole = per_row.sum(dim=1) * scale

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_map_only
 from .base import Estimates, LayerEstimate, Profiler, ProgressFn
 from .capture import call_macs, capture_calls
 from .layers import QuantTarget
+from .methods import Quantizer
 from .options import OptionLayout
 from .quantize import as_matrix, fake_quantize
 from .specs import Choice
@@ -261,6 +262,7 @@ class MeasuredProfiler(Profiler):
         options: list[Choice],
         layouts: list[OptionLayout],
         task: Task,
+        quantizer: Quantizer,
         report: ProgressFn,
     ) -> Estimates:
         meter = OutputMeter(model, targets, batches, task, replay=self.replay)
@@ -284,7 +286,7 @@ class MeasuredProfiler(Profiler):
                 rows = None
                 if c.extra:
                     rows = torch.as_tensor(np.sort(orders[c.base.label][: c.extra_rows(t.spec.rows)]))
-                loss[j], stderr[j] = meter.measure_layer(i, fake_quantize(t.weight.detach(), c, extra_rows=rows))
+                loss[j], stderr[j] = meter.measure_layer(i, quantizer.reconstruct(i, t.weight.detach(), c, rows))
             layers[i] = LayerEstimate(loss=loss, stderr=stderr, orders=orders)
         report("measuring", total, total)
         return Estimates(

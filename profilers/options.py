@@ -118,17 +118,26 @@ def layout_options(options: Sequence[Choice], n_rows: int) -> OptionLayout:
     return OptionLayout(stack=stack, whole=whole, pair=pair, rows=rows, pairs=pairs, n_paired=len(paired))
 
 
-def error_stack(weight: Tensor, stack: Sequence[Choice]) -> Tensor:
-    """`[K, rows, cols]` float32 errors `fake_quantize(W, c) - W` for the whole-term `stack`.
+def error_stack(
+    weight: Tensor, stack: Sequence[Choice], *, method: str = "rtn", hessian: Tensor | None = None
+) -> Tensor:
+    """`[K, rows, cols]` float32 errors `reconstruct(W, c) - W` for the whole-term `stack`.
 
-    One residual run per (bits, group, symmetry) serves every term count of that setting.
+    Round to nearest: one residual run per (bits, group, symmetry) serves every term count of
+    that setting. GPTQ (given the layer's `hessian`): one column sweep per term index for all
+    choices together.
     """
     w = as_matrix(weight.detach()).float()
+    for c in stack:
+        if c.extra:
+            raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
+    if method == "gptq" and hessian is not None:
+        from .gptq import gptq_reconstructions
+
+        return torch.stack([r - w for r in gptq_reconstructions(w, hessian, list(stack))])
     out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
     runs: dict[tuple[int, int | None, bool], list[int]] = {}
     for k, c in enumerate(stack):
-        if c.extra:
-            raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
         if not c.quantized:
             out[k] = w.half().float() - w
         elif c.kind != "residual":

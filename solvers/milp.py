@@ -50,7 +50,8 @@ def lp_relaxation(inst: Instance, *, time_limit: float = 10.0, reference: float 
     ref = reference if reference and reference > 0 else float(np.sum([o.max() for o in inst.obj])) or 1.0
     scale = 1.0 / np.maximum(inst.cap, 1e-300)
     item = np.repeat(np.arange(n_items), sizes)
-    rows = np.concatenate(inst.rows, axis=0) * scale if k else np.zeros((n, 0))  # [n, K]
+    with np.errstate(over="ignore", invalid="ignore"):  # a zero right-hand side: infeasible, HiGHS says so
+        rows = np.concatenate(inst.rows, axis=0) * scale if k else np.zeros((n, 0))  # [n, K]
     # Column j: a 1 in its item's row, then its normalised use of every constraint.
     index = np.column_stack([item, np.tile(np.arange(k) + n_items, (n, 1))]) if k else item[:, None]
     value = np.column_stack([np.ones(n), rows]) if k else np.ones((n, 1))

@@ -34,7 +34,7 @@ def setup():
 
 def test_plan_fits_every_budget_kind(setup):
     _, _, table = setup
-    for text in ["3bpw", "25%", f"{(table.fixed_bytes + 7000) / 1000}kB"]:
+    for text in ["3bpw", "70%", f"{(table.fixed_bytes + table.file_overhead + 7000) / 1000}kB"]:
         plan = allocator.solve(table, budget=text)
         assert plan.predicted.quantized_bytes <= plan.limits["bytes"]
         assert plan.solver.status == "optimal" and plan.solver.gap <= 1e-6
@@ -88,8 +88,10 @@ def test_uniform_points_price_every_setting(setup):
     labels = [u.choice.label for u in plan.uniform]
     assert "fp16" not in labels and len(labels) == len(set(labels)) == 14
     for u in plan.uniform:
-        assert u.bytes == table.fixed_bytes + sum(layer.option(u.choice).bytes for layer in table.layers)
-        assert u.fits == (u.bytes - table.fixed_bytes <= plan.limits["bytes"])
+        assert u.bytes == table.fixed_bytes + table.file_overhead + sum(
+            layer.option(u.choice).bytes for layer in table.layers
+        )
+        assert u.fits == (u.bytes - table.fixed_bytes - table.file_overhead <= plan.limits["bytes"])
     assert [u.loss for u in plan.uniform] == sorted(u.loss for u in plan.uniform)
 
 
@@ -147,7 +149,7 @@ def test_lossless_mode_finds_the_smallest_plan_within_the_loss(setup):
 
 def test_every_solver_gives_a_plan_within_budget_and_the_exact_ones_agree(setup):
     _, _, table = setup
-    plans = {m: allocator.solve(table, budget="3.5bpw", method=m) for m in ("greedy", "cpsat", "milp", "lp", "auto")}
+    plans = {m: allocator.solve(table, budget="3.5bpw", solver=m) for m in ("greedy", "cpsat", "milp", "lp", "auto")}
     for m, plan in plans.items():
         assert plan.predicted.quantized_bytes <= plan.limits["bytes"], m
         assert plan.solver.lower_bound <= plan.predicted.loss + 1e-12, m

@@ -112,7 +112,9 @@ def test_profile_solve_apply_with_fractions_uses_the_profiled_rows():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
     data = [torch.randn(16, 32) for _ in range(2)]
-    table = allocator.profile(model, data, choices=allocator.choice_grid((2, 3), (1,), (32,)), fractions=8)
+    table = allocator.profile(
+        model, data, choices=allocator.choice_grid((2, 3), (1,), (32,)), fractions=8, method="rtn"
+    )
     fractional = []
     for bpw in np.linspace(3.0, 4.5, 16):
         plan = allocator.solve(table, budget=f"{bpw:.2f}bpw")

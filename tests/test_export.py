@@ -36,25 +36,26 @@ class Net(nn.Module):
         return self.head(h) + self.tied(self.out(h))
 
 
-@pytest.fixture(scope="module")
-def profiled():
+@pytest.fixture(scope="module", params=["rtn", "gptq"])
+def profiled(request):
     model = Net()
     data = [torch.randint(0, 300, (8, 6)) for _ in range(3)]
     grid = allocator.choice_grid((2, 3, 4, 8), (1, 2), (32, None), kinds=("residual", "tied", "joint"))
-    table = allocator.profile(model, data, choices=grid, fractions=4)
-    return model, data, table
+    table = allocator.profile(model, data, choices=grid, fractions=4, method=request.param)
+    hessians = allocator.apply.layer_hessians(model, data, allocator.LogitsTask()) if request.param == "gptq" else None
+    return model, data, table, hessians
 
 
 @pytest.mark.parametrize("budget", ["2.6bpw", "3.5bpw", "5bpw", "9bpw", "14bpw"])
 def test_round_trip_is_exact_and_the_file_is_as_large_as_predicted(profiled, tmp_path, budget):
-    model, data, table = profiled
+    model, data, table, hessians = profiled
     plan = allocator.solve(table, budget=budget)
-    path = export_quantized(model, plan, tmp_path / "m.safetensors")
+    path = export_quantized(model, plan, tmp_path / "m.safetensors", hessians=hessians)
     size = os.path.getsize(path)
     assert size <= plan.predicted.bytes
     payload = plan.predicted.bytes - plan.predicted.file_overhead
     assert size >= payload  # the header is the only addition, within its allowance
-    fake = allocator.apply_plan_(copy.deepcopy(model), plan)
+    fake = allocator.apply_plan_(copy.deepcopy(model), plan, hessians=hessians)
     loaded = load_quantized(path, model=Net())
     for x in data:
         assert torch.equal(loaded(x), fake(x))
@@ -110,9 +111,9 @@ def test_quant_linear_computes_with_the_dequantized_weight():
 
 
 def test_bad_files_are_refused_with_one_line(profiled, tmp_path):
-    model, _, table = profiled
+    model, _, table, hessians = profiled
     plan = allocator.solve(table, budget="4bpw")
-    good = export_quantized(model, plan, tmp_path / "good.safetensors")
+    good = export_quantized(model, plan, tmp_path / "good.safetensors", hessians=hessians)
     data = good.read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (tmp_path / "noise.safetensors").write_bytes(os.urandom(4096))
