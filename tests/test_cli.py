@@ -183,3 +183,35 @@ def test_same_inputs_give_the_same_plan_file(tiny_encoder_dir, tmp_path):
             )
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+def test_apply_writes_a_packed_file_that_reloads_and_convert(tiny_encoder_dir, tmp_path):
+    import json
+
+    import allocator
+
+    plan_file = tmp_path / "plan.json"
+    res = run("solve", "--model", str(tiny_encoder_dir), "--budget", "40%", "-o", str(plan_file), *FAST)
+    assert res.returncode == 0, res.stderr
+    plan = Plan.load(plan_file)
+    assert plan.method == "gptq"
+    out = tmp_path / "packed.safetensors"
+    calib = ["--calibration", "16", "--max-length", "32"]
+    res = run("apply", str(tiny_encoder_dir), str(plan_file), "-o", str(out), *calib)
+    assert res.returncode == 0, res.stderr
+    assert "max |difference| 0.00e+00" in res.stdout
+    assert out.stat().st_size <= plan.predicted.bytes
+    model = allocator.load_quantized(out)  # rebuilt from the config in the file
+    modules = dict(model.named_modules())
+    quantized = [n for n, lp in plan.layers.items() if lp.choice.quantized]
+    assert quantized and all(type(modules[n]).__name__.startswith("Quant") for n in quantized)
+    # A GPTQ plan needs the calibration data it was profiled on.
+    res = run("apply", str(tiny_encoder_dir), str(plan_file), "-o", str(tmp_path / "other.safetensors"))
+    assert res.returncode == 2 and "other calibration data" in res.stderr
+    assert not (tmp_path / "other.safetensors").exists()
+    res = run("convert", str(plan_file), "--to", "gptqmodel", "-o", str(tmp_path / "q.json"))
+    assert res.returncode == 0, res.stderr
+    config = json.loads((tmp_path / "q.json").read_text())
+    assert {"bits", "group_size", "dynamic"} <= set(config)
+    res = run("convert", str(plan_file), "--to", "onnx")
+    assert res.returncode == 2 and "--to takes gptqmodel or llama.cpp" in res.stderr
