@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,9 @@ from profilers.layers import resolve_modules
 from profilers.methods import layer_terms
 from profilers.quantize import Term, as_matrix
 from profilers.specs import ProfileError, ProfileTable
+from profilers.tasks import Task
 
-from .apply import check_plan_fits_model
+from .apply import check_plan_fits_model, plan_hessians
 from .errors import AllocatorError
 from .packing import pack_bits, unpack_bits
 from .plan import Plan
@@ -83,6 +86,8 @@ def export_quantized(
     *,
     rebuild: dict[str, Any] | None = None,
     hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
+    task: Task | None = None,
 ) -> Path:
     """Quantize `model` as `plan` says and write the packed file (atomically). The model is
     not changed.
@@ -94,13 +99,13 @@ def export_quantized(
         rebuild: how to rebuild the architecture (`LoadedModel.rebuild`); without it,
             `load_quantized` needs the skeleton passed in.
         hessians: every layer's `H`, for a plan scored for GPTQ (`apply.layer_hessians`).
+        calibration, task: or the calibration batches to compute them from, as `apply_plan_`.
 
     Raises:
         PlanError: the plan does not fit the model.
     """
     modules = check_plan_fits_model(model, plan)
-    if plan.method == "gptq" and hessians is None:
-        raise AllocatorError("this plan was scored for GPTQ rounding: pass hessians=layer_hessians(model, data, task)")
+    hessians = plan_hessians(model, plan, hessians, calibration, task)
     tensors: dict[str, Tensor] = {}
     planned: set[int] = set()
     for name, lp in plan.layers.items():
@@ -168,7 +173,31 @@ def _rebuild(info: dict[str, Any], path: Path) -> nn.Module:
     auto = getattr(transformers, info.get("auto_class", "AutoModel"), None)
     if auto is None:
         raise QuantizedFileError(f"{path} names an unknown transformers class {info.get('auto_class')!r}")
-    return auto.from_config(config, **info.get("init", {})).eval()
+    # The skeleton's parameters live on the meta device (no memory): packed layers replace them
+    # and the file provides the rest. Buffers stay real: non-persistent ones (position ids) are
+    # not in the file and keep the values the constructor gave them.
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights(), _parameters_on_meta():
+        return auto.from_config(config, **info.get("init", {})).eval()
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None, *, cache: bool = False) -> nn.Module:
@@ -232,8 +261,15 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None,
             raise QuantizedFileError(f"{p}: layer {name!r} has shape {tuple(module.weight.shape)}, the file {shape}")
         satisfied.add(id(module.weight))
         if not choice.quantized:
-            with torch.no_grad():
-                module.weight.copy_(_take(tensors, f"{name}::weight", used, p).to(module.weight.dtype))
+            value = _take(tensors, f"{name}::weight", used, p).to(module.weight.dtype)
+            if module.weight.is_meta:  # a rebuilt skeleton: take the file's tensor (aliases share it)
+                param = nn.Parameter(value, requires_grad=False)
+                for m in (module, *aliases[name].values()):
+                    m.weight = param
+                satisfied.add(id(param))
+            else:
+                with torch.no_grad():
+                    module.weight.copy_(value)
             continue
         packed = _packed(tensors, name, choice, shape, used, p, cache)
         for m in (module, *aliases[name].values()):  # modules sharing the weight share the packed copy
@@ -249,9 +285,16 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None,
             f"{p} does not fit the model: missing {missing[:3]}, unexpected {unknown[:3]};"
             " use the model it was made for"
         )
+    assign = {k: v.to(state[k].dtype) for k, v in rest.items() if state[k].is_meta}
+    if assign:
+        model.load_state_dict(assign, strict=False, assign=True)
     with torch.no_grad():
         for k, v in rest.items():
-            state[k].copy_(v.to(state[k].dtype))
+            if k not in assign:
+                state[k].copy_(v.to(state[k].dtype))
+    still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_empty:
+        raise QuantizedFileError(f"{p} lacks tensors for {still_empty[:3]}; the file is incomplete")
     leftover = [k for k in tensors if "::" in k and k not in used]
     if leftover:
         raise QuantizedFileError(f"{p} holds packed tensors its plan does not use: {leftover[:3]}")

@@ -140,3 +140,21 @@ def test_bad_files_are_refused_with_one_line(profiled, tmp_path):
         load_quantized(good, model=Other())
     with pytest.raises(QuantizedFileError, match="does not say how to rebuild"):
         load_quantized(good)
+
+
+def test_export_takes_calibration_like_apply_and_gptq_needs_it(profiled, tmp_path):
+    model, data, table, hessians = profiled
+    plan = allocator.solve(table, budget="3.5bpw")
+    from_data = export_quantized(model, plan, tmp_path / "a.safetensors", calibration=data)
+    assert torch.equal(
+        load_quantized(from_data, model=Net())(data[0]),
+        allocator.apply_plan_(copy.deepcopy(model), plan, calibration=data)(data[0]),
+    )
+    if hessians is None:  # RTN needs no calibration at all
+        return
+    from_h = export_quantized(model, plan, tmp_path / "b.safetensors", hessians=hessians)
+    x = data[0]
+    assert torch.equal(load_quantized(from_data, model=Net())(x), load_quantized(from_h, model=Net())(x))
+    with pytest.raises(allocator.PlanError, match="scored for GPTQ"):
+        export_quantized(model, plan, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
