@@ -16,7 +16,7 @@ from solvers import NO_LIMIT, Problem, Status
 from solvers import solve as solve_problem
 
 from .budget import Budget, Resource, format_bops, format_bytes
-from .errors import AllocatorError, InfeasibleBudgetError
+from .errors import AllocatorError, InfeasibleBudgetError, SolveTimeoutError
 from .plan import Constraints, LayerPlan, Plan, Predicted, SolverReport, UniformPoint
 
 __all__ = ["allowed_options", "plan_from_profile", "resource_limits", "uniform_points"]
@@ -159,8 +159,7 @@ def plan_from_profile(
 
     losses, costs = [], []
     for layer in profile.layers:
-        by_choice = {o.choice: o for o in layer.options}
-        opts = [by_choice[c] for c in choices]
+        opts = [layer.option(c) for c in choices]
         losses.append(np.array([o.loss for o in opts]))
         costs.append(np.array([[o.bytes if r == "bytes" else o.bops for r in resources] for o in opts], dtype=np.int64))
     allowed = allowed_options(profile, choices, constraints)
@@ -198,7 +197,7 @@ def plan_from_profile(
         raise AllocatorError(str(e)) from None
     if solution.status is Status.INFEASIBLE or solution.choice is None:
         if solution.status is Status.TIMEOUT:
-            raise AllocatorError(f"the {solver} solver found no plan within {time_limit:g}s; raise --time-limit")
+            raise SolveTimeoutError(f"the {solver} solver found no plan within {time_limit:g}s; raise --time-limit")
         if constraints.max_loss is not None and "bytes" in limits and limits["bytes"] < NO_LIMIT:
             raise InfeasibleBudgetError(
                 f"the smallest plan with predicted loss at most {constraints.max_loss:g} does not fit "

@@ -7,6 +7,7 @@ disk once and re-solved for any budget later, possibly on another machine.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import re
@@ -289,11 +290,16 @@ class LayerProfile(BaseModel):
                 raise ValueError(f"layer {self.spec.name!r} has {o.choice.label} but no channel order for it")
         return self
 
+    @functools.cached_property
+    def by_choice(self) -> dict[Choice, ChoiceProfile]:
+        """The options keyed by choice (built once: planning looks up every layer x choice)."""
+        return {o.choice: o for o in self.options}
+
     def option(self, choice: Choice) -> ChoiceProfile:
-        for o in self.options:
-            if o.choice == choice:
-                return o
-        raise KeyError(f"layer {self.spec.name!r} was not profiled with {choice.label}")
+        try:
+            return self.by_choice[choice]
+        except KeyError:
+            raise KeyError(f"layer {self.spec.name!r} was not profiled with {choice.label}") from None
 
     def extra_rows(self, choice: Choice) -> np.ndarray:
         """Sorted indices of the rows that carry the extra term under a fractional `choice`."""
