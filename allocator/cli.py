@@ -92,6 +92,10 @@ BatchOpt = Annotated[int, typer.Option(help="Documents per batch.")]
 DrawsOpt = Annotated[int | None, typer.Option(help="Pseudo-label draws per batch (fisher: 2, hessian: 1).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the calibration split and pseudo-labels.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(envvar="ALLOCATOR_TOKEN", show_envvar=True, help="Bearer token of the server."),
+]
 
 
 @dataclass
@@ -351,6 +355,13 @@ def solve(
     solver: Annotated[str, typer.Option(help="auto, greedy, cpsat, milp, lp or exhaustive.")] = "auto",
     gap: Annotated[float, typer.Option(help="Relative optimality gap accepted as optimal.")] = 1e-6,
     time_limit: Annotated[float, typer.Option(help="Seconds for exact work (CP-SAT, HiGHS).")] = 10.0,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL", help="Solve on an `allocator serve` server (needs --profile), e.g. http://127.0.0.1:8000."
+        ),
+    ] = None,
+    token: TokenOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Plan bits and terms per layer within the budget (profiling first unless --profile), compare with uniform."""
@@ -371,6 +382,10 @@ def solve(
     )
     times: dict[str, float] = {}
     setup = None
+    if server is not None:
+        _solve_on_server(server, token, profile_file, budgets, constraints, solver, gap, time_limit, output,
+                         evaluate or model is not None or bool(tie))  # fmt: skip
+        return
     if profile_file is not None:
         t0 = time.perf_counter()
         table = ProfileTable.load(profile_file)
@@ -430,6 +445,38 @@ def solve(
         assert setup is not None
         times["evaluate"] = _evaluate(setup, plan, table, max_length, batch_size, progress)
     report.line("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+
+
+def _solve_on_server(
+    url: str,
+    token: str | None,
+    profile_file: Path | None,
+    budgets: list[Budget],
+    constraints: Any,
+    solver: str,
+    gap: float,
+    time_limit: float,
+    output: Path | None,
+    needs_model: bool,
+) -> None:
+    from .client import Client
+
+    if profile_file is None:
+        raise AllocatorError("--server plans from a profile: pass --profile PROFILE.json (made by allocator profile)")
+    if needs_model:
+        raise AllocatorError("--evaluate, --model and --tie need the model here; drop them with --server")
+    table = ProfileTable.load(profile_file)
+    client = Client(url, token=token)
+    t0 = time.perf_counter()
+    profile_id = client.upload(table)
+    plan = client.solve(
+        profile_id, [b.text for b in budgets], constraints=constraints, solver=solver, gap=gap, time_limit=time_limit
+    )
+    report.plan(plan, table.quantizable_params)
+    if output is not None:
+        plan.save(output)
+        report.line(f"plan written to {output}")
+    report.line(f"time: solve on {url} {time.perf_counter() - t0:.2f}s (profile id {profile_id[:12]})")
 
 
 def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, batch_size: int, progress: bool) -> float:
@@ -630,6 +677,39 @@ def frontier(
     best = ", ".join(f"{p.budget}: {p.plan.predicted.loss:.4g}" for p in result[:: max(1, len(result) // 5)])
     report.line(f"{len(result)} plans from {result[0].budget} to {result[-1].budget} (predicted loss {best})")
     report.line(f"frontier written to {output} and {png}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    data_dir: Annotated[
+        Path, typer.Option(metavar="DIR", help="Where uploaded profiles are kept (survive restarts).")
+    ] = Path("allocator-data"),
+    token: TokenOpt = None,
+    workers: Annotated[int, typer.Option(min=1, help="Solves running at once.")] = 2,
+    max_time_limit: Annotated[float, typer.Option(min=0.01, help="Cap on a request's seconds of exact work.")] = 60.0,
+    max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, MB.")] = 64.0,
+    max_options: Annotated[int, typer.Option(min=1, help="Largest profile, layers x options.")] = 2_000_000,
+    max_budgets: Annotated[int, typer.Option(min=1, help="Most budgets in one solve.")] = 8,
+    max_points: Annotated[int, typer.Option(min=2, help="Most points in one frontier.")] = 200,
+    max_pending: Annotated[int, typer.Option(min=1, help="Solves running or queued; more get 503.")] = 1024,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve solve and frontier over HTTP (POST /v1/solve, /v1/frontier, /v1/profiles; GET /healthz, /docs)."""
+    from .service import ServiceLimits
+    from .service import serve as run_server
+
+    limits = ServiceLimits(
+        max_body_bytes=int(max_body_mb * 1e6),
+        max_options=max_options,
+        max_budgets=max_budgets,
+        max_points=max_points,
+        max_time_limit=max_time_limit,
+        workers=workers,
+        max_pending=max_pending,
+    )
+    run_server(host, port, data_dir=data_dir, token=token or None, limits=limits, log_level=log_level)
 
 
 @app.command()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from profilers.specs import ProfileError
 
-__all__ = ["USER_ERRORS", "AllocatorError", "BudgetError", "InfeasibleBudgetError", "ModelError", "PlanError"]
+__all__ = [
+    "USER_ERRORS",
+    "AllocatorError",
+    "BudgetError",
+    "InfeasibleBudgetError",
+    "ModelError",
+    "PlanError",
+    "SolveTimeoutError",
+]
 
 
 class AllocatorError(Exception):
@@ -17,6 +25,10 @@ class BudgetError(AllocatorError, ValueError):
 
 class InfeasibleBudgetError(AllocatorError):
     """No plan fits the budget; the message gives the smallest budget that would."""
+
+
+class SolveTimeoutError(AllocatorError):
+    """The solver ran out of time before it found any plan (with a plan, the status says TIMEOUT)."""
 
 
 class ModelError(AllocatorError):

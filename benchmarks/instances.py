@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from profilers.cost import layer_bops, layer_bytes
+from profilers.specs import ChoiceProfile, LayerProfile, LayerSpec, ProfileTable
 from solvers import NO_LIMIT, Problem
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -53,4 +55,30 @@ def make_problem(n_layers: int, *, seed: int = 0, budgets: int = 1, ties: bool =
     return Problem(losses=losses, costs=costs, budgets=limit, ties=groups)
 
 
-__all__ = ["NO_LIMIT", "make_problem"]
+def make_profile(n_layers: int, *, seed: int = 0) -> ProfileTable:
+    """A `ProfileTable` of `n_layers` linear layers priced by the real cost model (bytes and BOPs
+    of every whole-term choice of `allocator.choice_grid()`), with losses drawn as above."""
+    from allocator.api import choice_grid
+
+    rng = np.random.default_rng(seed)
+    choices = choice_grid()
+    layers = []
+    for i in range(n_layers):
+        rows, cols = int(rng.choice([256, 384, 768, 1536])), int(rng.choice([384, 768, 1536]))
+        spec = LayerSpec(name=f"blocks.{i // 6}.linear{i % 6}", kind="linear", shape=(rows, cols), rows=rows,
+                         cols=cols, macs=rows * cols * 128, order=i)  # fmt: skip
+        sens = rng.lognormal(0.0, 2.0)
+        factor = {g: f for g, f in GROUPS}
+        options = []
+        for c in choices:
+            loss = 0.0 if not c.quantized else sens * factor[c.group_size] * 4.0 ** (-c.bits * c.terms)
+            options.append(ChoiceProfile(choice=c, bytes=layer_bytes(spec, c), bops=layer_bops(spec, c, 16),
+                                         loss=loss * rng.uniform(0.7, 1.4)))  # fmt: skip
+        layers.append(LayerProfile(spec=spec, options=tuple(options)))
+    fp16 = sum(2 * x.spec.numel for x in layers)
+    return ProfileTable(model_name=f"synthetic-{n_layers}", model_fingerprint=f"synthetic-{seed}",
+                        data_fingerprint="synthetic", profiler="synthetic", loss_units="synthetic",
+                        fixed_bytes=0, fp16_bytes=fp16, layers=tuple(layers))  # fmt: skip
+
+
+__all__ = ["NO_LIMIT", "make_problem", "make_profile"]
