@@ -101,9 +101,11 @@ TokenOpt = Annotated[
 @dataclass
 class _Setup:
     loaded: Any
-    calib: list
-    eval_docs: list[str]
-    source: str
+    data: Any  # models.Data
+
+    @property
+    def calib(self) -> list:
+        return self.data.calib
 
 
 def _setup(
@@ -112,14 +114,14 @@ def _setup(
     from . import models
 
     loaded = models.load_model(model or models.DEFAULT_MODEL)
-    docs, source = models.load_documents(data)
-    calib_docs, eval_docs = models.split_documents(docs, calibration, seed=seed)
-    calib = models.text_batches(loaded.tokenizer, calib_docs, max_length=max_length, batch_size=batch_size)
-    report.line(
-        f"model {loaded.name} ({loaded.kind}); "
-        f"calibration: {len(calib_docs)} documents of {source}, {max_length} tokens"
+    found = models.load_data(
+        loaded, data, calibration=calibration, seed=seed, max_length=max_length, batch_size=batch_size
     )
-    return _Setup(loaded, calib, eval_docs, source)
+    detail = f", {max_length} tokens" if found.unit == "documents" else ""
+    report.line(
+        f"model {loaded.name} ({loaded.kind}); calibration: {found.n_calib} {found.unit} of {found.source}{detail}"
+    )
+    return _Setup(loaded, found)
 
 
 def _grid(
@@ -486,7 +488,7 @@ def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, ba
 
     started = time.perf_counter()
     loaded = setup.loaded
-    evals = models.text_batches(loaded.tokenizer, setup.eval_docs, max_length=max_length, batch_size=batch_size)
+    evals = setup.data.evals
     words = None
     if loaded.task.output == "embedding" and loaded.tokenizer is not None:
         pairs = models.wordsim353()
@@ -506,7 +508,7 @@ def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, ba
             progress=lambda label: update("measuring", labels.index(label), len(labels)),
             hessians=hessians,
         )
-    report.comparison(cmp, len(setup.eval_docs), table.fp16_bytes, plan)
+    report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", table.fp16_bytes, plan)
     return time.perf_counter() - started
 
 
@@ -651,7 +653,6 @@ def frontier(
 
         from profilers.layers import fingerprint_model
 
-        from . import models
         from .apply import apply_plan_
         from .evaluate import model_outputs
 
@@ -659,7 +660,7 @@ def frontier(
         if fingerprint_model(setup.loaded.model) != table.model_fingerprint:
             raise AllocatorError(f"{profile_file} was made for different weights; run allocator profile again")
         loaded = setup.loaded
-        evals = models.text_batches(loaded.tokenizer, setup.eval_docs, max_length=max_length, batch_size=batch_size)
+        evals = setup.data.evals
         reference = model_outputs(loaded.model, evals, loaded.task)
         from .apply import plan_hessians
 

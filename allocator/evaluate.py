@@ -42,6 +42,7 @@ class Measured:
     fits: bool = True
     cosine: float | None = None
     agreement: float | None = None
+    accuracy: float | None = None  # against the labels, when the batches carry them
     wordsim: float | None = None
     seconds: float = 0.0
 
@@ -63,7 +64,8 @@ class Comparison:
         return max(rows, key=self.score)
 
     def score(self, m: Measured) -> float:
-        """Higher is better: cosine for embeddings, agreement for logits, else -divergence."""
+        """Higher is better: cosine for embeddings, accuracy for labelled logits, else
+        agreement with FP, else -divergence."""
         value = getattr(m, self.metric, None)
         return value if value is not None else -m.divergence
 
@@ -95,13 +97,17 @@ def _measure(
 ) -> Measured:
     div = torch.cat([task.divergence(r, o, b) for r, o, b in zip(reference, outs, batches, strict=True)])
     pairs = list(zip(reference, outs, strict=True))
-    cosine = agreement = None
+    cosine = agreement = accuracy = None
     if task.output == "embedding":
         cos = torch.cat([F.cosine_similarity(r.float().flatten(1), o.float().flatten(1), dim=1) for r, o in pairs])
         cosine = float(cos.mean())
     else:
         same = torch.cat([(r.argmax(-1) == o.argmax(-1)).float().flatten() for r, o in pairs])
         agreement = float(same.mean())
+        labels = [batch_labels(b) for b in batches]
+        if all(y is not None for y in labels):
+            right = torch.cat([(o.argmax(-1) == y).float().flatten() for o, y in zip(outs, labels, strict=True)])
+            accuracy = float(right.mean())
     return Measured(
         label=label,
         bytes=size,
@@ -111,9 +117,19 @@ def _measure(
         fits=fits,
         cosine=cosine,
         agreement=agreement,
+        accuracy=accuracy,
         wordsim=wordsim,
         seconds=time.perf_counter() - started,
     )
+
+
+def batch_labels(batch: Any) -> Tensor | None:
+    """Class labels a batch carries: `(inputs, labels)` with integer labels, or a mapping with
+    `labels` of one per sample; None otherwise (token-level labels are not class labels)."""
+    y = batch.get("labels") if isinstance(batch, dict) else batch[1] if isinstance(batch, (tuple, list)) else None
+    if isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point():
+        return y
+    return None
 
 
 def wordsim_spearman(
@@ -215,9 +231,8 @@ def compare(
                 fits=u.fits,
             )
         )
-    return Comparison(
-        fp=fp, plan=plan_row, uniform=rows, metric="cosine" if task.output == "embedding" else "agreement"
-    )
+    metric = "cosine" if task.output == "embedding" else "accuracy" if fp.accuracy is not None else "agreement"
+    return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric)
 
 
 def default_uniform(plan: Plan, *, top: int = 3) -> list[UniformPoint]:

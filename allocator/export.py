@@ -161,6 +161,14 @@ def export_quantized(
 
 
 def _rebuild(info: dict[str, Any], path: Path) -> nn.Module:
+    if info.get("source") == "builtin":
+        from .zoo import SKELETONS
+
+        make = SKELETONS.get(info.get("name", ""))
+        if make is None:
+            raise QuantizedFileError(f"{path} names an unknown built-in model {info.get('name')!r}")
+        with _parameters_on_meta():
+            return make().eval()
     if info.get("source") != "transformers":
         raise QuantizedFileError(f"{path} does not say how to rebuild its model; pass model= to load_quantized")
     import transformers

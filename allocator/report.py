@@ -21,6 +21,11 @@ from .plan import Plan
 __all__ = ["Reporter"]
 
 
+def _loss(value: float) -> str:
+    """A loss with five decimals, or three significant digits when it is smaller than that shows."""
+    return f"{value:.5f}" if value == 0 or value >= 1e-3 else f"{value:.3g}"
+
+
 class Reporter:
     """Prints tables to `out` and progress/warnings to `err`."""
 
@@ -105,11 +110,11 @@ class Reporter:
                 else ""
             )
         )
-        self.line(f"loss          {plan.predicted.loss:.5f}  [{plan.loss_units}]")
+        self.line(f"loss          {_loss(plan.predicted.loss)}  [{plan.loss_units}]")
         bound = (
             format_bytes(plan.solver.lower_bound)
             if plan.solver.objective_is == "bytes"
-            else f"{plan.solver.lower_bound:.5f}"
+            else f"{_loss(plan.solver.lower_bound)}"
         )
         self.line(
             f"solver        {plan.solver.backend}: {plan.solver.status}, proven gap {plan.solver.gap:.1e}"
@@ -130,7 +135,7 @@ class Reporter:
             uni.add_column(col, justify="left" if col == "setting" else "right")
         for u in shown:
             uni.add_row(
-                u.choice.label, format_bytes(u.bytes), f"{u.bpw:.3f}", f"{u.loss:.5f}", "yes" if u.fits else "no"
+                u.choice.label, format_bytes(u.bytes), f"{u.bpw:.3f}", f"{_loss(u.loss)}", "yes" if u.fits else "no"
             )
         self.out.print(uni)
         best = plan.best_uniform()
@@ -148,14 +153,15 @@ class Reporter:
             ratio = best.loss / plan.predicted.loss if plan.predicted.loss > 0 else float("inf")
             self.line(
                 f"best uniform that fits: {best.choice.label} ({format_bytes(best.bytes)}), predicted loss "
-                f"{best.loss:.5f} = {ratio:.2f}x the plan's"
+                f"{_loss(best.loss)} = {ratio:.2f}x the plan's"
             )
 
-    def comparison(self, cmp: Comparison, n_docs: int, fp_size: int, plan: Plan | None = None) -> None:
-        table = Table(title=f"Measured on {n_docs} held-out documents", title_justify="left")
+    def comparison(self, cmp: Comparison, held_out: str, fp_size: int, plan: Plan | None = None) -> None:
+        table = Table(title=f"Measured on {held_out}", title_justify="left")
         embedding = cmp.metric == "cosine"
+        labelled = cmp.fp.accuracy is not None
         cols = ["model", "size", "bpw", "predicted loss", "measured loss"]
-        cols += ["cosine to FP", "WordSim353 ρ"] if embedding else ["top-1 agreement"]
+        cols += ["cosine to FP", "WordSim353 ρ"] if embedding else ["accuracy"] * labelled + ["top-1 agreement"]
         cols.append("time")
         for col in cols:
             table.add_column(col, justify="left" if col == "model" else "right")
@@ -165,13 +171,13 @@ class Reporter:
                 m.label + ("" if m.fits else " (over budget)"),
                 size,
                 "16" if m is cmp.fp else f"{m.bpw:.3f}",
-                "-" if m.predicted_loss is None else f"{m.predicted_loss:.5f}",
-                f"{m.divergence:.5f}",
+                "-" if m.predicted_loss is None else f"{_loss(m.predicted_loss)}",
+                f"{_loss(m.divergence)}",
             ]
             if embedding:
                 row += [f"{m.cosine:.4f}", "-" if m.wordsim is None else f"{m.wordsim:.4f}"]
             else:
-                row += [f"{m.agreement:.4f}"]
+                row += [f"{100 * m.accuracy:.2f}%"] * labelled + [f"{m.agreement:.4f}"]
             row.append(f"{m.seconds:.1f}s")
             table.add_row(*row)
         self.out.print(table)
@@ -181,8 +187,9 @@ class Reporter:
             if rows:
                 u = rows[0]
                 self.line(
-                    f"plan: {format_bytes(cmp.plan.bytes)} at measured loss {cmp.plan.divergence:.5f}; smallest uniform"
-                    f" setting meeting the target ({u.label}): {format_bytes(u.bytes)} at {u.divergence:.5f}"
+                    f"plan: {format_bytes(cmp.plan.bytes)} at measured loss {_loss(cmp.plan.divergence)};"
+                    f" smallest uniform setting meeting the target ({u.label}):"
+                    f" {format_bytes(u.bytes)} at {_loss(u.divergence)}"
                     f" — the plan is {u.bytes / cmp.plan.bytes:.2f}x smaller"
                 )
             return
