@@ -38,13 +38,15 @@ if not _out.is_terminal:  # piped or captured: keep table rows on one line
 report = Reporter(_out, Console(stderr=True))
 
 # Options shared by `profile` and `solve`, defined once.
-_MODEL_HELP = "'minilm' (built in) or a Hugging Face model folder. [default: minilm]"
+_MODEL_HELP = "Built in: 'minilm' or 'lenet-mnist'; or a Hugging Face model folder. [default: minilm]"
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME|PATH", help=_MODEL_HELP)]
 ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help=_MODEL_HELP, show_default=False)]
 DataOpt = Annotated[
     str | None,
     typer.Option(
-        metavar="PATH", help="Text file (a document per line) or folder of .txt files. [default: lee_background.cor]"
+        metavar="PATH",
+        help="Text file (a document per line) or folder of .txt files, for text models."
+        " [default: lee_background.cor; lenet-mnist: its MNIST images]",
     ),
 ]
 ProfilerOpt = Annotated[str, typer.Option(help="Sensitivity estimator: fisher, hessian or measured.")]
@@ -86,7 +88,9 @@ FractionsOpt = Annotated[
 KeepOpt = Annotated[
     list[str] | None, typer.Option(metavar="PATTERN", help="Layer-name pattern to keep in fp16 (fnmatch). Repeatable.")
 ]
-CalibrationOpt = Annotated[int, typer.Option(help="Calibration documents (the rest are held out for evaluation).")]
+CalibrationOpt = Annotated[
+    int, typer.Option(help="Calibration documents or images (the rest are held out for evaluation).")
+]
 MaxLengthOpt = Annotated[int, typer.Option(help="Tokens per document.")]
 BatchOpt = Annotated[int, typer.Option(help="Documents per batch.")]
 DrawsOpt = Annotated[int | None, typer.Option(help="Pseudo-label draws per batch (fisher: 2, hessian: 1).")]
@@ -445,7 +449,7 @@ def solve(
 
     if evaluate:
         assert setup is not None
-        times["evaluate"] = _evaluate(setup, plan, table, max_length, batch_size, progress)
+        times["evaluate"] = _evaluate(setup, plan, table, progress)
     report.line("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
 
 
@@ -481,7 +485,7 @@ def _solve_on_server(
     report.line(f"time: solve on {url} {time.perf_counter() - t0:.2f}s (profile id {profile_id[:12]})")
 
 
-def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, max_length: int, batch_size: int, progress: bool) -> float:
+def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, progress: bool) -> float:
     from . import models
     from .apply import layer_hessians
     from .evaluate import compare, default_uniform, wordsim_spearman
