@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .quantize import Term, _quantize
+from .quantize import Term, _quantize, split_digits
 from .specs import Choice
 
 __all__ = ["gptq_reconstructions", "gptq_terms", "prepare_hessian"]
@@ -97,7 +97,7 @@ def gptq_terms(w2d: Tensor, h: Tensor, choice: Choice, *, damp: float = 0.01) ->
     if choice.kind == "tied":
         bits = choice.bits * choice.terms
         full = _gptq_pass(w, hinv_u, dead, bits=bits, group_size=choice.group_size, symmetric=False)
-        return _split_digits(full, choice.bits, choice.terms)
+        return split_digits(full, choice.bits, choice.terms)
     terms: list[Term] = []
     residual = w
     for _ in range(choice.terms):
@@ -112,18 +112,6 @@ def gptq_terms(w2d: Tensor, h: Tensor, choice: Choice, *, damp: float = 0.01) ->
             Term(t.codes, t.scale, merged.half() if k == 0 else None, t.bits, t.group_size) for k, t in enumerate(terms)
         ]
     return terms
-
-
-def _split_digits(full: Term, bits: int, terms: int) -> list[Term]:
-    code = full.codes.to(torch.int64)
-    mask = (1 << bits) - 1
-    out = []
-    for t in range(terms):
-        shift = bits * (terms - 1 - t)
-        digit = ((code >> shift) & mask).to(torch.uint8)
-        scale = (full.scale.float() * float(1 << shift)).half()
-        out.append(Term(digit, scale, full.offset if t == 0 else None, bits, full.group_size))
-    return out
 
 
 def _batched_pass(

@@ -37,6 +37,7 @@ __all__ = [
     "quantize_terms",
     "quantize_tied",
     "residual_reconstructions",
+    "split_digits",
 ]
 
 
@@ -271,6 +272,13 @@ def quantize_tied(w2d: Tensor, *, bits: int, terms: int, group_size: int | None)
     `bits` bits. Term t's step is the first's divided by 2^(bits·(t-1)); only term 1 carries
     the zero point (the sum reconstructs exactly the combined grid)."""
     full, _ = _quantize(w2d.detach().float(), bits=bits * terms, group_size=group_size, symmetric=False, clip=None)
+    return split_digits(full, bits, terms)
+
+
+def split_digits(full: Term, bits: int, terms: int) -> list[Term]:
+    """Split a `bits·terms`-bit term into `terms` digits of `bits` bits, most significant
+    first: digit t's scale is the full scale times 2^(bits·(terms-1-t)); only the first keeps
+    the zero point, so the digits sum to exactly the full term."""
     code = full.codes.to(torch.int64)
     mask = (1 << bits) - 1
     out = []
