@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build of torch 2.13.0 first: any other resolution pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[examples,serve,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[examples,serve,compare,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -96,6 +96,13 @@ BatchOpt = Annotated[int, typer.Option(help="Documents per batch.")]
 DrawsOpt = Annotated[int | None, typer.Option(help="Pseudo-label draws per batch (fisher: 2, hessian: 1).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the calibration split and pseudo-labels.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+MetricOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Rank by: cosine, accuracy, agreement, perplexity, wordsim or kl."
+        " [default: cosine for encoders, perplexity for causal LMs, accuracy with labels, else agreement]"
+    ),
+]
 TokenOpt = Annotated[
     str | None,
     typer.Option(envvar="ALLOCATOR_TOKEN", show_envvar=True, help="Bearer token of the server."),
@@ -212,6 +219,7 @@ def _run_profile(
             method=method,
             **(fraction_limits or {}),
         )
+    table = table.model_copy(update={"data": setup.data.split()})
     return table, time.perf_counter() - started
 
 
@@ -323,8 +331,9 @@ def solve(
         Path | None, typer.Option("--output", "-o", metavar="PLAN.json", help="Write the plan (JSON) here.")
     ] = None,
     evaluate: Annotated[
-        bool, typer.Option("--evaluate/--no-evaluate", help="Measure FP, plan and uniform settings on held-out text.")
+        bool, typer.Option("--evaluate/--no-evaluate", help="Measure FP, plan and uniform settings on held-out data.")
     ] = False,
+    metric: MetricOpt = None,
     profiler: ProfilerOpt = "fisher",
     method: MethodOpt = "gptq",
     bits: BitsOpt = None,
@@ -449,7 +458,7 @@ def solve(
 
     if evaluate:
         assert setup is not None
-        times["evaluate"] = _evaluate(setup, plan, table, progress)
+        _, times["evaluate"] = _evaluate(setup, plan, table.fp16_bytes, progress, metric=metric)
     report.line("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
 
 
@@ -485,59 +494,208 @@ def _solve_on_server(
     report.line(f"time: solve on {url} {time.perf_counter() - t0:.2f}s (profile id {profile_id[:12]})")
 
 
-def _evaluate(setup: _Setup, plan: Any, table: ProfileTable, progress: bool) -> float:
+def _evaluate(
+    setup: _Setup,
+    plan: Any,
+    fp16_bytes: int,
+    progress: bool,
+    *,
+    metric: str | None = None,
+    peers: tuple[str, ...] = (),
+    top_uniform: int = 3,
+) -> tuple[Any, float]:
+    """Measure FP, the plan, uniform settings and peers on the held-out data; print the table."""
     from . import models
     from .apply import layer_hessians
-    from .evaluate import compare, default_uniform, wordsim_spearman
+    from .evaluate import METRICS, compare, default_uniform, wordsim_spearman
+    from .peers import peer_variants
 
+    if metric is not None and metric not in METRICS:
+        raise AllocatorError(f"--metric takes {', '.join(METRICS)}, got {metric!r}")
     started = time.perf_counter()
     loaded = setup.loaded
-    evals = setup.data.evals
     words = None
     if loaded.task.output == "embedding" and loaded.tokenizer is not None:
         pairs = models.wordsim353()
         words = lambda m: wordsim_spearman(m, loaded.tokenizer, loaded.task, pairs)  # noqa: E731
-    uniform = default_uniform(plan)
-    labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform)]
+    uniform = default_uniform(plan, top=top_uniform)
+    variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
+    labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
     with report.progress(progress) as update:
         hessians = layer_hessians(loaded.model, setup.calib, loaded.task) if plan.method == "gptq" else None
         cmp = compare(
             loaded.model,
             plan,
-            evals,
+            setup.data.evals,
             loaded.task,
             uniform=uniform,
             words=words,
-            fp_bytes=table.fp16_bytes,
+            fp_bytes=fp16_bytes,
             progress=lambda label: update("measuring", labels.index(label), len(labels)),
             hessians=hessians,
+            peers=variants,
+            skipped=skipped,
+            metric=metric,
         )
-    report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", table.fp16_bytes, plan)
-    return time.perf_counter() - started
+    report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", fp16_bytes, plan)
+    return cmp, time.perf_counter() - started
+
+
+def _setup_recorded(
+    model: str | None,
+    recorded: Any,
+    data: str | None,
+    calibration: int | None,
+    seed: int | None,
+    max_length: int | None,
+    batch_size: int | None,
+) -> _Setup:
+    """Load the model and data; each data option not given is taken from the split a profile or
+    plan recorded (`DataSplit`), else from the usual default."""
+    if recorded is not None:
+        data = data if data is not None or recorded.builtin else recorded.source
+        calibration = recorded.calibration if calibration is None else calibration
+        seed = recorded.seed if seed is None else seed
+        max_length = recorded.max_length if max_length is None else max_length
+        batch_size = recorded.batch_size if batch_size is None else batch_size
+    return _setup(
+        model,
+        data,
+        64 if calibration is None else calibration,
+        0 if seed is None else seed,
+        128 if max_length is None else max_length,
+        16 if batch_size is None else batch_size,
+    )
+
+
+def _model_and_plan(model: str | None, plan_file: Path | None) -> tuple[str | None, Path]:
+    """`allocator CMD PLAN.json` (no model) reads the model from the plan."""
+    if plan_file is None:
+        if model is not None and model.endswith(".json"):
+            return None, Path(model)
+        return model, Path("plan.json")
+    return model, plan_file
+
+
+RecordedCalibration = Annotated[
+    int | None, typer.Option(help="Calibration documents or images. [default: as the plan was profiled]")
+]
+RecordedSeed = Annotated[int | None, typer.Option(help="Seed of the calibration split. [default: the plan's]")]
+RecordedLength = Annotated[int | None, typer.Option(help="Tokens per document. [default: the plan's]")]
+RecordedBatch = Annotated[int | None, typer.Option(help="Documents per batch. [default: the plan's]")]
+RecordedData = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PATH", help="Data to calibrate and evaluate on (see allocator profile --help). [default: the plan's]"
+    ),
+]
+PlanModelArg = Annotated[
+    str | None,
+    typer.Argument(metavar="MODEL", help="The model the plan is for. [default: the plan's]", show_default=False),
+]
+PlanArg = Annotated[
+    Path | None,
+    typer.Argument(metavar="PLAN.json", help="The plan (allocator solve -o). [default: plan.json]", show_default=False),
+]
+
+
+def _check_plan_model(plan: Any, loaded: Any, plan_file: Path) -> None:
+    from profilers.layers import fingerprint_model
+
+    if fingerprint_model(loaded.model) != plan.model_fingerprint:
+        raise AllocatorError(
+            f"{plan_file} was made for different weights than {loaded.name}'s; solve again for this model"
+        )
+
+
+@app.command()
+def evaluate(
+    model: PlanModelArg = None,
+    plan_file: PlanArg = None,
+    data: RecordedData = None,
+    calibration: RecordedCalibration = None,
+    max_length: RecordedLength = None,
+    batch_size: RecordedBatch = None,
+    seed: RecordedSeed = None,
+    metric: MetricOpt = None,
+    peers: Annotated[
+        str,
+        typer.Option(help="Other quantizers at the plan's size, comma-separated: hqq, modelopt, or none."),
+    ] = "hqq,modelopt",
+    uniform: Annotated[int, typer.Option(min=0, help="Fitting uniform settings to measure, best predicted first.")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON (for machines) instead.")] = False,
+    plot: Annotated[Path | None, typer.Option(metavar="PLOT.png", help="Also draw the comparison as a PNG.")] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Measure the plan against FP, the best uniform settings and other quantizers at the same size."""
+    import json
+    from dataclasses import asdict
+
+    from .plan import Plan
+
+    model, plan_path = _model_and_plan(model, plan_file)
+    plan = Plan.load(plan_path)
+    peer_names = tuple(p.strip().lower() for p in peers.split(",") if p.strip() and p.strip().lower() != "none")
+    saved_out = report.out
+    if json_out:
+        report.out = report.err  # the JSON alone goes to stdout
+    try:
+        t0 = time.perf_counter()
+        setup = _setup_recorded(model or plan.model_name or None, plan.data, data, calibration, seed, max_length,
+                                batch_size)  # fmt: skip
+        _check_plan_model(plan, setup.loaded, plan_path)
+        loading = time.perf_counter() - t0
+        if plan.method == "gptq" and plan.data is None and data is None:
+            report.warn("the plan does not record its calibration data; GPTQ rounding uses the default split")
+        from profilers.layers import fp16_bytes as model_fp16_bytes
+
+        cmp, seconds = _evaluate(
+            setup, plan, model_fp16_bytes(setup.loaded.model), progress, metric=metric, peers=peer_names,
+            top_uniform=uniform,
+        )  # fmt: skip
+        if plot is not None:
+            from .plots import plot_comparison
+
+            plot_comparison(cmp, plot, title=f"{setup.loaded.name}: plan at {plan.predicted.bpw:.2f} bpw, measured")
+            report.line(f"plot written to {plot}")
+        report.line(f"time: load {loading:.1f}s, evaluate {seconds:.1f}s")
+    finally:
+        report.out = saved_out
+    if json_out:
+        best_u, best_p = cmp.best_uniform(fitting_only=True), cmp.best_peer()
+        doc = {
+            "model": setup.loaded.name,
+            "plan": str(plan_path),
+            "metric": cmp.metric,
+            "held_out": {"items": setup.data.n_eval, "unit": setup.data.unit, "source": setup.data.source},
+            "rows": [asdict(m) for m in cmp.rows],
+            "best_uniform": best_u.label if best_u else None,
+            "best_peer": best_p.label if best_p else None,
+            "plan_beats_best_uniform": None if best_u is None else cmp.score(cmp.plan) > cmp.score(best_u),
+            "plan_beats_best_peer": None if best_p is None else cmp.score(cmp.plan) > cmp.score(best_p),
+            "skipped": cmp.skipped,
+        }
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
 
 
 @app.command()
 def apply(
-    model: ModelArg = None,
-    plan_file: Annotated[
-        Path, typer.Argument(metavar="PLAN.json", help="The plan (allocator solve -o).", show_default=False)
-    ] = Path("plan.json"),
+    model: PlanModelArg = None,
+    plan_file: PlanArg = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", metavar="OUT.safetensors", help="The packed model file to write.")
     ] = Path("model.allocator.safetensors"),
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Reload the file and compare it with the fake-quantized model.")
     ] = True,
-    data: DataOpt = None,
-    calibration: CalibrationOpt = 64,
-    max_length: MaxLengthOpt = 128,
-    batch_size: BatchOpt = 16,
-    seed: SeedOpt = 0,
+    data: RecordedData = None,
+    calibration: RecordedCalibration = None,
+    max_length: RecordedLength = None,
+    batch_size: RecordedBatch = None,
+    seed: RecordedSeed = None,
 ) -> None:
     """Quantize the model by the plan and write it packed (safetensors; reload with allocator.load_quantized)."""
     import copy
-
-    from profilers.layers import fingerprint_model
 
     from . import models
     from .apply import apply_plan_
@@ -545,19 +703,17 @@ def apply(
     from .export import export_quantized, load_quantized
     from .plan import Plan
 
+    model, plan_file = _model_and_plan(model, plan_file)
     plan = Plan.load(plan_file)
     loaded = models.load_model(model or plan.model_name or models.DEFAULT_MODEL)
-    if fingerprint_model(loaded.model) != plan.model_fingerprint:
-        raise AllocatorError(
-            f"{plan_file} was made for different weights than {loaded.name}'s; solve again for this model"
-        )
+    _check_plan_model(plan, loaded, plan_file)
     hessians = None
     if plan.method == "gptq":  # GPTQ needs the calibration data the plan was profiled on
         from profilers.base import fingerprint_batches
 
         from .apply import layer_hessians
 
-        setup = _setup(model or plan.model_name, data, calibration, seed, max_length, batch_size)
+        setup = _setup_recorded(model or plan.model_name, plan.data, data, calibration, seed, max_length, batch_size)
         if fingerprint_batches(setup.calib) != plan.data_fingerprint:
             raise AllocatorError(
                 "this GPTQ plan was profiled on other calibration data; pass the same --data, --calibration,"

@@ -6,7 +6,11 @@ setting) applied, run on held-out evaluation batches. Metrics:
 - divergence: the task's per-sample divergence from FP (the unit the profile estimates),
 - cosine: mean cosine similarity of embeddings to FP (embedding tasks),
 - agreement: share of positions whose top-1 prediction matches FP (logit tasks),
+- accuracy: share of samples whose top-1 class is the label (batches that carry labels),
+- perplexity: exp of the mean next-token negative log-likelihood (causal language models),
 - wordsim: Spearman correlation of embedding similarity with WordSim353 human scores.
+
+Peers (`allocator.peers`) are measured the same way, on the same batches.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,29 @@ from profilers.tasks import Task
 from .apply import apply_choices_, apply_plan_
 from .plan import Plan, UniformPoint
 
-__all__ = ["Comparison", "Measured", "compare", "default_uniform", "model_outputs", "wordsim_spearman"]
+if TYPE_CHECKING:
+    from .peers import PeerVariant
+
+__all__ = [
+    "METRICS",
+    "Comparison",
+    "Measured",
+    "compare",
+    "default_metric",
+    "default_uniform",
+    "model_outputs",
+    "wordsim_spearman",
+]
+
+# metric name -> (Measured attribute, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "cosine": ("cosine", True),
+    "accuracy": ("accuracy", True),
+    "agreement": ("agreement", True),
+    "perplexity": ("perplexity", False),
+    "wordsim": ("wordsim", True),
+    "kl": ("divergence", False),
+}
 
 
 @dataclass(frozen=True)
@@ -43,18 +69,27 @@ class Measured:
     cosine: float | None = None
     agreement: float | None = None
     accuracy: float | None = None  # against the labels, when the batches carry them
+    perplexity: float | None = None  # causal language models
     wordsim: float | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # measuring on the evaluation batches
+    quantize_seconds: float = 0.0  # making the variant (applying the plan, running a peer)
+    kind: str = "fp"  # fp, plan, uniform or peer
+
+    def value(self, metric: str) -> float | None:
+        """The value of a metric name of `METRICS` (None when not measured for this model)."""
+        return getattr(self, METRICS[metric][0])
 
 
 @dataclass
 class Comparison:
-    """FP model, the plan, and uniform settings, measured on the same evaluation data."""
+    """FP model, the plan, uniform settings and peers, measured on the same evaluation data."""
 
     fp: Measured
     plan: Measured
     uniform: list[Measured] = field(default_factory=list)
     metric: str = "cosine"
+    peers: list[Measured] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # peers not run, and why
 
     def best_uniform(self, *, fitting_only: bool = False) -> Measured | None:
         """Best measured uniform variant by the primary metric (only those within budget if asked)."""
@@ -64,14 +99,31 @@ class Comparison:
         return max(rows, key=self.score)
 
     def score(self, m: Measured) -> float:
-        """Higher is better: cosine for embeddings, accuracy for labelled logits, else
-        agreement with FP, else -divergence."""
-        value = getattr(m, self.metric, None)
-        return value if value is not None else -m.divergence
+        """Higher is better: the metric, negated when lower is better; -divergence when the
+        metric was not measured for `m`."""
+        attr, higher = METRICS[self.metric]
+        value = getattr(m, attr, None)
+        if value is None:
+            return -m.divergence
+        return value if higher else -value
+
+    def best_peer(self) -> Measured | None:
+        """The best measured peer by the primary metric."""
+        return max(self.peers, key=self.score) if self.peers else None
 
     @property
     def rows(self) -> list[Measured]:
-        return [self.fp, self.plan, *self.uniform]
+        return [self.fp, self.plan, *self.uniform, *self.peers]
+
+
+def default_metric(task: Task, fp: Measured) -> str:
+    """The metric a model kind is judged by: cosine for embeddings, perplexity for causal LMs,
+    accuracy when the batches carry labels, else top-1 agreement with FP."""
+    if task.output == "embedding":
+        return "cosine"
+    if fp.perplexity is not None:
+        return "perplexity"
+    return "accuracy" if fp.accuracy is not None else "agreement"
 
 
 def model_outputs(model: nn.Module, batches: Sequence[Any], task: Task) -> list[Tensor]:
@@ -94,10 +146,12 @@ def _measure(
     wordsim: float | None,
     started: float,
     fits: bool = True,
+    kind: str = "fp",
+    quantize_seconds: float = 0.0,
 ) -> Measured:
     div = torch.cat([task.divergence(r, o, b) for r, o, b in zip(reference, outs, batches, strict=True)])
     pairs = list(zip(reference, outs, strict=True))
-    cosine = agreement = accuracy = None
+    cosine = agreement = accuracy = perplexity = None
     if task.output == "embedding":
         cos = torch.cat([F.cosine_similarity(r.float().flatten(1), o.float().flatten(1), dim=1) for r, o in pairs])
         cosine = float(cos.mean())
@@ -108,6 +162,8 @@ def _measure(
         if all(y is not None for y in labels):
             right = torch.cat([(o.argmax(-1) == y).float().flatten() for o, y in zip(outs, labels, strict=True)])
             accuracy = float(right.mean())
+        if getattr(task, "causal", False):
+            perplexity = _perplexity(outs, batches)
     return Measured(
         label=label,
         bytes=size,
@@ -118,9 +174,30 @@ def _measure(
         cosine=cosine,
         agreement=agreement,
         accuracy=accuracy,
+        perplexity=perplexity,
         wordsim=wordsim,
         seconds=time.perf_counter() - started,
+        quantize_seconds=quantize_seconds,
+        kind=kind,
     )
+
+
+def _perplexity(outs: Sequence[Tensor], batches: Sequence[Any]) -> float | None:
+    """exp(mean negative log-likelihood of each next token), over the real (unpadded) tokens."""
+    nll = 0.0
+    count = 0
+    for logits, batch in zip(outs, batches, strict=True):
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if ids is None or logits.dim() != 3:
+            return None
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        logp = logits[:, :-1].float().log_softmax(-1)
+        token = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        keep = (mask[:, 1:] * mask[:, :-1]).bool()
+        nll -= float(token[keep].sum())
+        count += int(keep.sum())
+    return float(torch.tensor(nll / count).exp()) if count else None
 
 
 def batch_labels(batch: Any) -> Tensor | None:
@@ -166,8 +243,11 @@ def compare(
     fp_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
     hessians: dict[str, Tensor] | None = None,
+    peers: Sequence[PeerVariant] = (),
+    skipped: Sequence[str] = (),
+    metric: str | None = None,
 ) -> Comparison:
-    """Measure FP, the plan and uniform settings on `batches`.
+    """Measure FP, the plan, uniform settings and peers on `batches`.
 
     Args:
         model: the FP model (left unchanged; variants are deep copies).
@@ -177,12 +257,16 @@ def compare(
         uniform: uniform settings to measure; default: the three fitting settings with the
             least predicted loss, and the smallest setting at least as large as the plan.
         words: optional extra metric of a model (e.g. WordSim353 Spearman).
-        fp_bytes: size of the FP reference to print (default: the plan's fp16 size is unknown
-            here, so the fp32 parameter bytes).
+        fp_bytes: size of the FP reference to print (default: the fp32 parameter bytes).
         progress: optional callback receiving the label being measured.
         hessians: every layer's `H`, for a GPTQ plan; uniform settings are rounded the same way.
+        peers: other quantizers' settings (`allocator.peers.peer_variants`), built one at a time.
+        skipped: why peers that were asked for are missing, carried into the result.
+        metric: a name of `METRICS` to rank by (default: `default_metric`).
     """
     note = progress or (lambda label: None)
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
     if fp_bytes is None:
         fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -202,37 +286,66 @@ def compare(
         started=started,
     )
 
-    def variant(label: str, m: nn.Module, **kw: Any) -> Measured:
+    def variant(label: str, make: Callable[[], nn.Module], **kw: Any) -> Measured:
         note(label)
+        t0 = time.perf_counter()
+        m = make()
+        made = time.perf_counter() - t0
         started = time.perf_counter()
         outs = model_outputs(m, batches, task)
         score = words(m) if words is not None else None
-        return _measure(label, outs, batches, task, reference, wordsim=score, started=started, **kw)
+        return _measure(
+            label, outs, batches, task, reference, wordsim=score, started=started, quantize_seconds=made, **kw
+        )
 
     plan_row = variant(
         "plan",
-        apply_plan_(copy.deepcopy(model), plan, hessians=hessians),
+        lambda: apply_plan_(copy.deepcopy(model), plan, hessians=hessians),
         size=plan.predicted.bytes,
         bpw=plan.predicted.bpw,
         predicted=plan.predicted.loss,
+        kind="plan",
     )
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
-        quantized = apply_choices_(
+        make = lambda u=u: apply_choices_(  # noqa: E731
             copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, hessians=hessians
         )
-        rows.append(
-            variant(
-                f"uniform {u.choice.label}",
-                quantized,
-                size=u.bytes,
-                bpw=u.bpw,
-                predicted=u.loss,
-                fits=u.fits,
+        label = f"uniform {u.choice.label}"
+        rows.append(variant(label, make, size=u.bytes, bpw=u.bpw, predicted=u.loss, fits=u.fits, kind="uniform"))
+    peer_rows = []
+    for peer in peers:
+        note(peer.label)
+        built = peer.build()
+        started = time.perf_counter()
+        outs = model_outputs(built.model, batches, task)
+        score = words(built.model) if words is not None else None
+        peer_rows.append(
+            _measure(
+                built.label,
+                outs,
+                batches,
+                task,
+                reference,
+                size=built.bytes,
+                bpw=built.bpw,
+                predicted=None,
+                wordsim=score,
+                started=started,
+                fits=built.fits,
+                kind="peer",
+                quantize_seconds=built.seconds,
             )
         )
-    metric = "cosine" if task.output == "embedding" else "accuracy" if fp.accuracy is not None else "agreement"
-    return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric)
+        del built
+    return Comparison(
+        fp=fp,
+        plan=plan_row,
+        uniform=rows,
+        metric=metric or default_metric(task, fp),
+        peers=peer_rows,
+        skipped=list(skipped),
+    )
 
 
 def default_uniform(plan: Plan, *, top: int = 3) -> list[UniformPoint]:

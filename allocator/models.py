@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from profilers.specs import DataSplit
 from profilers.tasks import EmbeddingTask, LogitsTask, Task
 
 from .errors import ModelError
@@ -119,7 +120,7 @@ def _load_hf_folder(path: Path, *, name: str) -> LoadedModel:
                 init["add_pooling_layer"] = False  # sentence-transformers never uses the pooler
             auto, kind = "AutoModel", "sentence-encoder"
         elif "CausalLM" in archs or "LMHeadModel" in archs:
-            auto, init, task, kind = "AutoModelForCausalLM", {}, LogitsTask(), "causal-lm"
+            auto, init, task, kind = "AutoModelForCausalLM", {}, LogitsTask(causal=True), "causal-lm"
         elif "MaskedLM" in archs:
             auto, init, task, kind = "AutoModelForMaskedLM", {}, LogitsTask(), "masked-lm"
         elif "SequenceClassification" in archs:
@@ -212,6 +213,23 @@ class Data:
     n_calib: int
     n_eval: int
     texts: list[str] | None = None  # the held-out documents, for text models
+    seed: int = 0
+    max_length: int | None = None
+    batch_size: int = 16
+    builtin: bool = True  # the model's own data, no --data given
+
+    def split(self) -> DataSplit:
+        """What a profile and plan record of this split, to rebuild it later."""
+        return DataSplit(
+            source=self.source,
+            unit=self.unit,
+            calibration=self.n_calib,
+            evaluation=self.n_eval,
+            seed=self.seed,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            builtin=self.builtin,
+        )
 
 
 def load_data(
@@ -240,8 +258,9 @@ def load_data(
             return [(images[idx[i : i + size]], labels[idx[i : i + size]]) for i in range(0, len(idx), size)]
 
         return Data(
-            batches(picked, batch_size), batches(rest, 500), "mnist_5k.csv.gz", "images", len(picked), len(rest)
-        )
+            batches(picked, batch_size), batches(rest, 500), "mnist_5k.csv.gz", "images", len(picked), len(rest),
+            seed=seed, batch_size=batch_size,
+        )  # fmt: skip
     docs, source = load_documents(data)
     calib_docs, eval_docs = split_documents(docs, calibration, seed=seed)
     return Data(
@@ -252,6 +271,10 @@ def load_data(
         n_calib=len(calib_docs),
         n_eval=len(eval_docs),
         texts=eval_docs,
+        seed=seed,
+        max_length=max_length,
+        batch_size=batch_size,
+        builtin=data is None,
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from profilers.files import atomic_write_text, load_json_model
-from profilers.specs import Choice, decode_indices
+from profilers.specs import Choice, DataSplit, decode_indices
 
 from .budget import Budget
 from .errors import PlanError
@@ -129,6 +129,7 @@ class Plan(BaseModel):
     model_name: str = ""
     model_fingerprint: str
     data_fingerprint: str
+    data: DataSplit | None = Field(default=None, description="calibration split the plan was profiled on")
     profiler: str
     method: Literal["rtn", "gptq"] = Field(default="rtn", description="rounding the plan was scored for")
     loss_units: str

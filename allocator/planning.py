@@ -232,6 +232,7 @@ def plan_from_profile(
         model_name=profile.model_name,
         model_fingerprint=profile.model_fingerprint,
         data_fingerprint=profile.data_fingerprint,
+        data=profile.data,
         profiler=profile.profiler,
         method=str(profile.settings.get("method", "rtn")),
         loss_units=profile.loss_units,

@@ -15,10 +15,29 @@ from rich.table import Table
 from profilers.specs import ProfileTable, Validation
 
 from .budget import format_bytes
-from .evaluate import Comparison
+from .evaluate import Comparison, Measured
 from .plan import Plan
 
 __all__ = ["Reporter"]
+
+# (metric name, column title, formatter), in the order the table shows them
+_METRIC_COLUMNS = (
+    ("cosine", "cosine to FP", lambda v: f"{v:.4f}"),
+    ("wordsim", "WordSim353 ρ", lambda v: f"{v:.4f}"),
+    ("perplexity", "perplexity", lambda v: f"{v:.3f}"),
+    ("accuracy", "accuracy", lambda v: f"{100 * v:.2f}%"),
+    ("agreement", "top-1 agreement", lambda v: f"{v:.4f}"),
+)
+
+
+def _versus(cmp: Comparison, a: Measured, b: Measured) -> str:
+    """`metric a vs b (difference)`, in the metric's own sign (lower is better for perplexity, kl)."""
+    va, vb = a.value(cmp.metric), b.value(cmp.metric)
+    if va is None or vb is None:
+        va, vb, name = a.divergence, b.divergence, "measured loss"
+    else:
+        name = cmp.metric
+    return f"{name} {va:.4f} vs {vb:.4f} ({va - vb:+.4f})"
 
 
 def _loss(value: float) -> str:
@@ -158,11 +177,8 @@ class Reporter:
 
     def comparison(self, cmp: Comparison, held_out: str, fp_size: int, plan: Plan | None = None) -> None:
         table = Table(title=f"Measured on {held_out}", title_justify="left")
-        embedding = cmp.metric == "cosine"
-        labelled = cmp.fp.accuracy is not None
-        cols = ["model", "size", "bpw", "predicted loss", "measured loss"]
-        cols += ["cosine to FP", "WordSim353 ρ"] if embedding else ["accuracy"] * labelled + ["top-1 agreement"]
-        cols.append("time")
+        shown = [(name, title, fmt) for name, title, fmt in _METRIC_COLUMNS if cmp.fp.value(name) is not None]
+        cols = ["model", "size", "bpw", "predicted loss", "measured loss", *(t for _, t, _ in shown), "time"]
         for col in cols:
             table.add_column(col, justify="left" if col == "model" else "right")
         for m in cmp.rows:
@@ -174,13 +190,15 @@ class Reporter:
                 "-" if m.predicted_loss is None else f"{_loss(m.predicted_loss)}",
                 f"{_loss(m.divergence)}",
             ]
-            if embedding:
-                row += [f"{m.cosine:.4f}", "-" if m.wordsim is None else f"{m.wordsim:.4f}"]
-            else:
-                row += [f"{100 * m.accuracy:.2f}%"] * labelled + [f"{m.agreement:.4f}"]
-            row.append(f"{m.seconds:.1f}s")
+            row += ["-" if m.value(name) is None else fmt(m.value(name)) for name, _, fmt in shown]
+            made = f"{m.quantize_seconds:.1f}+" if m.quantize_seconds >= 0.05 else ""
+            row.append(f"{made}{m.seconds:.1f}s")
             table.add_row(*row)
         self.out.print(table)
+        if any(m.quantize_seconds >= 0.05 for m in cmp.rows):
+            self.line("time: seconds to make the variant + seconds to measure it")
+        for reason in cmp.skipped:
+            self.line(f"peer skipped: {reason}")
         if plan is not None and plan.constraints.max_loss is not None:
             target = plan.best_uniform()
             rows = [m for m in cmp.uniform if target is not None and m.label == f"uniform {target.choice.label}"]
@@ -199,5 +217,10 @@ class Reporter:
             verdict = "beats" if delta > 0 else "does not beat"
             self.line(
                 f"plan {verdict} the best measured uniform setting that fits ({best_fit.label}): "
-                f"{cmp.metric} {cmp.score(cmp.plan):.4f} vs {cmp.score(best_fit):.4f} ({delta:+.4f})"
+                f"{_versus(cmp, cmp.plan, best_fit)}"
             )
+        peer = cmp.best_peer()
+        if peer is not None:
+            verdict = "beats" if cmp.score(cmp.plan) > cmp.score(peer) else "does not beat"
+            versus = _versus(cmp, cmp.plan, peer)
+            self.line(f"plan {verdict} the best peer ({peer.label}, {peer.bpw:.3f} bpw): {versus}")

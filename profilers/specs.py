@@ -27,6 +27,7 @@ __all__ = [
     "PROFILE_VERSION",
     "Choice",
     "ChoiceProfile",
+    "DataSplit",
     "LayerKind",
     "LayerProfile",
     "LayerSpec",
@@ -309,6 +310,22 @@ class LayerProfile(BaseModel):
         return np.sort(order[: choice.extra_rows(self.spec.rows)])
 
 
+class DataSplit(BaseModel):
+    """Where the calibration data came from and how it was split from the evaluation data, so a
+    plan can be evaluated (and GPTQ-rounded) on the same split later."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="the --data argument, or the built-in data's name")
+    unit: str = Field(description="what one item is: documents, images, samples")
+    calibration: int = Field(ge=1, description="items used for calibration")
+    evaluation: int = Field(ge=0, description="the other items, held out for evaluation")
+    seed: int = Field(description="seed of the random split")
+    max_length: int | None = Field(default=None, description="tokens per document (text)")
+    batch_size: int = Field(ge=1)
+    builtin: bool = Field(default=False, description="the model's own data (no --data given)")
+
+
 class Validation(BaseModel):
     """How well a proxy's estimates agree with measured output divergence."""
 
@@ -360,6 +377,7 @@ class ProfileTable(BaseModel):
     kept_fp16: tuple[str, ...] = ()
     file_overhead: int = Field(default=0, ge=0, description="bytes reserved for the packed file's header")
     validation: Validation | None = None
+    data: DataSplit | None = Field(default=None, description="the calibration split, when known")
     layers: tuple[LayerProfile, ...]
 
     @model_validator(mode="after")

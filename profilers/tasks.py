@@ -115,10 +115,20 @@ class EmbeddingTask(Task):
 
 
 class LogitsTask(Task):
-    """Class logits `[n, K]` or token logits `[n, T, K]` (padded positions masked)."""
+    """Class logits `[n, K]` or token logits `[n, T, K]` (padded positions masked).
+
+    Args:
+        causal: the logits predict the next token (a causal LM), so perplexity is defined.
+    """
 
     output: OutputKind = "logits"
     loss_units = "KL(p_fp ‖ p_q) per sample, nats"
+
+    def __init__(self, causal: bool = False) -> None:
+        self.causal = causal
+
+    def describe(self) -> str:
+        return "LogitsTask(causal=True)" if self.causal else "LogitsTask"
 
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
         out = call_model(model, batch)

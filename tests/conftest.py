@@ -37,3 +37,32 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
         json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (hidden 64) saved with `transformers`, a causal LM folder.
+
+    Like `tiny_encoder_dir` it reuses all-MiniLM-L6-v2's tokenizer, so the real text tokenizes.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from allocator.models import minilm_path
+
+    src = minilm_path()
+    folder = tmp_path_factory.mktemp("tiny-causal")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
