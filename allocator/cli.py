@@ -38,14 +38,18 @@ if not _out.is_terminal:  # piped or captured: keep table rows on one line
 report = Reporter(_out, Console(stderr=True))
 
 # Options shared by `profile` and `solve`, defined once.
-_MODEL_HELP = "Built in: 'minilm' or 'lenet-mnist'; or a Hugging Face model folder. [default: minilm]"
+_MODEL_HELP = (
+    "Built in: 'minilm' or 'lenet-mnist'; a Hugging Face model folder; a torch.save(model) file;"
+    " or package.module:function returning the model. [default: minilm]"
+)
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME|PATH", help=_MODEL_HELP)]
 ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help=_MODEL_HELP, show_default=False)]
 DataOpt = Annotated[
     str | None,
     typer.Option(
         metavar="PATH",
-        help="Text file (a document per line) or folder of .txt files, for text models."
+        help="Text file (a document per line) or folder of .txt files, for text models; a tensor file"
+        " (.pt/.npy/.npz/.safetensors: inputs, optionally labels); or an image folder (a subfolder per class)."
         " [default: lee_background.cor; lenet-mnist: its MNIST images]",
     ),
 ]
@@ -89,7 +93,7 @@ KeepOpt = Annotated[
     list[str] | None, typer.Option(metavar="PATTERN", help="Layer-name pattern to keep in fp16 (fnmatch). Repeatable.")
 ]
 CalibrationOpt = Annotated[
-    int, typer.Option(help="Calibration documents or images (the rest are held out for evaluation).")
+    int, typer.Option(help="Calibration documents, images or samples (the rest are held out for evaluation).")
 ]
 MaxLengthOpt = Annotated[int, typer.Option(help="Tokens per document.")]
 BatchOpt = Annotated[int, typer.Option(help="Documents per batch.")]
@@ -705,15 +709,21 @@ def apply(
 
     model, plan_file = _model_and_plan(model, plan_file)
     plan = Plan.load(plan_file)
-    loaded = models.load_model(model or plan.model_name or models.DEFAULT_MODEL)
+    name = model or plan.model_name or models.DEFAULT_MODEL
+    setup = None
+    if plan.method == "gptq" or check:  # GPTQ rounds on the plan's calibration data; the check runs held-out data
+        setup = _setup_recorded(name, plan.data, data, calibration, seed, max_length, batch_size)
+        loaded = setup.loaded
+    else:
+        loaded = models.load_model(name)
     _check_plan_model(plan, loaded, plan_file)
     hessians = None
-    if plan.method == "gptq":  # GPTQ needs the calibration data the plan was profiled on
+    if plan.method == "gptq":
         from profilers.base import fingerprint_batches
 
         from .apply import layer_hessians
 
-        setup = _setup_recorded(model or plan.model_name, plan.data, data, calibration, seed, max_length, batch_size)
+        assert setup is not None
         if fingerprint_batches(setup.calib) != plan.data_fingerprint:
             raise AllocatorError(
                 "this GPTQ plan was profiled on other calibration data; pass the same --data, --calibration,"
@@ -733,14 +743,13 @@ def apply(
         f" ({100 * (size / plan.predicted.bytes - 1):+.2f}%){within}; {seconds:.1f}s"
     )
     if check:
+        assert setup is not None and loaded.task is not None
         reloaded = load_quantized(output)
         fake = apply_plan_(copy.deepcopy(loaded.model), plan, hessians=hessians)
-        docs = models.lee_documents()[:8]
-        if loaded.tokenizer is not None:
-            batch = models.text_batches(loaded.tokenizer, docs, max_length=64, batch_size=8)[0]
-            with torch.no_grad():
-                a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)
-            report.line(f"reloaded model vs fake-quantized model: max |difference| {float((a - b).abs().max()):.2e}")
+        batch = setup.data.evals[0]
+        with torch.no_grad():
+            a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)
+        report.line(f"reloaded model vs fake-quantized model: max |difference| {float((a - b).abs().max()):.2e}")
 
 
 @app.command()

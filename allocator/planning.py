@@ -58,7 +58,10 @@ def allowed_options(profile: ProfileTable, choices: Sequence[Choice], constraint
     def matching(pattern: str, what: str) -> list[int]:
         hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise AllocatorError(f"{what} pattern {pattern!r} matches no profiled layer (names look like {names[0]!r})")
+            hint = "; layers kept at profile time are already left out" if what == "--keep" else ""
+            raise AllocatorError(
+                f"{what} pattern {pattern!r} matches no profiled layer (names look like {names[0]!r}){hint}"
+            )
         return hits
 
     if constraints.device_bits is not None:
