@@ -384,7 +384,6 @@ def solve(
     progress: ProgressOpt = True,
 ) -> None:
     """Plan bits and terms per layer within the budget (profiling first unless --profile), compare with uniform."""
-    from profilers.layers import fingerprint_model
 
     from .plan import Constraints
     from .planning import plan_from_profile
@@ -414,11 +413,7 @@ def solve(
         if evaluate or model is not None or tie:
             t0 = time.perf_counter()
             setup = _setup(model or table.model_name, data, calibration, seed, max_length, batch_size)
-            if fingerprint_model(setup.loaded.model) != table.model_fingerprint:
-                raise AllocatorError(
-                    f"{profile_file} was made for different weights than {setup.loaded.name}'s (the model changed); "
-                    "run allocator profile again"
-                )
+            _check_weights(table.model_fingerprint, setup.loaded, profile_file, "run allocator profile again")
             times["load"] = time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
@@ -603,12 +598,13 @@ PlanArg = Annotated[
 ]
 
 
-def _check_plan_model(plan: Any, loaded: Any, plan_file: Path) -> None:
+def _check_weights(fingerprint: str, loaded: Any, made_file: Path, fix: str) -> None:
+    """Refuse a profile or plan made for other weights than the loaded model's."""
     from profilers.layers import fingerprint_model
 
-    if fingerprint_model(loaded.model) != plan.model_fingerprint:
+    if fingerprint_model(loaded.model) != fingerprint:
         raise AllocatorError(
-            f"{plan_file} was made for different weights than {loaded.name}'s; solve again for this model"
+            f"{made_file} was made for different weights than {loaded.name}'s (the model changed); {fix}"
         )
 
 
@@ -647,7 +643,7 @@ def evaluate(
         t0 = time.perf_counter()
         setup = _setup_recorded(model or plan.model_name or None, plan.data, data, calibration, seed, max_length,
                                 batch_size)  # fmt: skip
-        _check_plan_model(plan, setup.loaded, plan_path)
+        _check_weights(plan.model_fingerprint, setup.loaded, plan_path, "solve again for this model")
         loading = time.perf_counter() - t0
         if plan.method == "gptq" and plan.data is None and data is None:
             report.warn("the plan does not record its calibration data; GPTQ rounding uses the default split")
@@ -716,7 +712,7 @@ def apply(
         loaded = setup.loaded
     else:
         loaded = models.load_model(name)
-    _check_plan_model(plan, loaded, plan_file)
+    _check_weights(plan.model_fingerprint, loaded, plan_file, "solve again for this model")
     hessians = None
     if plan.method == "gptq":
         from profilers.base import fingerprint_batches
@@ -820,14 +816,11 @@ def frontier(
     if evaluate:
         import copy
 
-        from profilers.layers import fingerprint_model
-
         from .apply import apply_plan_
         from .evaluate import model_outputs
 
         setup = _setup(model or table.model_name, data, calibration, seed, max_length, batch_size)
-        if fingerprint_model(setup.loaded.model) != table.model_fingerprint:
-            raise AllocatorError(f"{profile_file} was made for different weights; run allocator profile again")
+        _check_weights(table.model_fingerprint, setup.loaded, profile_file, "run allocator profile again")
         loaded = setup.loaded
         evals = setup.data.evals
         reference = model_outputs(loaded.model, evals, loaded.task)

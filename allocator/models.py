@@ -265,8 +265,7 @@ def load_data(
         from .zoo import mnist_5k
 
         images, labels = mnist_5k()
-        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", calibration, seed, batch_size)
-        found.evals = _batches(images, labels, _order(len(images), calibration, seed)[1], 500)
+        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", calibration, seed, batch_size, 500)
     elif loaded.tokenizer is None:
         raise ModelError(
             f"{loaded.name} has no tokenizer, so it reads no text; give --data a tensor file"
@@ -335,12 +334,19 @@ def _batches(inputs: Tensor, labels: Tensor | None, idx: Tensor, size: int) -> l
 
 
 def _split_samples(
-    inputs: Tensor, labels: Tensor | None, source: str, unit: str, calibration: int, seed: int, batch_size: int
+    inputs: Tensor,
+    labels: Tensor | None,
+    source: str,
+    unit: str,
+    calibration: int,
+    seed: int,
+    batch_size: int,
+    eval_batch_size: int | None = None,
 ) -> Data:
     picked, rest = _order(len(inputs), calibration, seed)
     return Data(
         calib=_batches(inputs, labels, picked, batch_size),
-        evals=_batches(inputs, labels, rest, batch_size),
+        evals=_batches(inputs, labels, rest, eval_batch_size or batch_size),
         source=source,
         unit=unit,
         n_calib=len(picked),

@@ -205,8 +205,15 @@ def test_apply_writes_a_packed_file_that_reloads_and_convert(tiny_encoder_dir, t
     modules = dict(model.named_modules())
     quantized = [n for n, lp in plan.layers.items() if lp.choice.quantized]
     assert quantized and all(type(modules[n]).__name__.startswith("Quant") for n in quantized)
-    # A GPTQ plan needs the calibration data it was profiled on.
-    res = run("apply", str(tiny_encoder_dir), str(plan_file), "-o", str(tmp_path / "other.safetensors"))
+    # A GPTQ plan needs the calibration data it was profiled on: the plan records the split, so
+    # no options rebuild it, and other options are refused.
+    res = run("apply", str(plan_file), "-o", str(tmp_path / "same.safetensors"))
+    assert res.returncode == 0, res.stderr
+    from safetensors.torch import load_file
+
+    first, again = load_file(str(out)), load_file(str(tmp_path / "same.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    res = run("apply", str(plan_file), "-o", str(tmp_path / "other.safetensors"), "--calibration", "20")
     assert res.returncode == 2 and "other calibration data" in res.stderr
     assert not (tmp_path / "other.safetensors").exists()
     res = run("convert", str(plan_file), "--to", "gptqmodel", "-o", str(tmp_path / "q.json"))
