@@ -101,11 +101,10 @@ class Comparison:
     def score(self, m: Measured) -> float:
         """Higher is better: the metric, negated when lower is better; -divergence when the
         metric was not measured for `m`."""
-        attr, higher = METRICS[self.metric]
-        value = getattr(m, attr, None)
+        value = m.value(self.metric)
         if value is None:
             return -m.divergence
-        return value if higher else -value
+        return value if METRICS[self.metric][1] else -value
 
     def best_peer(self) -> Measured | None:
         """The best measured peer by the primary metric."""
@@ -286,17 +285,19 @@ def compare(
         started=started,
     )
 
-    def variant(label: str, make: Callable[[], nn.Module], **kw: Any) -> Measured:
-        note(label)
-        t0 = time.perf_counter()
-        m = make()
-        made = time.perf_counter() - t0
+    def measure(label: str, m: nn.Module, made: float, **kw: Any) -> Measured:
         started = time.perf_counter()
         outs = model_outputs(m, batches, task)
         score = words(m) if words is not None else None
         return _measure(
             label, outs, batches, task, reference, wordsim=score, started=started, quantize_seconds=made, **kw
         )
+
+    def variant(label: str, make: Callable[[], nn.Module], **kw: Any) -> Measured:
+        note(label)
+        t0 = time.perf_counter()
+        m = make()
+        return measure(label, m, time.perf_counter() - t0, **kw)
 
     plan_row = variant(
         "plan",
@@ -317,26 +318,8 @@ def compare(
     for peer in peers:
         note(peer.label)
         built = peer.build()
-        started = time.perf_counter()
-        outs = model_outputs(built.model, batches, task)
-        score = words(built.model) if words is not None else None
-        peer_rows.append(
-            _measure(
-                built.label,
-                outs,
-                batches,
-                task,
-                reference,
-                size=built.bytes,
-                bpw=built.bpw,
-                predicted=None,
-                wordsim=score,
-                started=started,
-                fits=built.fits,
-                kind="peer",
-                quantize_seconds=built.seconds,
-            )
-        )
+        kw = {"size": built.bytes, "bpw": built.bpw, "predicted": None, "fits": built.fits, "kind": "peer"}
+        peer_rows.append(measure(built.label, built.model, built.seconds, **kw))
         del built
     return Comparison(
         fp=fp,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from profilers.specs import Choice
 from profilers.tasks import Task
 
 from .errors import AllocatorError
@@ -109,6 +110,11 @@ def hqq_settings(plan: Plan, model: nn.Module, *, top: int = 2) -> list[tuple[in
     return sorted(out, key=lambda s: -s[2])[:top]
 
 
+def _hqq_label(bits: int, group: int | None) -> str:
+    """`HQQ int3-g64`, `HQQ int4-ch`: our own label of the same setting."""
+    return f"HQQ {Choice(bits=bits, group_size=group).label}"
+
+
 def _hqq_model(model: nn.Module, plan: Plan, bits: int, group: int | None, size: int) -> PeerModel:
     from hqq.core.quantize import Quantizer
 
@@ -125,9 +131,9 @@ def _hqq_model(model: nn.Module, plan: Plan, bits: int, group: int | None, size:
             )  # fmt: skip
             # fp16 storage of the result, as the plan's own variants are measured
             w.copy_(Quantizer.dequantize(w_q, meta).reshape(w.shape).half().to(w.dtype))
-    label = f"HQQ int{bits}-{'g' + str(group) if group else 'ch'}"
     bpw = 8 * size / _planned_weights(plan)
-    return PeerModel(label, q, _whole(plan, size), bpw, time.perf_counter() - started, size <= _limit(plan))
+    seconds = time.perf_counter() - started
+    return PeerModel(_hqq_label(bits, group), q, _whole(plan, size), bpw, seconds, size <= _limit(plan))
 
 
 def _modelopt_format(bits: int, block: int | None) -> dict[str, Any]:
@@ -222,8 +228,8 @@ def peer_variants(
             if not settings:
                 skipped.append("hqq: no HQQ setting fits the plan's size")
             for bits, group, size in settings:
-                label = f"HQQ int{bits}-{'g' + str(group) if group else 'ch'}"
-                variants.append(PeerVariant(label, lambda b=bits, g=group, s=size: _hqq_model(model, plan, b, g, s)))
+                build = lambda b=bits, g=group, s=size: _hqq_model(model, plan, b, g, s)  # noqa: E731
+                variants.append(PeerVariant(_hqq_label(bits, group), build))
         else:
             layers = _layers(model, plan)
             if not all(isinstance(m, nn.Linear) for m in layers.values()):

@@ -16,9 +16,6 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     """
     from transformers import BertConfig, BertModel
 
-    from allocator.models import minilm_path
-
-    src = minilm_path()
     folder = tmp_path_factory.mktemp("tiny-encoder")
     torch.manual_seed(0)
     config = BertConfig(
@@ -30,8 +27,7 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
         max_position_embeddings=128,
     )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json"):
-        shutil.copy(src / name, folder / name)
+    _borrow_minilm_files(folder, "modules.json")
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
@@ -47,9 +43,6 @@ def tiny_causal_dir(tmp_path_factory) -> Path:
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from allocator.models import minilm_path
-
-    src = minilm_path()
     folder = tmp_path_factory.mktemp("tiny-causal")
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -63,6 +56,14 @@ def tiny_causal_dir(tmp_path_factory) -> Path:
         tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, folder / name)
+    _borrow_minilm_files(folder)
     return folder
+
+
+def _borrow_minilm_files(folder: Path, *extra: str) -> None:
+    """Copy all-MiniLM-L6-v2's tokenizer (and any `extra` files) into a model folder."""
+    from allocator.models import minilm_path
+
+    src = minilm_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", *extra):
+        shutil.copy(src / name, folder / name)
