@@ -4,46 +4,37 @@ For every quantizable layer it chooses bits and terms (sums of low-bit residual 
 that the estimated quality is highest within a memory or compute budget, applies the plan,
 and measures it against the FP model and against uniform settings of the same cost.
 
+The data flows one way through the subpackages: `profilers` (top level) measure every layer
+and choice into a `ProfileTable`; `planning` turns it into a `Plan` with `solvers`;
+`quantized` applies the plan and writes the packed file; `measure` compares the result with
+FP, uniform settings and peers. `sources` load models and data; `cli` and `service` are the
+two front ends. Names are exported lazily: `import allocator.client` needs no torch.
+
 Example:
     >>> import allocator  # doctest: +SKIP
     >>> plan = allocator.solve(model, calibration_batches, budget="12MB")  # doctest: +SKIP
     >>> allocator.apply_plan_(model, plan)  # doctest: +SKIP
 """
 
-from profilers.specs import Choice, ProfileTable
-from profilers.tasks import EmbeddingTask, LogitsTask, Task
-
-from .api import choice_grid, profile, solve
-from .apply import apply_plan_
-from .budget import Budget
-from .errors import AllocatorError, BudgetError, InfeasibleBudgetError, ModelError, PlanError
-from .evaluate import Comparison, compare
-from .export import QuantizedFileError, export_quantized, load_quantized
-from .plan import Plan
+from profilers.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AllocatorError",
-    "Budget",
-    "BudgetError",
-    "Choice",
-    "Comparison",
-    "EmbeddingTask",
-    "InfeasibleBudgetError",
-    "LogitsTask",
-    "ModelError",
-    "Plan",
-    "PlanError",
-    "ProfileTable",
-    "QuantizedFileError",
-    "Task",
-    "__version__",
-    "apply_plan_",
-    "choice_grid",
-    "compare",
-    "export_quantized",
-    "load_quantized",
-    "profile",
-    "solve",
-]
+_EXPORTS = {
+    **dict.fromkeys(["Choice", "ProfileTable"], "profilers.types"),
+    **dict.fromkeys(["EmbeddingTask", "LogitsTask", "Task"], "profilers.tasks"),
+    "choice_grid": "profilers.quant.options",
+    **dict.fromkeys(["profile", "solve"], ".api"),
+    **dict.fromkeys(["apply_plan_", "layer_hessians"], ".quantized.apply"),
+    "Budget": ".planning.budget",
+    "Plan": ".planning.plan",
+    **dict.fromkeys(
+        ["AllocatorError", "BudgetError", "InfeasibleBudgetError", "ModelError", "PlanError", "QuantizedFileError"],
+        ".errors",
+    ),
+    **dict.fromkeys(["Comparison", "compare"], ".measure.evaluate"),
+    "export_quantized": ".quantized.export",
+    "load_quantized": ".quantized.load",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["__version__", *sorted(_EXPORTS)]

@@ -18,60 +18,22 @@ from typing import Any
 
 from torch import nn
 
-from profilers import make_profiler
-from profilers.base import ProgressFn
+from profilers.estimators import DEFAULT_PROFILER, make_profiler
+from profilers.estimators.base import ProgressFn
 from profilers.layers import find_targets
-from profilers.specs import Choice, ProfileTable
+from profilers.quant.options import DEFAULT_FRACTIONS, choice_grid
+from profilers.quant.rounding import DEFAULT_METHOD
 from profilers.tasks import Task, infer_task
+from profilers.types import Choice, ProfileTable
 
-from .budget import Budget
 from .errors import AllocatorError
-from .export import header_allowance
-from .graph import build_graph, tie_groups
-from .plan import Plan
-from .planning import plan_from_profile
+from .planning.budget import Budget
+from .planning.build import plan_from_profile
+from .planning.plan import Plan
+from .planning.ties import profiled_ties
+from .quantized.export import header_allowance
 
-__all__ = ["DEFAULT_BITS", "DEFAULT_GROUP_SIZES", "DEFAULT_TERMS", "choice_grid", "profile", "solve"]
-
-DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
-DEFAULT_TERMS: tuple[int, ...] = (1, 2)
-DEFAULT_GROUP_SIZES: tuple[int | None, ...] = (64, 128, None)
-MAX_BITS_PER_WEIGHT = 8  # multi-term settings above 8 bits per weight are never worth their bytes
-
-
-def choice_grid(
-    bits: Sequence[int] = DEFAULT_BITS,
-    terms: Sequence[int] = DEFAULT_TERMS,
-    group_sizes: Sequence[int | None] = DEFAULT_GROUP_SIZES,
-    *,
-    kinds: Sequence[str] = ("residual",),
-    max_bits: int = MAX_BITS_PER_WEIGHT,
-    symmetric: bool = False,
-) -> list[Choice]:
-    """All (bits, terms, group) combinations with `bits x terms <= max_bits` (single terms are
-    always kept), multi-term ones in every requested `kind` that applies (`tied` needs an
-    asymmetric grid of at most 16 bits), plus fp16 (leave the layer unquantized).
-
-    Example:
-        >>> [c.label for c in choice_grid((2, 4), (1, 2), (64,))]
-        ['fp16', 'int2-g64', 'int2x2-g64', 'int4-g64', 'int4x2-g64']
-        >>> [c.label for c in choice_grid((4,), (2,), (64,), kinds=("residual", "tied"))]
-        ['fp16', 'int4x2-g64', 'int4x2t-g64']
-    """
-    out = [Choice.fp16()]
-    for g in group_sizes:
-        for b in bits:
-            for t in terms:
-                if t == 1:
-                    out.append(Choice(bits=b, group_size=g, symmetric=symmetric))
-                    continue
-                if b * t > max_bits:
-                    continue
-                for kind in kinds:
-                    if kind == "tied" and (symmetric or b * t > 16):
-                        continue
-                    out.append(Choice(bits=b, terms=t, group_size=g, symmetric=symmetric, kind=kind))
-    return list(dict.fromkeys(out))
+__all__ = ["profile", "solve"]
 
 
 def profile(
@@ -79,12 +41,12 @@ def profile(
     data: Iterable[Any],
     *,
     task: Task | None = None,
-    profiler: str = "fisher",
+    profiler: str = DEFAULT_PROFILER,
     choices: Sequence[Choice] | None = None,
-    fractions: int = 8,
+    fractions: int = DEFAULT_FRACTIONS,
     fraction_terms: int = 2,
     fraction_bits: int = 8,
-    method: str = "gptq",
+    method: str = DEFAULT_METHOD,
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     draws: int | None = None,
@@ -187,7 +149,5 @@ def solve(
                 include=profile_options.get("include", ("*",)),
                 exclude=profile_options.get("exclude", ()),
             )
-            graph = build_graph(model_or_profile, targets, batches[0], task=task)
-            profiled = set(table.names)  # layers that never ran stay fp16 and need no tie
-            tie_names = [[n for n in g if n in profiled] for g in tie_groups(graph, ties)]
+            tie_names = profiled_ties(model_or_profile, targets, batches[0], task, table.names, ties)
     return plan_from_profile(table, budgets, ties=tie_names, solver=solver, gap=gap, time_limit=time_limit)

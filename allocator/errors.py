@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from profilers.specs import ProfileError
+from profilers.types import ProfileError
 
 __all__ = [
     "USER_ERRORS",
@@ -11,6 +11,7 @@ __all__ = [
     "InfeasibleBudgetError",
     "ModelError",
     "PlanError",
+    "QuantizedFileError",
     "SolveTimeoutError",
 ]
 
@@ -37,6 +38,10 @@ class ModelError(AllocatorError):
 
 class PlanError(AllocatorError):
     """A plan file is missing, corrupt, or does not fit the model it is applied to."""
+
+
+class QuantizedFileError(AllocatorError):
+    """A packed file cannot be read or does not describe a quantized model."""
 
 
 # Everything the CLI reports as a one-line error instead of a traceback.

@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 import allocator
-from allocator import models
-from allocator.apply import apply_choices_, layer_hessians
-from allocator.evaluate import model_outputs
-from allocator.export import export_quantized, load_quantized
-from profilers.cost import weight_bytes
-from profilers.specs import Choice
+from allocator import sources
+from allocator.measure.metrics import model_outputs
+from allocator.quantized.apply import apply_choices_, layer_hessians
+from allocator.quantized.export import export_quantized
+from allocator.quantized.load import load_quantized
+from profilers.quant.cost import weight_bytes
+from profilers.types import Choice
 
 
 def cosine(reference, model, batches, task) -> float:
@@ -65,11 +66,11 @@ def status(key):  # this process's own numbers (ru_maxrss would include the pare
 kind, path = sys.argv[1], sys.argv[2]
 from transformers import AutoTokenizer, BertModel  # the model classes' imports are not the model
 import allocator
-from allocator import models
-tok = AutoTokenizer.from_pretrained(models.minilm_path())
-batch = models.text_batches(tok, models.lee_documents()[:16], max_length=128)[0]
+from allocator import sources
+tok = AutoTokenizer.from_pretrained(sources.minilm_path())
+batch = sources.text_batches(tok, sources.lee_documents()[:16], max_length=128)[0]
 base = status("VmRSS:")
-model = models.load_model("minilm").model if kind == "fp" else allocator.load_quantized(path)
+model = sources.load_model("minilm").model if kind == "fp" else allocator.load_quantized(path)
 tensors = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 with torch.no_grad():
     model(**batch)  # touches every weight: memory-mapped FP weights count only once read
@@ -91,11 +92,11 @@ def memory_mb(kind: str, path: str) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    loaded = models.load_model("minilm")
+    loaded = sources.load_model("minilm")
     model, task = loaded.model, loaded.task
-    calib_docs, eval_docs = models.split_documents(models.lee_documents(), 64, seed=0)
-    calib = models.text_batches(loaded.tokenizer, calib_docs)
-    evals = models.text_batches(loaded.tokenizer, eval_docs)
+    calib_docs, eval_docs = sources.split_documents(sources.lee_documents(), 64, seed=0)
+    calib = sources.text_batches(loaded.tokenizer, calib_docs)
+    evals = sources.text_batches(loaded.tokenizer, eval_docs)
     reference = model_outputs(model, evals, task)
     hessians = layer_hessians(model, calib, task)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -23,11 +23,11 @@ import torch
 from scipy.stats import spearmanr
 
 import allocator
-from allocator import models
-from allocator.evaluate import compare
-from allocator.validation import validate_profile
-from profilers import make_profiler
-from profilers.specs import ProfileTable
+from allocator import sources
+from allocator.measure.evaluate import compare
+from allocator.measure.validation import validate_profile
+from profilers.estimators import make_profiler
+from profilers.types import ProfileTable
 
 
 def forward_backward_seconds(model, batches, task) -> float:
@@ -71,10 +71,10 @@ def main() -> None:
     parser.add_argument("--measured-cache", default="out/measured-minilm.json", help="reuse/save the measured profile")
     args = parser.parse_args()
 
-    loaded = models.load_model("minilm")
-    calib_docs, eval_docs = models.split_documents(models.lee_documents(), 64, seed=0)
-    calib = models.text_batches(loaded.tokenizer, calib_docs)
-    evals = models.text_batches(loaded.tokenizer, eval_docs)
+    loaded = sources.load_model("minilm")
+    calib_docs, eval_docs = sources.split_documents(sources.lee_documents(), 64, seed=0)
+    calib = sources.text_batches(loaded.tokenizer, calib_docs)
+    evals = sources.text_batches(loaded.tokenizer, eval_docs)
     model, task = loaded.model, loaded.task
     grid = allocator.choice_grid()
     print(f"model: all-MiniLM-L6-v2, {len(calib_docs)} calibration documents x 128 tokens; {len(grid)} whole choices")

@@ -30,7 +30,7 @@ import contextlib
 from instances import make_profile
 
 from allocator.client import Client, ServiceError
-from allocator.planning import plan_from_profile
+from allocator.planning.build import plan_from_profile
 from allocator.service import spawned
 
 BUDGETS = ("2.8bpw", "3.25bpw", "3.5bpw", "4.25bpw", "5bpw")

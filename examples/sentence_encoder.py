@@ -8,13 +8,13 @@ import copy
 import torch
 
 import allocator
-from allocator import models
-from allocator.evaluate import model_outputs
+from allocator import sources
+from allocator.measure.metrics import model_outputs
 
 
 def main() -> None:
-    loaded = models.load_model("minilm")
-    data = models.load_data(loaded, calibration=64)  # gensim's lee_background.cor, disjoint splits
+    loaded = sources.load_model("minilm")
+    data = sources.load_data(loaded, calibration=64)  # gensim's lee_background.cor, disjoint splits
     model, task = loaded.model, loaded.task
 
     table = allocator.profile(model, data.calib, method="rtn")  # one profile serves every budget

@@ -1,73 +1,39 @@
 """Profilers: quantizer math, cost model and sensitivity estimators.
 
-Imports torch, numpy and pydantic only; never `solvers` or `allocator`.
+- `types`: what profiling produces and every later stage reads (`Choice`, `LayerSpec`,
+  `ProfileTable`); torch-free, so a planning client can read profiles without torch.
+- `quant/`: pure tensor functions of the quantizers (round to nearest, GPTQ), the options of
+  a layer and their error stacks, and the exact cost of every choice.
+- `estimators/`: the sensitivity estimators (`fisher`, `hessian`, `measured`).
+- `capture`, `input_hessians`, `layers`, `tasks`: what the estimators read from a model.
+
+Imports torch, numpy and pydantic only; never `solvers` or `allocator`. Names are exported
+lazily, so `import profilers` costs nothing until one is used.
 """
 
-from typing import Any
+from .lazy import lazy_exports
 
-from .base import Estimates, LayerEstimate, Profiler, ProgressFn, fingerprint_batches
-from .cost import layer_bops, layer_bytes, weight_bytes
-from .fisher import FisherProfiler
-from .hessian import HessianProfiler
-from .layers import QuantTarget, find_targets
-from .measured import MeasuredProfiler, OutputMeter
-from .options import expand_choices
-from .quantize import as_matrix, dequantize, dequantize_terms, fake_quantize, quantize_groups, quantize_residual
-from .specs import Choice, ChoiceProfile, LayerProfile, LayerSpec, ProfileError, ProfileTable, Validation
-from .tasks import EmbeddingTask, LogitsTask, Task, infer_task
-
-PROFILERS: dict[str, type[Profiler]] = {
-    FisherProfiler.name: FisherProfiler,
-    HessianProfiler.name: HessianProfiler,
-    MeasuredProfiler.name: MeasuredProfiler,
+_EXPORTS = {
+    **dict.fromkeys(
+        ["Choice", "ChoiceProfile", "DataSplit", "LayerProfile", "LayerSpec", "ProfileError", "ProfileTable",
+         "Validation"],
+        ".types",
+    ),
+    **dict.fromkeys(["layer_bops", "layer_bytes", "weight_bytes"], ".quant.cost"),
+    **dict.fromkeys(
+        ["as_matrix", "dequantize", "dequantize_terms", "quantize_groups", "quantize_residual"],
+        ".quant.quantize",
+    ),
+    **dict.fromkeys(["choice_grid", "expand_choices"], ".quant.options"),
+    **dict.fromkeys(["fake_quantize", "reconstruct"], ".quant.rounding"),
+    **dict.fromkeys(["Estimates", "LayerEstimate", "Profiler", "ProgressFn", "fingerprint_batches"],
+                    ".estimators.base"),
+    **dict.fromkeys(["PROFILERS", "make_profiler"], ".estimators"),
+    "FisherProfiler": ".estimators.fisher",
+    "HessianProfiler": ".estimators.hessian",
+    **dict.fromkeys(["MeasuredProfiler", "OutputMeter"], ".estimators.measured"),
+    **dict.fromkeys(["QuantTarget", "find_targets"], ".layers"),
+    **dict.fromkeys(["EmbeddingTask", "LogitsTask", "Task", "infer_task"], ".tasks"),
 }
-
-
-def make_profiler(name: str, **settings: Any) -> Profiler:
-    """A profiler by name (`fisher`, `hessian`, `measured`) with its settings; settings a
-    profiler does not take are ignored (e.g. `draws` for `measured`)."""
-    if name not in PROFILERS:
-        raise ProfileError(f"unknown profiler {name!r}; choose one of {', '.join(PROFILERS)}")
-    cls = PROFILERS[name]
-    import inspect
-
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in settings.items() if k in accepted and v is not None})
-
-
-__all__ = [
-    "PROFILERS",
-    "Choice",
-    "ChoiceProfile",
-    "EmbeddingTask",
-    "Estimates",
-    "FisherProfiler",
-    "HessianProfiler",
-    "LayerEstimate",
-    "LayerProfile",
-    "LayerSpec",
-    "LogitsTask",
-    "MeasuredProfiler",
-    "OutputMeter",
-    "ProfileError",
-    "ProfileTable",
-    "Profiler",
-    "ProgressFn",
-    "QuantTarget",
-    "Task",
-    "Validation",
-    "as_matrix",
-    "dequantize",
-    "dequantize_terms",
-    "expand_choices",
-    "fake_quantize",
-    "find_targets",
-    "fingerprint_batches",
-    "infer_task",
-    "layer_bops",
-    "layer_bytes",
-    "make_profiler",
-    "quantize_groups",
-    "quantize_residual",
-    "weight_bytes",
-]
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

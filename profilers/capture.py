@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import QuantTarget
-from .specs import ProfileError
+from .types import ProfileError
 
 __all__ = ["Call", "batch_size", "call_macs", "capture_calls", "check_batch_first", "conv_patches"]
 

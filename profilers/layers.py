@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cost import FP_BYTES_PER_ELEMENT
-from .specs import LayerKind, LayerSpec, ProfileError
+from .quant.cost import FP_BYTES_PER_ELEMENT
+from .types import LayerKind, LayerSpec, ProfileError
 
 __all__ = [
     "QUANTIZABLE_TYPES",

@@ -1,11 +1,37 @@
-"""Shared fixtures: small models built in code, and a tiny sentence-encoder folder on disk."""
+"""Shared fixtures: small models saved as folders on disk, and the `allocator` command run in
+a subprocess (`cli`) with options that keep it fast (`fast`)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Options that keep a CLI profile of the tiny models to seconds.
+FAST_OPTIONS = ("--calibration", "16", "--max-length", "32", "--draws", "2", "--no-progress", "--bits", "2,3,4,8")
+
+
+def run_allocator(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600):
+    """`python -m allocator ARGS` in a subprocess, its output captured as text."""
+    full_env = {**os.environ, "COLUMNS": "160", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "allocator", *args], capture_output=True, text=True, cwd=cwd,
+                          env=full_env, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run the `allocator` command: `cli("solve", "--budget", "3bpw", cwd=...)`."""
+    return run_allocator
+
+
+@pytest.fixture
+def fast() -> list[str]:
+    """CLI options that keep a profile of the tiny models to seconds."""
+    return list(FAST_OPTIONS)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +88,7 @@ def tiny_causal_dir(tmp_path_factory) -> Path:
 
 def _borrow_minilm_files(folder: Path, *extra: str) -> None:
     """Copy all-MiniLM-L6-v2's tokenizer (and any `extra` files) into a model folder."""
-    from allocator.models import minilm_path
+    from allocator.sources.zoo import minilm_path
 
     src = minilm_path()
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", *extra):

@@ -1,0 +1,81 @@
+"""`allocator apply`: quantize the model by the plan and write it packed."""
+
+import copy
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from ..errors import AllocatorError
+from .app import app, report
+from .options import PlanArg, PlanModelArg, RecordedDataOptions, with_options
+from .setup import check_weights, load_setup, model_and_plan
+
+__all__ = ["apply"]
+
+
+@app.command()
+@with_options
+def apply(
+    model: PlanModelArg = None,
+    plan_file: PlanArg = None,
+    *,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="OUT.safetensors", help="The packed model file to write.")
+    ] = Path("model.allocator.safetensors"),
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Reload the file and compare it with the fake-quantized model.")
+    ] = True,
+    data: RecordedDataOptions,
+) -> None:
+    """Quantize the model by the plan and write it packed (safetensors; reload with allocator.load_quantized)."""
+    from profilers.estimators.base import fingerprint_batches
+
+    from ..planning.budget import format_bytes
+    from ..planning.plan import Plan
+    from ..quantized.apply import apply_plan_, layer_hessians
+    from ..quantized.export import export_quantized
+    from ..quantized.load import load_quantized
+    from ..sources.models import DEFAULT_MODEL, load_model
+
+    model, plan_file = model_and_plan(model, plan_file)
+    plan = Plan.load(plan_file)
+    name = model or plan.model_name or DEFAULT_MODEL
+    setup = None
+    if plan.method == "gptq" or check:  # GPTQ rounds on the plan's calibration data; the check runs held-out data
+        setup = load_setup(name, data.resolve(plan.data))
+        loaded = setup.loaded
+    else:
+        loaded = load_model(name)
+    check_weights(plan.model_fingerprint, loaded, plan_file, "solve again for this model")
+    hessians = None
+    if plan.method == "gptq":
+        assert setup is not None
+        if fingerprint_batches(setup.calib) != plan.data_fingerprint:
+            raise AllocatorError(
+                "this GPTQ plan was profiled on other calibration data; pass the same --data, --calibration,"
+                " --seed, --max-length and --batch-size as when profiling"
+            )
+        hessians = layer_hessians(loaded.model, setup.calib, loaded.task)
+    t0 = time.perf_counter()
+    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, hessians=hessians)
+    seconds = time.perf_counter() - t0
+    size = output.stat().st_size
+    budget = plan.limits.get("bytes")
+    within = (
+        "" if budget is None else f"; budget {format_bytes(budget + plan.fixed_bytes + plan.predicted.file_overhead)}"
+    )
+    report.line(
+        f"wrote {output}: {format_bytes(size)} on disk, plan predicted {format_bytes(plan.predicted.bytes)}"
+        f" ({100 * (size / plan.predicted.bytes - 1):+.2f}%){within}; {seconds:.1f}s"
+    )
+    if check:
+        assert setup is not None and loaded.task is not None
+        reloaded = load_quantized(output)
+        fake = apply_plan_(copy.deepcopy(loaded.model), plan, hessians=hessians)
+        batch = setup.data.evals[0]
+        with torch.no_grad():
+            a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)
+        report.line(f"reloaded model vs fake-quantized model: max |difference| {float((a - b).abs().max()):.2e}")

@@ -1,0 +1,119 @@
+"""`allocator evaluate`: the plan against FP, the best uniform settings and other quantizers."""
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import AllocatorError
+from .app import app, report
+from .options import Metric, PlanArg, PlanModelArg, Progress, RecordedDataOptions, with_options
+from .setup import Setup, check_weights, load_setup, model_and_plan
+
+__all__ = ["evaluate", "run_evaluation"]
+
+
+def run_evaluation(
+    setup: Setup,
+    plan: Any,
+    fp16_bytes: int,
+    progress: bool,
+    *,
+    metric: str | None = None,
+    peers: tuple[str, ...] = (),
+    top_uniform: int = 3,
+) -> tuple[Any, float]:
+    """Measure FP, the plan, uniform settings and peers on the held-out data; print the table."""
+    from ..measure.evaluate import compare, default_uniform
+    from ..measure.metrics import METRICS, wordsim_spearman
+    from ..measure.peers import peer_variants
+    from ..quantized.apply import layer_hessians
+    from ..sources.text import wordsim353
+
+    if metric is not None and metric not in METRICS:
+        raise AllocatorError(f"--metric takes {', '.join(METRICS)}, got {metric!r}")
+    started = time.perf_counter()
+    loaded = setup.loaded
+    words = None
+    if loaded.task.output == "embedding" and loaded.tokenizer is not None:
+        pairs = wordsim353()
+        words = lambda m: wordsim_spearman(m, loaded.tokenizer, loaded.task, pairs)  # noqa: E731
+    uniform = default_uniform(plan, top=top_uniform)
+    variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
+    labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
+    with report.progress(progress) as update:
+        hessians = layer_hessians(loaded.model, setup.calib, loaded.task) if plan.method == "gptq" else None
+        cmp = compare(loaded.model, plan, setup.data.evals, loaded.task, uniform=uniform, words=words,
+                      fp_bytes=fp16_bytes, progress=lambda label: update("measuring", labels.index(label), len(labels)),
+                      hessians=hessians, peers=variants, skipped=skipped, metric=metric)  # fmt: skip
+    report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", fp16_bytes, plan)
+    return cmp, time.perf_counter() - started
+
+
+@app.command()
+@with_options
+def evaluate(
+    model: PlanModelArg = None,
+    plan_file: PlanArg = None,
+    *,
+    data: RecordedDataOptions,
+    metric: Metric = None,
+    peers: Annotated[
+        str,
+        typer.Option(help="Other quantizers at the plan's size, comma-separated: hqq, modelopt, or none."),
+    ] = "hqq,modelopt",
+    uniform: Annotated[int, typer.Option(min=0, help="Fitting uniform settings to measure, best predicted first.")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON (for machines) instead.")] = False,
+    plot: Annotated[Path | None, typer.Option(metavar="PLOT.png", help="Also draw the comparison as a PNG.")] = None,
+    progress: Progress = True,
+) -> None:
+    """Measure the plan against FP, the best uniform settings and other quantizers at the same size."""
+    from profilers.layers import fp16_bytes
+
+    from ..planning.plan import Plan
+
+    model, plan_path = model_and_plan(model, plan_file)
+    plan = Plan.load(plan_path)
+    peer_names = tuple(p.strip().lower() for p in peers.split(",") if p.strip() and p.strip().lower() != "none")
+    saved_out = report.out
+    if json_out:
+        report.out = report.err  # the JSON alone goes to stdout
+    try:
+        t0 = time.perf_counter()
+        setup = load_setup(model or plan.model_name or None, data.resolve(plan.data))
+        check_weights(plan.model_fingerprint, setup.loaded, plan_path, "solve again for this model")
+        loading = time.perf_counter() - t0
+        if plan.method == "gptq" and plan.data is None and data.data is None:
+            report.warn("the plan does not record its calibration data; GPTQ rounding uses the default split")
+        cmp, seconds = run_evaluation(setup, plan, fp16_bytes(setup.loaded.model), progress, metric=metric,
+                                      peers=peer_names, top_uniform=uniform)  # fmt: skip
+        if plot is not None:
+            from ..measure.plots import plot_comparison
+
+            plot_comparison(cmp, plot, title=f"{setup.loaded.name}: plan at {plan.predicted.bpw:.2f} bpw, measured")
+            report.line(f"plot written to {plot}")
+        report.line(f"time: load {loading:.1f}s, evaluate {seconds:.1f}s")
+    finally:
+        report.out = saved_out
+    if json_out:
+        sys.stdout.write(json.dumps(_as_json(cmp, setup, plan_path), indent=1) + "\n")
+
+
+def _as_json(cmp: Any, setup: Setup, plan_path: Path) -> dict[str, Any]:
+    best_u, best_p = cmp.best_uniform(fitting_only=True), cmp.best_peer()
+    return {
+        "model": setup.loaded.name,
+        "plan": str(plan_path),
+        "metric": cmp.metric,
+        "held_out": {"items": setup.data.n_eval, "unit": setup.data.unit, "source": setup.data.source},
+        "rows": [asdict(m) for m in cmp.rows],
+        "best_uniform": best_u.label if best_u else None,
+        "best_peer": best_p.label if best_p else None,
+        "plan_beats_best_uniform": None if best_u is None else cmp.score(cmp.plan) > cmp.score(best_u),
+        "plan_beats_best_peer": None if best_p is None else cmp.score(cmp.plan) > cmp.score(best_p),
+        "skipped": cmp.skipped,
+    }

@@ -1,0 +1,286 @@
+"""The options commands share, declared once, with defaults taken from the code that owns them.
+
+Groups of options travel as one dataclass (`DataOptions`, `GridOptions`, `SolverOptions`, ...):
+a command names the group in its signature, `@with_options` spreads the group's fields into
+CLI options, and the command receives the filled-in dataclass.
+"""
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from profilers.estimators import DEFAULT_PROFILER, PROFILERS, default_draws
+from profilers.quant.options import (
+    DEFAULT_BITS,
+    DEFAULT_FRACTIONS,
+    DEFAULT_GROUP_SIZES,
+    DEFAULT_KINDS,
+    DEFAULT_TERMS,
+    KINDS,
+    choice_grid,
+)
+from profilers.quant.rounding import DEFAULT_METHOD, METHODS
+from profilers.types import QUANT_BITS, Choice
+from solvers import METHODS as SOLVERS
+
+from ..errors import AllocatorError
+from ..measure.metrics import METRICS
+from ..sources.data import DEFAULT_BATCH_SIZE, DEFAULT_CALIBRATION, DEFAULT_MAX_LENGTH, DEFAULT_SEED
+from ..sources.models import BUILTIN_MODELS, DEFAULT_MODEL
+
+__all__ = [
+    "DataOptions",
+    "GridOptions",
+    "RecordedDataOptions",
+    "SolverOptions",
+    "with_options",
+]
+
+
+def _groups_text(groups: tuple[int | None, ...]) -> str:
+    return ",".join("channel" if g is None else str(g) for g in groups)
+
+
+def _ints(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+_MODEL_HELP = (
+    f"Built in: {' or '.join(map(repr, BUILTIN_MODELS))}; a Hugging Face model folder; a torch.save(model) file;"
+    f" or package.module:function returning the model. [default: {DEFAULT_MODEL}]"
+)
+Model = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME|PATH", help=_MODEL_HELP)]
+ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help=_MODEL_HELP, show_default=False)]
+PlanModelArg = Annotated[
+    str | None,
+    typer.Argument(metavar="MODEL", help="The model the plan is for. [default: the plan's]", show_default=False),
+]
+PlanArg = Annotated[
+    Path | None,
+    typer.Argument(metavar="PLAN.json", help="The plan (allocator solve -o). [default: plan.json]", show_default=False),
+]
+ProfileFile = Annotated[
+    Path | None,
+    typer.Option("--profile", "-p", metavar="PROFILE.json", help="Solve from this profile instead of profiling now."),
+]
+Budgets = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--budget", "-b", metavar="BUDGET",
+        help="Budget: 12MB / 300MiB / 0.3GB (whole model), 3.5bpw, 25% (of fp16 size), 40GBOPs. Repeatable.",
+    ),
+]  # fmt: skip
+Metric = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Rank by: {', '.join(METRICS)}."
+        " [default: cosine for encoders, perplexity for causal LMs, accuracy with labels, else agreement]"
+    ),
+]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+Token = Annotated[
+    str | None, typer.Option(envvar="ALLOCATOR_TOKEN", show_envvar=True, help="Bearer token of the server.")
+]
+_DATA_HELP = (
+    "Text file (a document per line) or folder of .txt files, for text models; a tensor file"
+    " (.pt/.npy/.npz/.safetensors: inputs, optionally labels); or an image folder (a subfolder per class)."
+)
+
+
+@dataclasses.dataclass
+class DataOptions:
+    """Calibration data and how it is split from the held-out data."""
+
+    data: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: lee_background.cor; lenet-mnist: its images]"),
+    ] = None
+    calibration: Annotated[
+        int, typer.Option(min=1, help="Calibration documents, images or samples (the rest are held out).")
+    ] = DEFAULT_CALIBRATION
+    max_length: Annotated[int, typer.Option(min=2, help="Tokens per document.")] = DEFAULT_MAX_LENGTH
+    batch_size: Annotated[int, typer.Option(min=1, help="Documents, images or samples per batch.")] = (
+        DEFAULT_BATCH_SIZE
+    )
+    seed: Annotated[int, typer.Option(help="Seed of the calibration split and pseudo-labels.")] = DEFAULT_SEED
+
+
+@dataclasses.dataclass
+class RecordedDataOptions:
+    """The data options of a command that reads a plan: each one not given is the plan's."""
+
+    data: Annotated[
+        str | None, typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: the plan's]", show_default=False)
+    ] = None
+    calibration: Annotated[
+        int | None, typer.Option(min=1, help="Calibration documents, images or samples. [default: the plan's]")
+    ] = None
+    max_length: Annotated[int | None, typer.Option(min=2, help="Tokens per document. [default: the plan's]")] = None
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Items per batch. [default: the plan's]")] = None
+    seed: Annotated[int | None, typer.Option(help="Seed of the calibration split. [default: the plan's]")] = None
+
+    def resolve(self, recorded: Any) -> DataOptions:
+        """These options, each missing one taken from the recorded split (`DataSplit`), else
+        from the usual default."""
+        data = self.data
+        if recorded is not None and data is None and not recorded.builtin:
+            data = recorded.source
+
+        def pick(given: Any, name: str, default: Any) -> Any:
+            if given is not None:
+                return given
+            value = getattr(recorded, name, None) if recorded is not None else None
+            return default if value is None else value
+
+        return DataOptions(
+            data=data,
+            calibration=pick(self.calibration, "calibration", DEFAULT_CALIBRATION),
+            max_length=pick(self.max_length, "max_length", DEFAULT_MAX_LENGTH),
+            batch_size=pick(self.batch_size, "batch_size", DEFAULT_BATCH_SIZE),
+            seed=pick(self.seed, "seed", DEFAULT_SEED),
+        )
+
+
+_draws = ", ".join(f"{name}: {n}" for name, n in default_draws().items())
+
+
+@dataclasses.dataclass
+class GridOptions:
+    """What to profile: the estimator, the rounding, and the grid of choices per layer."""
+
+    profiler: Annotated[str, typer.Option(help=f"Sensitivity estimator: {', '.join(PROFILERS)}.")] = DEFAULT_PROFILER
+    method: Annotated[
+        str,
+        typer.Option(help=f"Rounding under every term: {', '.join(METHODS)} (rtn: round to nearest;"
+                          " gptq: second-order error feedback)."),
+    ] = DEFAULT_METHOD  # fmt: skip
+    bits: Annotated[
+        str | None,
+        typer.Option(help=f"Bit widths to consider, comma-separated ({min(QUANT_BITS)}-{max(QUANT_BITS)})."
+                          f" [default: {_ints(DEFAULT_BITS)}; up to --device-bits]"),
+    ] = None  # fmt: skip
+    terms: Annotated[
+        str | None,
+        typer.Option(help=f"Residual term counts (bits x terms <= 8). [default: {_ints(DEFAULT_TERMS)};"
+                          " with --device-bits: 1,2,3,4]"),
+    ] = None  # fmt: skip
+    group_size: Annotated[
+        str, typer.Option("--group-size", help="Group sizes along a row, or 'channel' (one group per row).")
+    ] = _groups_text(DEFAULT_GROUP_SIZES)
+    fractions: Annotated[
+        int,
+        typer.Option(min=0, help="Also offer k/N of a layer's rows one more term, k = 1..N-1 (0: whole terms only)."),
+    ] = DEFAULT_FRACTIONS
+    kinds: Annotated[
+        str | None,
+        typer.Option(metavar="KINDS", help=f"How multi-term choices relate: {', '.join(KINDS)} (tied: one scale, a"
+                     f" finer grid; joint: refined together). [default: {','.join(DEFAULT_KINDS)};"
+                     " with --device-bits: residual,tied]"),
+    ] = None  # fmt: skip
+    device_bits: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            max=8,
+            metavar="BITS",
+            help="Low-bit-only hardware: no term wider than BITS and no fp16; precision comes from more terms.",
+        ),
+    ] = None
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(metavar="PATTERN", help="Layer-name pattern to keep in fp16 (fnmatch). Repeatable."),
+    ] = None
+    draws: Annotated[int | None, typer.Option(min=1, help=f"Pseudo-label draws per batch ({_draws}).")] = None
+
+    def choices(self) -> tuple[list[Choice], dict[str, int]]:
+        """The whole-term choices to profile, and the fraction limits that go with them."""
+        kinds = [k.strip() for k in self.kinds.split(",") if k.strip()] if self.kinds else None
+        for k in kinds or []:
+            if k not in KINDS:
+                raise AllocatorError(f"--kinds takes {', '.join(KINDS)}, got {k!r}")
+        groups = _parse_groups(self.group_size)
+        if self.device_bits is None:
+            bits = _parse_ints(self.bits, "bits") if self.bits else list(DEFAULT_BITS)
+            terms = _parse_ints(self.terms, "terms") if self.terms else list(DEFAULT_TERMS)
+            return choice_grid(bits, terms, groups, kinds=kinds or DEFAULT_KINDS), {}
+        device = self.device_bits
+        bits = _parse_ints(self.bits, "bits") if self.bits else [b for b in DEFAULT_BITS if b <= device]
+        if any(b > device for b in bits):
+            raise AllocatorError(f"--bits {self.bits} has widths above --device-bits {device}")
+        terms = _parse_ints(self.terms, "terms") if self.terms else [1, 2, 3, 4]
+        limit = device * max(terms)
+        grid = choice_grid(bits, terms, groups, kinds=kinds or ["residual", "tied"], max_bits=limit)
+        return grid, {"fraction_terms": max(terms), "fraction_bits": limit}
+
+
+def _parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AllocatorError(f"--{what} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise AllocatorError(f"--{what} is empty")
+    return values
+
+
+def _parse_groups(text: str) -> list[int | None]:
+    out: list[int | None] = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part in ("channel", "ch", "row"):
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise AllocatorError(f"--group-size takes positive integers or 'channel', got {part!r}")
+    if not out:
+        raise AllocatorError("--group-size is empty")
+    return out
+
+
+@dataclasses.dataclass
+class SolverOptions:
+    """How the allocation problem is solved."""
+
+    solver: Annotated[str, typer.Option(help=f"Solver backend: {', '.join(SOLVERS)}.")] = "auto"
+    gap: Annotated[float, typer.Option(min=0.0, max=1.0, help="Relative optimality gap accepted as optimal.")] = 1e-6
+    time_limit: Annotated[
+        float, typer.Option(min=0.001, help="Seconds for exact work (CP-SAT, HiGHS).")
+    ] = 10.0
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_options(command: F) -> F:
+    """Spread every parameter of `command` annotated with an options dataclass into that
+    dataclass's fields (as CLI options), and hand `command` the filled-in dataclass."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    signature = inspect.signature(command)
+    groups: dict[str, type] = {}
+    params: list[inspect.Parameter] = []
+    for name, param in signature.parameters.items():
+        hint = hints.get(name, param.annotation)
+        if dataclasses.is_dataclass(hint):
+            groups[name] = hint  # type: ignore[assignment]
+            for field in dataclasses.fields(hint):
+                field_hint = typing.get_type_hints(hint, include_extras=True)[field.name]
+                params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                                annotation=field_hint))  # fmt: skip
+        else:
+            params.append(param.replace(annotation=hint, kind=inspect.Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        for name, cls in groups.items():
+            kwargs[name] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+        return command(**kwargs)
+
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run  # type: ignore[return-value]

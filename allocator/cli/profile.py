@@ -1,0 +1,77 @@
+"""`allocator profile`: estimate the cost and sensitivity of every (layer, option) once."""
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from profilers.types import ProfileTable
+
+from .app import app, report
+from .options import DataOptions, GridOptions, ModelArg, Progress, with_options
+from .setup import Setup, load_setup
+
+__all__ = ["profile", "run_profile"]
+
+
+def run_profile(setup: Setup, grid: GridOptions, *, seed: int, progress: bool) -> tuple[ProfileTable, float]:
+    """Profile the loaded model on its calibration data; the table records the data split."""
+    from .. import api
+
+    choices, limits = grid.choices()
+    started = time.perf_counter()
+    with report.progress(progress) as update:
+        table = api.profile(
+            setup.loaded.model,
+            setup.calib,
+            task=setup.loaded.task,
+            profiler=grid.profiler,
+            choices=choices,
+            fractions=grid.fractions,
+            exclude=grid.keep or (),
+            draws=grid.draws,
+            seed=seed,
+            model_name=setup.loaded.name,
+            progress=update,
+            method=grid.method,
+            **limits,
+        )
+    table = table.model_copy(update={"data": setup.data.split()})
+    return table, time.perf_counter() - started
+
+
+@app.command()
+@with_options
+def profile(
+    model: ModelArg = None,
+    *,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="PROFILE.json", help="Write the profile (JSON) here.")
+    ] = Path("profile.json"),
+    data: DataOptions,
+    grid: GridOptions,
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate/--no-validate", help="Compare the estimates with measured divergence and store the result."
+        ),
+    ] = False,
+    validate_pairs: Annotated[int, typer.Option(min=1, help="(layer, option) pairs measured by --validate.")] = 64,
+    validate_plans: Annotated[int, typer.Option(min=1, help="Random whole-model plans measured by --validate.")] = 20,
+    progress: Progress = True,
+) -> None:
+    """Estimate cost and sensitivity of every (layer, option) once; solve any budget from the file."""
+    setup = load_setup(model, data)
+    table, seconds = run_profile(setup, grid, seed=data.seed, progress=progress)
+    report.profile(table, seconds)
+    if validate:
+        from ..measure.validation import validate_profile
+
+        with report.progress(progress) as update:
+            v = validate_profile(setup.loaded.model, setup.calib, table, setup.loaded.task, pairs=validate_pairs,
+                                 plans=validate_plans, seed=data.seed, progress=update)  # fmt: skip
+        table = table.model_copy(update={"validation": v})
+        report.validation(v, table.profiler)
+    table.save(output)
+    report.line(f"profile written to {output}")

@@ -1,0 +1,200 @@
+"""`allocator solve`: plan bits and terms per layer within the budget, against uniform settings.
+
+Three ways to get the profile it plans from: profile the model now (default), read a profile
+file (`--profile`), or send the profile to a planning server (`--server`).
+"""
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from profilers.types import ProfileTable
+
+from ..errors import AllocatorError
+from ..planning.budget import Budget
+from .app import app, report
+from .options import (
+    Budgets,
+    DataOptions,
+    GridOptions,
+    Metric,
+    Model,
+    ProfileFile,
+    Progress,
+    SolverOptions,
+    Token,
+    with_options,
+)
+from .profile import run_profile
+from .setup import Setup, check_weights, load_setup
+
+__all__ = ["solve"]
+
+
+def _pairs(values: list[str] | None, option: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values or []:
+        left, sep, right = v.partition("=")
+        if not sep or not left or not right:
+            raise AllocatorError(f"{option} takes LAYER-PATTERN=CHOICE, got {v!r} (e.g. 'classifier*=int8-ch')")
+        out.append((left, right))
+    return tuple(out)
+
+
+@app.command()
+@with_options
+def solve(
+    *,
+    budget: Budgets = None,
+    max_loss: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            metavar="EPS",
+            help="Lossless mode: the smallest plan whose predicted loss is at most EPS (in the profile's units).",
+        ),
+    ] = None,
+    profile_file: ProfileFile = None,
+    model: Model = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", metavar="PLAN.json", help="Write the plan (JSON) here.")
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Measure FP, plan and uniform settings on held-out data.")
+    ] = False,
+    metric: Metric = None,
+    grid: GridOptions,
+    pin: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LAYER=CHOICE", help="Give matching layers this choice, e.g. 'classifier*=int8-ch'. Repeatable."
+        ),
+    ] = None,
+    forbid: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LAYER=CHOICES", help="Keep matching layers off these choices, e.g. '*=int2*'. Repeatable."
+        ),
+    ] = None,
+    tie: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="TIE",
+            help="Layers that must share one choice: 'qkv', 'gate_up', or patterns joined by '|'. Repeatable.",
+        ),
+    ] = None,
+    data: DataOptions,
+    solver: SolverOptions,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL", help="Solve on an `allocator serve` server (needs --profile), e.g. http://127.0.0.1:8000."
+        ),
+    ] = None,
+    token: Token = None,
+    progress: Progress = True,
+) -> None:
+    """Plan bits and terms per layer within the budget (profiling first unless --profile), compare with uniform."""
+    from ..planning.plan import Constraints
+
+    budgets = [Budget.parse(b) for b in budget or []]
+    if not budgets and max_loss is None:
+        raise AllocatorError("give a --budget (e.g. 12MB) or --max-loss")
+    constraints = Constraints(pins=_pairs(pin, "--pin"), forbid=_pairs(forbid, "--forbid"),
+                              keep=tuple(grid.keep or ()) if profile_file is not None else (),
+                              device_bits=grid.device_bits, max_loss=max_loss)  # fmt: skip
+    if server is not None:
+        if evaluate or model is not None or tie:
+            raise AllocatorError("--evaluate, --model and --tie need the model here; drop them with --server")
+        _solve_on_server(server, token, profile_file, budgets, constraints, solver, output)
+        return
+    times: dict[str, float] = {}
+    setup = None
+    if profile_file is not None:
+        table = _timed(times, "load profile", lambda: _read_profile(profile_file))
+        if evaluate or model is not None or tie:
+            setup = _timed(times, "load", lambda: load_setup(model or table.model_name, data))
+            check_weights(table.model_fingerprint, setup.loaded, profile_file, "run allocator profile again")
+    else:
+        setup = _timed(times, "load", lambda: load_setup(model, data))
+        table, times["profile"] = run_profile(setup, grid, seed=data.seed, progress=progress)
+        report.profile(table, times["profile"])
+    plan = _timed(times, "solve", lambda: _plan(table, budgets, constraints, solver, setup, tie, grid.keep))
+    report.plan(plan, table.quantizable_params)
+    if output is not None:
+        plan.save(output)
+        report.line(f"plan written to {output}")
+    if evaluate:
+        from .evaluate import run_evaluation
+
+        assert setup is not None
+        _, times["evaluate"] = run_evaluation(setup, plan, table.fp16_bytes, progress, metric=metric)
+    report.line("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+
+
+def _timed(times: dict[str, float], what: str, work: Any) -> Any:
+    t0 = time.perf_counter()
+    result = work()
+    times[what] = time.perf_counter() - t0
+    return result
+
+
+def _read_profile(path: Path) -> ProfileTable:
+    """A profile file; a warning when its stored validation says the estimates are poor."""
+    table = ProfileTable.load(path)
+    if table.validation is not None and not table.validation.trustworthy:
+        report.validation(table.validation, table.profiler)
+    return table
+
+
+def _plan(
+    table: ProfileTable,
+    budgets: list[Budget],
+    constraints: Any,
+    solver: SolverOptions,
+    setup: Setup | None,
+    tie: list[str] | None,
+    keep: list[str] | None,
+) -> Any:
+    from ..planning.build import plan_from_profile
+
+    tie_names: list[list[str]] = []
+    if tie:
+        from profilers.layers import find_targets
+
+        from ..planning.ties import profiled_ties
+
+        assert setup is not None
+        model, task = setup.loaded.model, setup.loaded.task
+        targets = find_targets(model, exclude=keep or ())
+        tie_names = profiled_ties(model, targets, setup.calib[0], task, table.names, tie)
+    return plan_from_profile(table, budgets, ties=tie_names, constraints=constraints, solver=solver.solver,
+                             gap=solver.gap, time_limit=solver.time_limit)  # fmt: skip
+
+
+def _solve_on_server(
+    url: str,
+    token: str | None,
+    profile_file: Path | None,
+    budgets: list[Budget],
+    constraints: Any,
+    solver: SolverOptions,
+    output: Path | None,
+) -> None:
+    from ..service.client import Client
+
+    if profile_file is None:
+        raise AllocatorError("--server plans from a profile: pass --profile PROFILE.json (made by allocator profile)")
+    table = ProfileTable.load(profile_file)
+    client = Client(url, token=token)
+    t0 = time.perf_counter()
+    profile_id = client.upload(table)
+    plan = client.solve(profile_id, [b.text for b in budgets], constraints=constraints, solver=solver.solver,
+                        gap=solver.gap, time_limit=solver.time_limit)  # fmt: skip
+    report.plan(plan, table.quantizable_params)
+    if output is not None:
+        plan.save(output)
+        report.line(f"plan written to {output}")
+    report.line(f"time: solve on {url} {time.perf_counter() - t0:.2f}s (profile id {profile_id[:12]})")

@@ -1,0 +1,191 @@
+"""The plan against the FP model, uniform settings and peers, measured on the same batches.
+
+Measured, not estimated: each variant is a copy of the FP model with the plan (or a uniform
+setting, or a peer quantizer's result) applied, run on held-out evaluation batches; the
+metrics are those of `metrics`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from profilers.tasks import Task
+from profilers.types import Choice
+
+from ..planning.plan import Plan, UniformPoint
+from ..quantized.apply import apply_choices_, apply_plan_
+from .metrics import METRICS, Measured, measure_outputs, model_outputs
+
+if TYPE_CHECKING:
+    from .peers import PeerVariant
+
+__all__ = ["Comparison", "compare", "default_metric", "default_uniform"]
+
+
+@dataclass
+class Comparison:
+    """FP model, the plan, uniform settings and peers, measured on the same evaluation data."""
+
+    fp: Measured
+    plan: Measured
+    uniform: list[Measured] = field(default_factory=list)
+    metric: str = "cosine"
+    peers: list[Measured] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # peers not run, and why
+
+    def best_uniform(self, *, fitting_only: bool = False) -> Measured | None:
+        """Best measured uniform variant by the primary metric (only those within budget if asked)."""
+        rows = [u for u in self.uniform if u.fits or not fitting_only]
+        if not rows:
+            return None
+        return max(rows, key=self.score)
+
+    def score(self, m: Measured) -> float:
+        """Higher is better: the metric, negated when lower is better; -divergence when the
+        metric was not measured for `m`."""
+        value = m.value(self.metric)
+        if value is None:
+            return -m.divergence
+        return value if METRICS[self.metric][1] else -value
+
+    def best_peer(self) -> Measured | None:
+        """The best measured peer by the primary metric."""
+        return max(self.peers, key=self.score) if self.peers else None
+
+    @property
+    def rows(self) -> list[Measured]:
+        return [self.fp, self.plan, *self.uniform, *self.peers]
+
+
+def default_metric(task: Task, fp: Measured) -> str:
+    """The metric a model kind is judged by: cosine for embeddings, perplexity for causal LMs,
+    accuracy when the batches carry labels, else top-1 agreement with FP."""
+    if task.output == "embedding":
+        return "cosine"
+    if fp.perplexity is not None:
+        return "perplexity"
+    return "accuracy" if fp.accuracy is not None else "agreement"
+
+
+def compare(
+    model: nn.Module,
+    plan: Plan,
+    batches: Sequence[Any],
+    task: Task,
+    *,
+    uniform: Sequence[UniformPoint] | None = None,
+    words: Callable[[nn.Module], float] | None = None,
+    fp_bytes: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    hessians: dict[str, Tensor] | None = None,
+    peers: Sequence[PeerVariant] = (),
+    skipped: Sequence[str] = (),
+    metric: str | None = None,
+) -> Comparison:
+    """Measure FP, the plan, uniform settings and peers on `batches`.
+
+    Args:
+        model: the FP model (left unchanged; variants are deep copies).
+        plan: the plan to measure.
+        batches: held-out evaluation batches.
+        task: output kind and divergence.
+        uniform: uniform settings to measure; default: the three fitting settings with the
+            least predicted loss, and the smallest setting at least as large as the plan.
+        words: optional extra metric of a model (e.g. WordSim353 Spearman).
+        fp_bytes: size of the FP reference to print (default: the fp32 parameter bytes).
+        progress: optional callback receiving the label being measured.
+        hessians: every layer's `H`, for a GPTQ plan; uniform settings are rounded the same way.
+        peers: other quantizers' settings (`allocator.peers.peer_variants`), built one at a time.
+        skipped: why peers that were asked for are missing, carried into the result.
+        metric: a name of `METRICS` to rank by (default: `default_metric`).
+    """
+    note = progress or (lambda label: None)
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
+    if fp_bytes is None:
+        fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    note("FP")
+    bench = _Bench(model, batches, task, words)
+    fp = bench.measure_fp(size=fp_bytes, bpw=None, predicted=0.0)
+
+    def variant(label: str, make: Callable[[], nn.Module], **kw: Any) -> Measured:
+        note(label)
+        t0 = time.perf_counter()
+        made = make()
+        return bench.measure(label, made, time.perf_counter() - t0, **kw)
+
+    predicted = plan.predicted
+    plan_row = variant("plan", lambda: apply_plan_(copy.deepcopy(model), plan, hessians=hessians),
+                       size=predicted.bytes, bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
+    rows = []
+    for u in list(uniform) if uniform is not None else default_uniform(plan):
+        make = lambda u=u: apply_choices_(  # noqa: E731
+            copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, hessians=hessians
+        )
+        label = f"uniform {u.choice.label}"
+        rows.append(variant(label, make, size=u.bytes, bpw=u.bpw, predicted=u.loss, fits=u.fits, kind="uniform"))
+    peer_rows = []
+    for peer in peers:
+        note(peer.label)
+        built = peer.build()
+        peer_rows.append(bench.measure(built.label, built.model, built.seconds, size=built.bytes, bpw=built.bpw,
+                                       predicted=None, fits=built.fits, kind="peer"))  # fmt: skip
+        del built
+    return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric or default_metric(task, fp), peers=peer_rows,
+                      skipped=list(skipped))  # fmt: skip
+
+
+class _Bench:
+    """The held-out batches, the FP outputs on them, and measuring a variant against those."""
+
+    def __init__(
+        self, model: nn.Module, batches: Sequence[Any], task: Task, words: Callable[[nn.Module], float] | None
+    ) -> None:
+        self.model, self.batches, self.task, self.words = model, batches, task, words
+        self.started = time.perf_counter()
+        self.reference = model_outputs(model, batches, task)
+
+    def measure_fp(self, **kw: Any) -> Measured:
+        """The FP model's own row (its outputs are the reference)."""
+        return self._row("FP", self.model, self.reference, self.started, 0.0, kw)
+
+    def measure(self, label: str, model: nn.Module, made: float, **kw: Any) -> Measured:
+        """`model`'s metrics on the batches; `made`: seconds it took to make the variant."""
+        started = time.perf_counter()
+        return self._row(label, model, model_outputs(model, self.batches, self.task), started, made, kw)
+
+    def _row(
+        self, label: str, model: nn.Module, outs: list[Tensor], started: float, made: float, kw: dict[str, Any]
+    ) -> Measured:
+        score = self.words(model) if self.words is not None else None
+        return measure_outputs(label, outs, self.batches, self.task, self.reference, wordsim=score, started=started,
+                               quantize_seconds=made, **kw)  # fmt: skip
+
+
+def default_uniform(plan: Plan, *, top: int = 3) -> list[UniformPoint]:
+    """The `top` fitting uniform settings by predicted loss, plus the next size up from the
+    plan. In lossless mode: the `top` smallest settings whose predicted loss meets the target,
+    plus the one closest to the plan in size."""
+    if plan.constraints.max_loss is not None:
+        eps = plan.constraints.max_loss
+        meeting = sorted((u for u in plan.uniform if u.fits and u.loss <= eps), key=lambda u: (u.bytes, u.loss))
+        chosen = meeting[:top]
+        if plan.uniform:
+            near = min(plan.uniform, key=lambda u: abs(u.bytes - plan.predicted.bytes))
+            if near not in chosen:
+                chosen.append(near)
+        return chosen
+    fitting = [u for u in plan.uniform if u.fits][:top]
+    larger = [u for u in plan.uniform if u.bytes >= plan.predicted.bytes and u.choice != Choice.fp16()]
+    chosen = list(fitting)
+    if larger:
+        up = min(larger, key=lambda u: (u.bytes, u.loss))
+        if up not in chosen:
+            chosen.append(up)
+    return chosen

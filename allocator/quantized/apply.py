@@ -1,0 +1,165 @@
+"""Apply a plan to a torch model: every planned weight replaced by its quantized reconstruction.
+
+This is fake quantization (weights stay float tensors holding exactly the values the packed
+format reproduces). Everything the plan keeps in floating point is rounded to fp16, as it
+would be stored, so measured quality is the quality of the model the plan describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from profilers.input_hessians import input_hessians
+from profilers.layers import find_targets, resolve_modules
+from profilers.quant.rounding import reconstruct
+from profilers.tasks import Task, infer_task
+from profilers.types import Choice, ProfileError
+
+from ..errors import PlanError
+from ..planning.plan import Plan
+
+__all__ = ["apply_choices_", "apply_plan_", "check_plan_fits_model", "layer_hessians", "plan_hessians"]
+
+
+def layer_hessians(model: nn.Module, batches: Sequence[Any], task: Task) -> dict[str, Tensor]:
+    """Every quantizable layer's input second moment `H` (what GPTQ needs), by layer name."""
+    targets = find_targets(model)
+    found = input_hessians(model, batches, task, targets)
+    return {targets[i].spec.name: h for i, h in found.items()}
+
+
+def apply_choices_(
+    model: nn.Module,
+    choices: dict[str, Choice],
+    *,
+    extra_rows: dict[str, np.ndarray] | None = None,
+    method: str = "rtn",
+    hessians: dict[str, Tensor] | None = None,
+    round_rest_to_fp16: bool = True,
+) -> nn.Module:
+    """Quantize the named layers' weights in place with the given choices.
+
+    Validates every name and weight before changing anything, so a failure leaves the model
+    as it was.
+
+    Args:
+        model: the model to change.
+        choices: layer name -> choice.
+        extra_rows: layer name -> rows carrying the extra term, for fractional choices.
+        method: `rtn` or `gptq` (GPTQ where `hessians` has the layer's `H`).
+        hessians: layer name -> `H` (`layer_hessians`).
+        round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
+            precision (how the plan stores them).
+
+    Raises:
+        PlanError: an unknown layer name or a weight with NaN/inf values.
+    """
+    try:
+        modules = resolve_modules(model, choices)
+    except ProfileError as e:
+        raise PlanError(str(e)) from None
+    weights: dict[str, nn.Parameter] = {}
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise PlanError(f"layer {name!r} has no weight to quantize")
+        if not torch.isfinite(weight.detach()).all():
+            raise PlanError(f"layer {name!r} has NaN or infinite weights; repair or reload the model first")
+        weights[name] = weight
+        if choices[name].extra and (extra_rows is None or name not in extra_rows):
+            raise PlanError(f"layer {name!r} takes {choices[name].label} but no rows were given for its extra term")
+    planned = {id(w) for w in weights.values()}
+    with torch.no_grad():
+        for name, weight in weights.items():
+            rows = torch.as_tensor(extra_rows[name]) if choices[name].extra and extra_rows else None
+            h = (hessians or {}).get(name)
+            weight.copy_(reconstruct(weight.detach(), choices[name], method=method, hessian=h, extra_rows=rows))
+        if round_rest_to_fp16:
+            seen: set[int] = set()
+            for t in [*model.parameters(), *model.buffers()]:
+                if id(t) in planned or id(t) in seen or not t.is_floating_point():
+                    continue
+                seen.add(id(t))
+                t.copy_(t.half().to(t.dtype))
+    return model
+
+
+def check_plan_fits_model(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """The plan's layers in `model`, checked to exist with the shapes the plan was made for.
+
+    Raises:
+        PlanError: a layer the model lacks, or a weight of another shape.
+    """
+    try:
+        modules = resolve_modules(model, plan.layers)
+    except ProfileError as e:
+        raise PlanError(str(e)) from None
+    for name, lp in plan.layers.items():
+        weight = getattr(modules[name], "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(lp.shape):
+            got = None if weight is None else tuple(weight.shape)
+            raise PlanError(
+                f"layer {name!r} has weight shape {got} but the plan was made for {tuple(lp.shape)}; "
+                "use the plan made for this model"
+            )
+    return modules
+
+
+def apply_plan_(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
+    task: Task | None = None,
+    round_rest_to_fp16: bool = True,
+) -> nn.Module:
+    """Quantize `model` in place as `plan` says and return it.
+
+    A plan scored for GPTQ (`plan.method == "gptq"`, the default) needs every layer's `H`: pass
+    the `calibration` batches it was profiled with (and its `task`, else inferred), or `hessians`
+    (`layer_hessians`).
+
+    Raises:
+        PlanError: the plan names layers the model lacks, a weight's shape differs from the one
+            the plan was made for, or a GPTQ plan comes without calibration data.
+
+    Example:
+        >>> plan = Plan.load("plan.json")  # doctest: +SKIP
+        >>> apply_plan_(model, plan)  # doctest: +SKIP
+    """
+    check_plan_fits_model(model, plan)
+    hessians = plan_hessians(model, plan, hessians, calibration, task)
+    rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
+    return apply_choices_(
+        model,
+        {name: lp.choice for name, lp in plan.layers.items()},
+        extra_rows=rows,
+        method=plan.method,
+        hessians=hessians,
+        round_rest_to_fp16=round_rest_to_fp16,
+    )
+
+
+def plan_hessians(
+    model: nn.Module,
+    plan: Plan,
+    hessians: dict[str, Tensor] | None,
+    calibration: Sequence[Any] | None,
+    task: Task | None,
+) -> dict[str, Tensor] | None:
+    """The `H` a plan's rounding needs: none for RTN; given, or computed from calibration, for GPTQ."""
+    if plan.method != "gptq" or hessians is not None:
+        return hessians
+    if not calibration:
+        raise PlanError(
+            "this plan was scored for GPTQ rounding: pass the calibration batches it was profiled with"
+            " (apply_plan_(model, plan, calibration=batches)) or hessians=layer_hessians(...)"
+        )
+    batches = list(calibration)
+    return layer_hessians(model, batches, task or infer_task(model, batches[0]))

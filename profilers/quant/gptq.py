@@ -1,0 +1,180 @@
+"""GPTQ: quantization with second-order error feedback (Frantar et al., 2022), for every term.
+
+For a layer with inputs `X` and `H = XᵀX` (plus 1% damping), columns are quantized left to
+right; each column's rounding error, divided by the diagonal of the inverse Hessian's Cholesky
+factor, is fed back into the columns not yet quantized, so that `‖(W − Ŵ)X‖` and not `‖W − Ŵ‖`
+is what the rounding minimises. Group scales are chosen (by the same clipping search as
+round-to-nearest) on the error-updated weights when a group is reached.
+
+One sweep (`gptq_sweep`) serves the profiler and the applier: it quantizes several matrices
+of the same columns at once, each row with its own grid, so the profiler's error stack of
+every choice and the applier's terms of one choice come from the same code.
+
+Multi-term choices:
+
+- residual: term 1 is GPTQ on `W`; term t is GPTQ on what the terms before left, with the same
+  `H` (each pass minimises the output error of what is left);
+- tied: GPTQ on the combined `bits·terms` grid, then split into digits (exactly as RTN);
+- joint: the residual GPTQ terms, their zero points merged into term 1 (the weight-space
+  least-squares refinement of `joint` would undo the output-space feedback, so it is not run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..types import Choice
+from .quantize import Term, _quantize, dequantize, dequantize_terms, split_digits
+
+__all__ = ["Grid", "gptq_reconstructions", "gptq_sweep", "gptq_terms", "prepare_hessian"]
+
+
+class Grid(NamedTuple):
+    """The integer grid one matrix of a sweep is rounded to."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+
+def prepare_hessian(h: Tensor, *, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Damped `H` → (upper Cholesky factor of `H⁻¹`, dead-column mask). Columns no input ever
+    reached (zero diagonal) are marked dead: their weights do not matter to the output."""
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h).mean()
+    chol = torch.linalg.cholesky(h)
+    inv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(inv, upper=True).float(), dead
+
+
+def _block_size(groups: Sequence[int], cols: int, block: int) -> int:
+    """Blocks of whole groups for every group size: a multiple of their least common multiple."""
+    step = math.lcm(*(g for g in groups if g < cols)) if any(g < cols for g in groups) else 1
+    return step * max(1, block // step) if step > 1 else block
+
+
+def gptq_sweep(
+    targets: Sequence[Tensor], grids: Sequence[Grid], hinv_u: Tensor, dead: Tensor, *, block: int = 128
+) -> list[Term]:
+    """GPTQ-quantize several `[rows, cols]` matrices of the same columns in one column sweep.
+
+    Their rows are stacked and each matrix is rounded to its own grid, with its own group
+    parameters, so one sweep serves every choice of a layer (the profiler) or one (the applier).
+
+    Args:
+        targets: matrices of equal shape (a layer's weight, or residuals of it).
+        grids: one `Grid` per target.
+        hinv_u: upper Cholesky factor of the damped `H⁻¹` (`prepare_hessian`).
+        dead: columns no input reaches; their weights are zeroed.
+        block: columns per lazy-update block (rounded to whole groups).
+
+    Returns:
+        One `Term` per target: codes, fp16 scales and zero points, as the packed file stores them.
+    """
+    rows, cols = targets[0].shape
+    w = torch.cat([t.float() for t in targets]).clone()
+    w[:, dead] = 0.0
+    groups = [cols if g.group_size is None else min(g.group_size, cols) for g in grids]
+    per_row = lambda values: torch.cat([torch.full((rows,), float(v)) for v in values])  # noqa: E731
+    qmin = per_row(-(2 ** (g.bits - 1)) if g.symmetric else 0 for g in grids)
+    qmax = per_row(2 ** (g.bits - 1) - 1 if g.symmetric else 2**g.bits - 1 for g in grids)
+    has_zero = torch.cat([torch.full((rows,), not g.symmetric) for g in grids])
+    scale = torch.ones(len(grids) * rows)
+    offset = torch.zeros(len(grids) * rows)
+    codes = torch.zeros(len(grids) * rows, cols, dtype=torch.int32)
+    scales = [torch.zeros(rows, -(-cols // g), dtype=torch.float16) for g in groups]
+    zeros = [None if grid.symmetric else torch.zeros(rows, -(-cols // g), dtype=torch.float16)
+             for grid, g in zip(grids, groups, strict=True)]  # fmt: skip
+    block = _block_size(groups, cols, block)
+    for start in range(0, cols, block):
+        stop = min(start + block, cols)
+        w1 = w[:, start:stop].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv_u[start:stop, start:stop]
+        for i in range(stop - start):
+            col = start + i
+            for c, grid in enumerate(grids):
+                g = groups[c]
+                if col % g:
+                    continue
+                sl = slice(c * rows, (c + 1) * rows)
+                # Group parameters from the error-updated weights of the whole group (per
+                # channel: the untouched row, at column 0).
+                grp = w1[sl, i : i + g] if g < cols else w[sl, :]
+                term, _ = _quantize(grp, bits=grid.bits, group_size=None, symmetric=grid.symmetric, clip=None)
+                scale[sl] = term.scale[:, 0].float()
+                scales[c][:, col // g] = term.scale[:, 0]
+                if term.offset is not None:
+                    offset[sl] = term.offset[:, 0].float()
+                    zeros[c][:, col // g] = term.offset[:, 0]  # type: ignore[index]
+            x = w1[:, i]
+            q = torch.where(has_zero, (x - offset) / scale, x / scale).round().clamp(qmin, qmax)
+            codes[:, col] = q.to(torch.int32)
+            xq = torch.where(has_zero, q * scale + offset, q * scale)
+            e = (x - xq) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, stop:] -= err1 @ hinv_u[start:stop, stop:]
+    out = []
+    for c, grid in enumerate(grids):
+        code_type = torch.int32 if grid.bits > 8 else torch.int8 if grid.symmetric else torch.uint8
+        out.append(Term(codes[c * rows : (c + 1) * rows].to(code_type), scales[c], zeros[c], grid.bits, groups[c]))
+    return out
+
+
+def _grid(choice: Choice) -> Grid:
+    """The grid of one GPTQ pass of `choice`: tied terms are one pass on their combined grid."""
+    if choice.kind == "tied":
+        return Grid(choice.bits * choice.terms, choice.group_size, False)
+    return Grid(choice.bits, choice.group_size, choice.symmetric)
+
+
+def _passes(choice: Choice) -> int:
+    return 1 if choice.kind == "tied" else choice.terms
+
+
+def _finish(choice: Choice, passes: list[Term]) -> list[Term]:
+    """A choice's terms from its GPTQ passes: tied digits split, joint zero points merged."""
+    if choice.kind == "tied":
+        return split_digits(passes[0], choice.bits, choice.terms)
+    if choice.kind == "joint" and not choice.symmetric:
+        merged = sum(t.offset.float() for t in passes if t.offset is not None)
+        return [Term(t.codes, t.scale, merged.half() if k == 0 else None, t.bits, t.group_size)  # type: ignore[union-attr]
+                for k, t in enumerate(passes)]  # fmt: skip
+    return passes
+
+
+def _all_terms(w2d: Tensor, h: Tensor, choices: Sequence[Choice], damp: float) -> list[list[Term]]:
+    """The terms of every quantized choice, with one sweep per term index (all first terms
+    together, then all second terms, ...)."""
+    hinv_u, dead = prepare_hessian(h, damp=damp)
+    w = w2d.detach().float()
+    passes: list[list[Term]] = [[] for _ in choices]
+    residual = [w for _ in choices]
+    for t in range(max((_passes(c) for c in choices if c.quantized), default=0)):
+        live = [i for i, c in enumerate(choices) if c.quantized and _passes(c) > t]
+        terms = gptq_sweep([residual[i] for i in live], [_grid(choices[i]) for i in live], hinv_u, dead)
+        for i, term in zip(live, terms, strict=True):
+            passes[i].append(term)
+            residual[i] = residual[i] - dequantize(term)
+    return [_finish(c, p) if c.quantized else [] for c, p in zip(choices, passes, strict=True)]
+
+
+def gptq_terms(w2d: Tensor, h: Tensor, choice: Choice, *, damp: float = 0.01) -> list[Term]:
+    """The whole terms of `choice` for `w2d` `[rows, cols]` under GPTQ with `H` `[cols, cols]`."""
+    return _all_terms(w2d, h, [choice], damp)[0]
+
+
+def gptq_reconstructions(w2d: Tensor, h: Tensor, choices: list[Choice], *, damp: float = 0.01) -> list[Tensor]:
+    """GPTQ reconstructions of `w2d` for many whole-term choices (fp16 for the fp16 choice),
+    from the same sweeps `gptq_terms` runs for one."""
+    w = w2d.detach().float()
+    terms = _all_terms(w, h, choices, damp)
+    return [dequantize_terms(t) if c.quantized else w.half().float() for c, t in zip(choices, terms, strict=True)]

@@ -1,0 +1,212 @@
+"""The options of a layer and the quantization errors they are scored from.
+
+Whole-term options (`int4-g64`, `int2x2-ch`, fp16) are rows of an *error stack*
+`ΔW = Q(W) - W`. A fractional option (`int3+1/4-g64`) is a base row of the stack with its
+next-term row swapped in for the `k` rows that gain most; every estimator scores it from the
+pair `(base, next)` and a row order, so fractions cost one pair, not one stack row each.
+
+The stack is built with one residual-quantization run per (bits, group, symmetry), up to the
+largest number of terms any option needs: `int4-g64`, `int4x2-g64` and the next term of
+`int4+k/8-g64` share their first term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..types import MAX_TERMS, Choice
+from .quantize import as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
+
+__all__ = [
+    "DEFAULT_BITS",
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_GROUP_SIZES",
+    "DEFAULT_KINDS",
+    "DEFAULT_TERMS",
+    "KINDS",
+    "FractionPair",
+    "OptionLayout",
+    "choice_grid",
+    "error_stack",
+    "expand_choices",
+    "layout_options",
+]
+
+DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+DEFAULT_TERMS: tuple[int, ...] = (1, 2)
+DEFAULT_GROUP_SIZES: tuple[int | None, ...] = (64, 128, None)
+DEFAULT_KINDS: tuple[str, ...] = ("residual",)
+DEFAULT_FRACTIONS = 8
+KINDS: tuple[str, ...] = ("residual", "tied", "joint")
+MAX_BITS_PER_WEIGHT = 8  # multi-term settings above 8 bits per weight are never worth their bytes
+
+
+def choice_grid(
+    bits: Sequence[int] = DEFAULT_BITS,
+    terms: Sequence[int] = DEFAULT_TERMS,
+    group_sizes: Sequence[int | None] = DEFAULT_GROUP_SIZES,
+    *,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    max_bits: int = MAX_BITS_PER_WEIGHT,
+    symmetric: bool = False,
+) -> list[Choice]:
+    """All (bits, terms, group) combinations with `bits x terms <= max_bits` (single terms are
+    always kept), multi-term ones in every requested `kind` that applies (`tied` needs an
+    asymmetric grid of at most 16 bits), plus fp16 (leave the layer unquantized).
+
+    Example:
+        >>> [c.label for c in choice_grid((2, 4), (1, 2), (64,))]
+        ['fp16', 'int2-g64', 'int2x2-g64', 'int4-g64', 'int4x2-g64']
+        >>> [c.label for c in choice_grid((4,), (2,), (64,), kinds=("residual", "tied"))]
+        ['fp16', 'int4x2-g64', 'int4x2t-g64']
+    """
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown term kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+    out = [Choice.fp16()]
+    for g in group_sizes:
+        for b in bits:
+            for t in terms:
+                if t == 1:
+                    out.append(Choice(bits=b, group_size=g, symmetric=symmetric))
+                    continue
+                if b * t > max_bits:
+                    continue
+                for kind in kinds:
+                    if kind == "tied" and (symmetric or b * t > 16):
+                        continue
+                    out.append(Choice(bits=b, terms=t, group_size=g, symmetric=symmetric, kind=kind))
+    return list(dict.fromkeys(out))
+
+
+def expand_choices(
+    choices: Sequence[Choice], fractions: int = 0, *, max_bits: int = 8, max_terms: int = 2
+) -> list[Choice]:
+    """`choices` plus, when `fractions > 1`, the variants of each quantized whole-term choice
+    `(b, T, g)` in which `k/fractions` of the rows carry term `T + 1`, for `k = 1..fractions-1`.
+
+    Only bases whose next term stays within `max_bits` bits per weight (`b x (T+1)`) and
+    `max_terms` terms get fractions (by default `1 + k/fractions` terms): beyond that a wider
+    single term is cheaper.
+
+    Example:
+        >>> [c.label for c in expand_choices([Choice(bits=4, group_size=64)], 4)]
+        ['int4-g64', 'int4+1/4-g64', 'int4+1/2-g64', 'int4+3/4-g64']
+    """
+    out = list(dict.fromkeys(choices))
+    if fractions > 1:
+        for c in list(out):
+            if (
+                not c.quantized
+                or c.extra
+                or c.kind != "residual"  # only residual terms keep their first terms when one is added
+                or c.terms + 1 > min(max_terms, MAX_TERMS)
+                or c.bits * (c.terms + 1) > max_bits
+            ):
+                continue
+            for k in range(1, fractions):
+                out.append(Choice.model_validate({**c.model_dump(), "extra": k, "extra_of": fractions}))
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class FractionPair:
+    """A base stack row and its next-term stack row: the two reconstructions a fractional
+    option mixes, row by row."""
+
+    base: int
+    next: int
+
+
+@dataclass(frozen=True)
+class OptionLayout:
+    """How a layer's options map onto its error stack.
+
+    Attributes:
+        stack: whole-term choices, one per stack row (options' bases and next terms).
+        whole: per option, its stack row, or -1 for a fractional option.
+        pair: per option, its index in `pairs`, or -1 for a whole option.
+        rows: per option, rows carrying the extra term (0 for whole options).
+        pairs: distinct (base, next) pairs used by fractional options.
+        n_paired: the first `n_paired` stack rows are the ones pairs use.
+    """
+
+    stack: list[Choice]
+    whole: list[int]
+    pair: list[int]
+    rows: list[int]
+    pairs: list[FractionPair]
+    n_paired: int = 0
+
+    def pair_label(self, p: int) -> str:
+        return self.stack[self.pairs[p].base].label
+
+
+def layout_options(options: Sequence[Choice], n_rows: int) -> OptionLayout:
+    """Lay out `options` of a weight with `n_rows` rows onto a stack of whole-term errors.
+
+    Stack rows that fractional options mix come first (`stack[:OptionLayout.n_paired]`), so
+    per-row work can run on a contiguous slice of the stack.
+    """
+    wanted: list[Choice] = []
+    for c in options:
+        wanted += [c.base, c.next_term] if c.extra else [c]
+    paired = list(dict.fromkeys(x for c in options if c.extra for x in (c.base, c.next_term)))
+    stack = paired + [c for c in dict.fromkeys(wanted) if c not in paired]
+    index = {c: k for k, c in enumerate(stack)}
+
+    whole, pair, rows, pairs = [], [], [], []
+    pair_index: dict[tuple[int, int], int] = {}
+    for c in options:
+        if not c.extra:
+            whole.append(index[c])
+            pair.append(-1)
+            rows.append(0)
+            continue
+        key = (index[c.base], index[c.next_term])
+        if key not in pair_index:
+            pair_index[key] = len(pairs)
+            pairs.append(FractionPair(*key))
+        whole.append(-1)
+        pair.append(pair_index[key])
+        rows.append(c.extra_rows(n_rows))
+    return OptionLayout(stack=stack, whole=whole, pair=pair, rows=rows, pairs=pairs, n_paired=len(paired))
+
+
+def error_stack(
+    weight: Tensor, stack: Sequence[Choice], *, method: str = "rtn", hessian: Tensor | None = None
+) -> Tensor:
+    """`[K, rows, cols]` float32 errors `reconstruct(W, c) - W` for the whole-term `stack`.
+
+    Round to nearest: one residual run per (bits, group, symmetry) serves every term count of
+    that setting. GPTQ (given the layer's `hessian`): one column sweep per term index for all
+    choices together.
+    """
+    w = as_matrix(weight.detach()).float()
+    for c in stack:
+        if c.extra:
+            raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
+    if method == "gptq" and hessian is not None:
+        from .gptq import gptq_reconstructions
+
+        return torch.stack([r - w for r in gptq_reconstructions(w, hessian, list(stack))])
+    out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
+    runs: dict[tuple[int, int | None, bool], list[int]] = {}
+    for k, c in enumerate(stack):
+        if not c.quantized:
+            out[k] = w.half().float() - w
+        elif c.kind != "residual":
+            torch.sub(dequantize_terms(quantize_terms(w, c)), w, out=out[k])
+        else:
+            runs.setdefault((c.bits, c.group_size, c.symmetric), []).append(k)
+    for (bits, group, sym), ks in runs.items():
+        recs = residual_reconstructions(
+            w, bits=bits, terms=max(stack[k].terms for k in ks), group_size=group, symmetric=sym
+        )
+        for k in ks:
+            torch.sub(recs[stack[k].terms - 1], w, out=out[k])
+    return out

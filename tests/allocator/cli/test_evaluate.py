@@ -1,0 +1,95 @@
+"""`allocator evaluate`: the plan against FP, uniform settings and peer quantizers, and a causal
+LM through profile -> solve -> apply -> evaluate with perplexity."""
+
+import json
+import math
+
+import pytest
+
+from allocator.planning.plan import Plan
+
+
+@pytest.mark.slow
+def test_evaluate_measures_plan_uniform_and_peers_on_the_recorded_split(tiny_encoder_dir, tmp_path, cli, fast):
+    plan_file = tmp_path / "plan.json"
+    res = cli(
+        "solve", "--model", str(tiny_encoder_dir), "--budget", "4bpw", "--keep", "embeddings*", "-o", str(plan_file),
+        *fast,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    plan = Plan.load(plan_file)
+    assert plan.data is not None and (plan.data.calibration, plan.data.max_length) == (16, 32)
+    assert plan.data.evaluation == 300 - 16 and plan.data.builtin
+
+    png = tmp_path / "cmp.png"
+    res = cli("evaluate", str(plan_file), "--json", "--plot", str(png), "--no-progress", "--uniform", "2")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)  # stdout holds the JSON alone
+    assert doc["metric"] == "cosine" and doc["held_out"]["items"] == 284
+    kinds = [r["kind"] for r in doc["rows"]]
+    assert kinds[:2] == ["fp", "plan"] and kinds.count("uniform") >= 1
+    peers = {r["label"]: r for r in doc["rows"] if r["kind"] == "peer"}
+    assert "ModelOpt AutoQuantize" in peers and any(label.startswith("HQQ int") for label in peers)
+    limit = plan.fixed_bytes + plan.predicted.file_overhead + plan.limits["bytes"]
+    for row in peers.values():
+        assert row["fits"] and row["bytes"] <= limit and 0 < row["bpw"] <= 4.0
+        assert -1.0 <= row["cosine"] <= 1.0 and row["quantize_seconds"] > 0
+    fp, planned = doc["rows"][0], doc["rows"][1]
+    assert fp["cosine"] > 0.9999 and planned["bytes"] == plan.predicted.bytes
+    assert isinstance(doc["plan_beats_best_peer"], bool) and doc["best_peer"] in peers
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the table for people names every row and says how the plan compares
+    res = cli("evaluate", str(tiny_encoder_dir), str(plan_file), "--peers", "hqq", "--no-progress", "--metric", "kl")
+    assert res.returncode == 0, res.stderr
+    assert "HQQ int" in res.stdout and "ModelOpt" not in res.stdout
+    assert "the best measured uniform setting that fits" in res.stdout and "measured loss" in res.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_bad_input_in_one_line(tiny_encoder_dir, tiny_causal_dir, tmp_path, cli, fast):
+    plan_file = tmp_path / "plan.json"
+    res = cli("solve", "--model", str(tiny_encoder_dir), "--budget", "4bpw", "-o", str(plan_file), *fast)
+    assert res.returncode == 0, res.stderr
+    cases = [
+        (["evaluate", str(tmp_path / "missing.json")], "missing.json"),
+        (["evaluate", str(plan_file), "--metric", "bleu"], "--metric takes"),
+        (["evaluate", str(plan_file), "--peers", "gptq"], "unknown peer 'gptq'"),
+        (["evaluate", str(tiny_causal_dir), str(plan_file)], "different weights"),
+    ]
+    for args, message in cases:
+        res = cli(*args, "--no-progress")
+        assert res.returncode == 2, (args, res.stderr)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: ") and message in lines[-1], res.stderr
+        assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_causal_lm_folder_goes_through_profile_solve_apply_evaluate_with_perplexity(
+    tiny_causal_dir, tmp_path, cli, fast
+):
+    from allocator.sources.text import lee_documents
+
+    prof, plan_file, packed = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "lm.safetensors"
+    text = tmp_path / "news.txt"  # 16 documents to calibrate on, 32 held out: a 30k-token vocabulary is slow
+    text.write_text("\n".join(lee_documents()[:48]))
+    res = cli("profile", str(tiny_causal_dir), "-o", str(prof), "--data", str(text), *fast)
+    assert res.returncode == 0, res.stderr
+    assert f"model {tiny_causal_dir} (causal-lm)" in res.stdout
+    res = cli("solve", "-p", str(prof), "--budget", "5bpw", "-o", str(plan_file), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    res = cli("apply", str(plan_file), "-o", str(packed))  # model and calibration split from the plan
+    assert res.returncode == 0, res.stderr
+    assert packed.stat().st_size > 0 and "reloaded model vs fake-quantized model" in res.stdout
+
+    res = cli("evaluate", str(plan_file), "--json", "--peers", "hqq", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["metric"] == "perplexity" and doc["held_out"] == {"items": 32, "unit": "documents", "source": str(text)}
+    fp, planned = doc["rows"][0], doc["rows"][1]
+    assert math.isfinite(fp["perplexity"]) and fp["perplexity"] > 1
+    # 5 bits per weight on a random model: the next-token distribution barely moves
+    assert abs(planned["perplexity"] / fp["perplexity"] - 1) < 0.05
+    assert all(r["perplexity"] is not None for r in doc["rows"])
+    assert planned["agreement"] > 0.5 and planned["divergence"] >= 0

@@ -1,0 +1,303 @@
+"""Empirical-Fisher profiler: exact first-order terms, exactness on linear models, tied weights."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from profilers.capture import Call
+from profilers.estimators.fisher import FisherProfiler, _dense_products, _embedding_products
+from profilers.quant.rounding import fake_quantize
+from profilers.tasks import EmbeddingTask, LogitsTask
+from profilers.types import Choice, ProfileError
+
+CHOICES = [
+    Choice(bits=2, group_size=8),
+    Choice(bits=4, group_size=8),
+    Choice(bits=8, group_size=None),
+    Choice.fp16(),
+]
+
+
+def profile_fisher(model, data, *, choices, task=None, draws=2, seed=0, **kw):
+    return FisherProfiler(draws=draws, seed=seed).profile(model, data, choices=choices, task=task, **kw)
+
+
+def _errors(weight):
+    w = weight.detach().reshape(weight.shape[0], -1)
+    return torch.stack([fake_quantize(w, c) - w for c in CHOICES])
+
+
+def test_linear_first_order_terms_equal_output_space_products():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 7)
+    x, g = torch.randn(5, 9, 12), torch.randn(5, 9, 7)
+    errors = _errors(lin.weight)
+    call = Call(0, lin, x, torch.empty(0))
+    got, none = _dense_products(call, g, errors, n_paired=0)
+    want = torch.stack([(g * F.linear(x, e)).sum(dim=(1, 2)) for e in errors], dim=1)
+    assert none is None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    a, per_row = _dense_products(call, g, errors, n_paired=2)  # per row for the first two stack rows
+    want_rows = torch.stack([(g * F.linear(x, e)).sum(dim=1) for e in errors[:2]], dim=1)  # [n, 2, out]
+    assert torch.allclose(per_row, want_rows, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(a, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, bias=False),
+        nn.Conv2d(4, 6, 3, groups=2, padding="same"),
+        nn.Conv2d(4, 4, (2, 3), groups=4, padding="valid"),
+    ],
+)
+def test_conv_first_order_terms_equal_output_space_products(conv):
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 9, 9)
+    out = conv(x)
+    g = torch.randn_like(out)
+    errors = _errors(conv.weight)
+    got, _ = _dense_products(Call(0, conv, x, out), g, errors, n_paired=0)
+    want = torch.stack(
+        [(g * conv._conv_forward(x, e.reshape(conv.weight.shape), None)).sum(dim=(1, 2, 3)) for e in errors],
+        dim=1,
+    )
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_first_order_terms_use_only_looked_up_rows():
+    torch.manual_seed(2)
+    emb = nn.Embedding(30, 16)
+    ids = torch.randint(0, 30, (4, 11))
+    g = torch.randn(4, 11, 16)
+    rows = torch.unique(ids)
+    row_errors = _errors(emb.weight)[:, rows]
+    call = Call(0, emb, ids, torch.empty(0))
+    got, _ = _embedding_products(call, g, rows, row_errors, n_paired=0)
+    full = _errors(emb.weight)
+    want = torch.stack([(g * F.embedding(ids, e)).sum(dim=(1, 2)) for e in full], dim=1)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    a, per_row = _embedding_products(call, g, rows, row_errors, n_paired=len(CHOICES))
+    assert torch.allclose(per_row.sum(dim=-1), want, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(a, want, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_embedding_model_score_is_half_the_squared_output_change():
+    # e = W x (no pooling, no normalisation): the Fisher score is exactly ½ E‖ΔW x‖².
+    torch.manual_seed(3)
+    model = nn.Linear(16, 8, bias=False)
+    data = [torch.randn(32, 16) for _ in range(2)]
+    table = profile_fisher(model, data, choices=CHOICES, task=EmbeddingTask("none", normalize=False), draws=200)
+    x = torch.cat(data)
+    for opt in table.layers[0].options:
+        delta = fake_quantize(model.weight, opt.choice) - model.weight
+        exact = 0.5 * (x @ delta.T).pow(2).sum(dim=1).mean().item()
+        assert abs(opt.loss - exact) <= 5 * opt.loss_stderr + 1e-12, (opt.choice.label, opt.loss, exact)
+        assert opt.loss_stderr <= 0.2 * exact + 1e-12
+
+
+def test_linear_classifier_score_is_the_fisher_quadratic_form():
+    # z = W x: E over pseudo-labels of the squared first-order term is Δzᵀ (diag p − p pᵀ) Δz.
+    torch.manual_seed(4)
+    model = nn.Linear(10, 5)
+    data = [torch.randn(64, 10)]
+    table = profile_fisher(model, data, choices=CHOICES[:2], task=LogitsTask(), draws=300)
+    x = data[0]
+    p = model(x).softmax(-1).detach()
+    for opt in table.layers[0].options:
+        dz = x @ (fake_quantize(model.weight, opt.choice) - model.weight).T.detach()
+        quad = (p * dz.pow(2)).sum(-1) - (p * dz).sum(-1).pow(2)
+        exact = 0.5 * quad.mean().item()
+        assert abs(opt.loss - exact) <= 5 * opt.loss_stderr, (opt.choice.label, opt.loss, exact)
+
+
+def test_scores_predict_measured_divergence_on_an_mlp():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    data = [torch.randn(64, 32) for _ in range(2)]
+    choices = [Choice(bits=b, group_size=16) for b in (3, 4, 5, 6)]
+    task = LogitsTask()
+    table = profile_fisher(model, data, choices=choices, task=task, draws=16)
+    x = torch.cat(data)
+    ref = model(x).detach()
+    predicted, measured = [], []
+    for layer in table.layers:
+        mod = dict(model.named_modules())[layer.spec.name]
+        for opt in layer.options:
+            saved = mod.weight.detach().clone()
+            with torch.no_grad():
+                mod.weight.copy_(fake_quantize(saved, opt.choice))
+                kl = task.divergence(ref, model(x), None).mean().item()
+                mod.weight.copy_(saved)
+            predicted.append(opt.loss)
+            measured.append(kl)
+    from scipy.stats import spearmanr
+
+    assert spearmanr(predicted, measured).statistic > 0.9
+    ratio = torch.tensor(predicted) / torch.tensor(measured)
+    assert 0.6 < float(ratio.median()) < 1.6
+
+
+def test_tied_weight_is_one_layer_scored_jointly():
+    # y = W (W x): both uses of W change together; the score is ½ E‖Δy‖² to first order.
+    torch.manual_seed(6)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8, bias=False)
+            self.b = nn.Linear(8, 8, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Twice()
+    data = [torch.randn(64, 8)]
+    choice = [Choice(bits=3, group_size=8)]
+    table = profile_fisher(model, data, choices=choice, task=EmbeddingTask("none", normalize=False), draws=300)
+    assert [layer.spec.name for layer in table.layers] == ["a"]
+    assert table.layers[0].spec.aliases == ("b",)
+    w = model.a.weight.detach()
+    dw = fake_quantize(w, choice[0]) - w
+    x = data[0]
+    first_order = x @ (dw.T @ w.T + w.T @ dw.T)  # Δ(W W) x, linear in ΔW
+    exact = 0.5 * first_order.pow(2).sum(1).mean().item()
+    opt = table.layers[0].options[0]
+    assert abs(opt.loss - exact) <= 5 * opt.loss_stderr
+
+
+def test_in_place_activation_after_a_layer_does_not_corrupt_its_gradient():
+    torch.manual_seed(7)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    inplace = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+    inplace.load_state_dict(plain.state_dict())
+    data = [torch.randn(16, 8)]
+    a = profile_fisher(plain, data, choices=CHOICES, draws=3, seed=1)
+    b = profile_fisher(inplace, data, choices=CHOICES, draws=3, seed=1)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for oa, ob in zip(la.options, lb.options, strict=True):
+            assert oa.loss == pytest.approx(ob.loss, rel=1e-5, abs=1e-12)
+
+
+def test_unused_layer_is_left_in_fp16_with_a_warning():
+    model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m["used"](x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = profile_fisher(Wrapper(), [torch.randn(4, 4)], choices=CHOICES)
+    assert table.names == ["m.used"]
+    assert table.kept_fp16 == ("m.unused",)
+    assert table.fixed_bytes == (4 + 16 + 4) * 2
+    assert any("never ran" in str(w.message) for w in caught)
+
+
+def test_bad_models_get_one_clear_error():
+    with pytest.raises(ProfileError, match="nothing to quantize"):
+        profile_fisher(nn.Sequential(nn.ReLU()), [torch.randn(2, 3)], choices=CHOICES)
+    broken = nn.Linear(4, 2)
+    with torch.no_grad():
+        broken.weight[0, 0] = float("nan")
+    with pytest.raises(ProfileError, match="NaN"):
+        profile_fisher(broken, [torch.randn(2, 4)], choices=CHOICES)
+    with pytest.raises(ProfileError, match="matches no quantizable layer"):
+        profile_fisher(nn.Linear(4, 2), [torch.randn(2, 4)], choices=CHOICES, exclude=["decoder*"])
+    with pytest.raises(ProfileError, match="no calibration batches"):
+        profile_fisher(nn.Linear(4, 2), [], choices=CHOICES)
+
+
+def test_profile_is_deterministic_and_round_trips(tmp_path):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    a = profile_fisher(model, data, choices=CHOICES, seed=3)
+    b = profile_fisher(model, data, choices=CHOICES, seed=3)
+    assert a.model_dump_json() == b.model_dump_json()
+    assert a.layers[0].spec.macs == 4 * 6 * 6 * 9  # conv: outputs x (in/groups x kh x kw) per sample
+    assert a.layers[1].spec.macs == 144 * 3
+    path = a.save(tmp_path / "p.json")
+    from profilers.types import ProfileTable
+
+    assert ProfileTable.load(path) == a
+    frac = profile_fisher(model, data, choices=CHOICES, seed=3, fractions=4)
+    path = frac.save(tmp_path / "f.json")
+    again = ProfileTable.load(path)
+    assert again == frac and again.layers[0].channel_orders == frac.layers[0].channel_orders
+    order = again.layers[0].extra_rows(Choice(bits=2, group_size=8, extra=1, extra_of=2))
+    assert len(order) == 2 and list(order) == sorted(order)
+
+
+def test_fractional_scores_are_exact_for_the_chosen_rows():
+    # Linear embedding model: the score of any option is ½ E‖ΔW x‖², also for mixed-term rows.
+    torch.manual_seed(9)
+    model = nn.Linear(32, 16, bias=False)
+    data = [torch.randn(32, 32) for _ in range(2)]
+    table = profile_fisher(
+        model,
+        data,
+        choices=[Choice(bits=2, group_size=32)],
+        task=EmbeddingTask("none", normalize=False),
+        draws=300,
+        fractions=4,
+    )
+    layer = table.layers[0]
+    assert [o.choice.label for o in layer.options] == ["int2-g32", "int2+1/4-g32", "int2+1/2-g32", "int2+3/4-g32"]
+    x = torch.cat(data)
+    losses = []
+    for opt in layer.options:
+        rows = torch.as_tensor(layer.extra_rows(opt.choice)) if opt.choice.extra else None
+        assert rows is None or len(rows) == opt.choice.extra_rows(16)
+        delta = fake_quantize(model.weight, opt.choice, extra_rows=rows) - model.weight
+        # Fractions are scored on the samples after the 16 that chose their rows.
+        scored = x[16:] if opt.choice.extra else x
+        exact = 0.5 * (scored @ delta.T).pow(2).sum(dim=1).mean().item()
+        assert abs(opt.loss - exact) <= 5 * opt.loss_stderr, (opt.choice.label, opt.loss, exact)
+        losses.append(opt.loss)
+    assert losses == sorted(losses, reverse=True)  # more rows with the extra term, less loss
+
+
+def test_rows_that_gain_most_get_the_extra_term_first():
+    # Rows of very different scale: the few large rows carry most of the error, and a good
+    # order gives them the extra term first, removing far more than its share of the loss.
+    torch.manual_seed(10)
+    model = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        model.weight.mul_(torch.logspace(0, 1.5, 16).unsqueeze(1)[torch.randperm(16)])
+    data = [torch.randn(32, 32) for _ in range(2)]
+    grid = [Choice(bits=2, group_size=32)]
+    table = profile_fisher(model, data, choices=grid, task=EmbeddingTask("none", normalize=False), fractions=4)
+    layer = table.layers[0]
+    x = torch.cat(data)[16:]  # the samples that score the fractions
+    w = model.weight.detach()
+
+    def exact(choice, rows=None):
+        delta = fake_quantize(w, choice, extra_rows=rows) - w
+        return 0.5 * (x @ delta.T).pow(2).sum(dim=1).mean().item()
+
+    base, full = exact(grid[0]), exact(Choice(bits=2, terms=2, group_size=32))
+    quarter = Choice(bits=2, group_size=32, extra=1, extra_of=4)
+    rows = torch.as_tensor(layer.extra_rows(quarter))
+    assert base - exact(quarter, rows) > 0.5 * (base - full)
+    largest = set(w.abs().amax(dim=1).topk(4).indices.tolist())
+    assert len(largest & set(rows.tolist())) >= 3
+
+
+def test_fractional_costs_grow_linearly():
+    model = nn.Linear(64, 64)
+    table = profile_fisher(model, [torch.randn(4, 64)], choices=[Choice(bits=3, group_size=32)], fractions=8)
+    sizes = [o.bytes for o in table.layers[0].options]
+    steps = {b - a for a, b in itertools.pairwise(sizes[1:])}
+    assert len(steps) == 1  # every eighth of the rows adds the same bytes
+    assert sizes[1] - sizes[0] == steps.pop() + 64 // 8  # ... plus the one-bit-per-row mask, once
