@@ -18,11 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from profilers.estimators import DEFAULT_PROFILER, make_profiler
+from profilers.estimators import DEFAULT_PROFILER
 from profilers.estimators.base import ProgressFn
+from profilers.estimators.registry import make_profiler
 from profilers.layers import find_targets
-from profilers.quant.options import DEFAULT_FRACTIONS, choice_grid
-from profilers.quant.rounding import DEFAULT_METHOD
+from profilers.quant.options import DEFAULT_FRACTIONS, DEFAULT_METHOD, choice_grid
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileTable
 

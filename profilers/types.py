@@ -23,6 +23,7 @@ from .files import atomic_write_text, load_json_model
 
 __all__ = [
     "MAX_TERMS",
+    "MAX_TOTAL",
     "PROFILE_FORMAT",
     "PROFILE_VERSION",
     "Choice",
@@ -44,6 +45,7 @@ PROFILE_VERSION = 1
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP_BITS = 16
 MAX_TERMS = 4
+MAX_TOTAL = 10**18  # largest sum of bytes (or BOPs) a profile may describe: exact in int64 with room to spare
 
 LayerKind = Literal["linear", "conv2d", "embedding"]
 
@@ -257,9 +259,9 @@ class LayerSpec(BaseModel):
 
 
 class ChoiceProfile(BaseModel):
-    """Cost and estimated sensitivity of one choice for one layer."""
+    """Cost and estimated sensitivity of one choice for one layer (finite numbers only)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     choice: Choice
     bytes: int = Field(ge=0, description="packed codes + scales/zero points, bytes")
@@ -387,6 +389,10 @@ class ProfileTable(BaseModel):
             raise ValueError("a layer name appears twice")
         if not names:
             raise ValueError("the profile lists no layers")
+        for what in ("bytes", "bops"):  # sums of costs must stay exact in 64-bit integers
+            most = sum(max(getattr(o, what) for o in layer.options) for layer in self.layers)
+            if most + self.fixed_bytes + self.fp16_bytes > MAX_TOTAL:
+                raise ValueError(f"the profile's {what} add up to more than {MAX_TOTAL:.0e}; no model is that large")
         return self
 
     @property

@@ -15,9 +15,11 @@ import torch
 FAST_OPTIONS = ("--calibration", "16", "--max-length", "32", "--draws", "2", "--no-progress", "--bits", "2,3,4,8")
 
 
-def run_allocator(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600):
-    """`python -m allocator ARGS` in a subprocess, its output captured as text."""
-    full_env = {**os.environ, "COLUMNS": "160", **(env or {})}
+def run_allocator(*args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None, timeout: float = 600):
+    """`python -m allocator ARGS` in a subprocess, its output captured as text (`env` values of
+    None remove the variable)."""
+    merged = {**os.environ, "COLUMNS": "160", **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "allocator", *args], capture_output=True, text=True, cwd=cwd,
                           env=full_env, timeout=timeout)  # fmt: skip
 

@@ -5,13 +5,12 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from ..errors import AllocatorError
 from .app import app, report
 from .options import PlanArg, PlanModelArg, RecordedDataOptions, with_options
-from .setup import check_weights, load_setup, model_and_plan
+from .setup import check_outputs, check_weights, load_setup, model_and_plan
 
 __all__ = ["apply"]
 
@@ -38,9 +37,11 @@ def apply(
     from ..quantized.apply import apply_plan_, layer_hessians
     from ..quantized.export import export_quantized
     from ..quantized.load import load_quantized
-    from ..sources.models import DEFAULT_MODEL, load_model
+    from ..sources import DEFAULT_MODEL
+    from ..sources.models import load_model
 
     model, plan_file = model_and_plan(model, plan_file)
+    check_outputs({"--output": output}, [plan_file, model, data.data])
     plan = Plan.load(plan_file)
     name = model or plan.model_name or DEFAULT_MODEL
     setup = None
@@ -62,6 +63,7 @@ def apply(
     t0 = time.perf_counter()
     export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, hessians=hessians)
     seconds = time.perf_counter() - t0
+    report.written.append(str(output))
     size = output.stat().st_size
     budget = plan.limits.get("bytes")
     within = (
@@ -72,6 +74,8 @@ def apply(
         f" ({100 * (size / plan.predicted.bytes - 1):+.2f}%){within}; {seconds:.1f}s"
     )
     if check:
+        import torch
+
         assert setup is not None and loaded.task is not None
         reloaded = load_quantized(output)
         fake = apply_plan_(copy.deepcopy(loaded.model), plan, hessians=hessians)

@@ -8,6 +8,7 @@ import typer
 
 from ..errors import AllocatorError
 from .app import app, report
+from .setup import check_outputs
 
 __all__ = ["convert"]
 
@@ -28,6 +29,7 @@ def convert(
     from ..planning.plan import Plan
     from ..quantized.formats import gptqmodel_dynamic, llama_cpp_tensor_types
 
+    check_outputs({"--output": output}, [plan_file])
     plan = Plan.load(plan_file)
     if to == "gptqmodel":
         config, notes = gptqmodel_dynamic(plan)
@@ -41,6 +43,6 @@ def convert(
         report.out.print(text, end="", highlight=False, soft_wrap=True, markup=False)
     else:
         atomic_write_text(output, text)
-        report.line(f"written to {output}")
+        report.wrote(f"{to} settings", output)
     for note in notes:
         report.warn(note)

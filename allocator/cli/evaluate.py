@@ -9,12 +9,20 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import AllocatorError
 from .app import app, report
 from .options import Metric, PlanArg, PlanModelArg, Progress, RecordedDataOptions, with_options
-from .setup import Setup, check_weights, load_setup, model_and_plan
+from .setup import Setup, check_outputs, check_weights, load_setup, model_and_plan
 
-__all__ = ["evaluate", "run_evaluation"]
+__all__ = ["check_metric_fits", "evaluate", "run_evaluation"]
+
+
+def check_metric_fits(setup: Setup, metric: str | None) -> None:
+    """Refuse, right after loading, a --metric this model and data cannot give."""
+    from ..measure.metrics import check_metric, metrics_for
+
+    loaded = setup.loaded
+    words = loaded.task.output == "embedding" and loaded.tokenizer is not None
+    check_metric(metric, metrics_for(loaded.task, setup.data.evals, words=words))
 
 
 def run_evaluation(
@@ -29,19 +37,18 @@ def run_evaluation(
 ) -> tuple[Any, float]:
     """Measure FP, the plan, uniform settings and peers on the held-out data; print the table."""
     from ..measure.evaluate import compare, default_uniform
-    from ..measure.metrics import METRICS, wordsim_spearman
+    from ..measure.metrics import wordsim_spearman
     from ..measure.peers import peer_variants
     from ..quantized.apply import layer_hessians
     from ..sources.text import wordsim353
 
-    if metric is not None and metric not in METRICS:
-        raise AllocatorError(f"--metric takes {', '.join(METRICS)}, got {metric!r}")
     started = time.perf_counter()
     loaded = setup.loaded
     words = None
     if loaded.task.output == "embedding" and loaded.tokenizer is not None:
         pairs = wordsim353()
         words = lambda m: wordsim_spearman(m, loaded.tokenizer, loaded.task, pairs)  # noqa: E731
+    check_metric_fits(setup, metric)
     uniform = default_uniform(plan, top=top_uniform)
     variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
     labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
@@ -77,6 +84,7 @@ def evaluate(
     from ..planning.plan import Plan
 
     model, plan_path = model_and_plan(model, plan_file)
+    check_outputs({"--plot": plot}, [plan_path, model, data.data])
     plan = Plan.load(plan_path)
     peer_names = tuple(p.strip().lower() for p in peers.split(",") if p.strip() and p.strip().lower() != "none")
     saved_out = report.out
@@ -95,7 +103,7 @@ def evaluate(
             from ..measure.plots import plot_comparison
 
             plot_comparison(cmp, plot, title=f"{setup.loaded.name}: plan at {plan.predicted.bpw:.2f} bpw, measured")
-            report.line(f"plot written to {plot}")
+            report.wrote("plot", plot)
         report.line(f"time: load {loading:.1f}s, evaluate {seconds:.1f}s")
     finally:
         report.out = saved_out

@@ -11,7 +11,7 @@ from profilers.types import ProfileTable
 from ..planning.budget import Budget
 from .app import app, report
 from .options import DataOptions, Model, Progress, with_options
-from .setup import check_weights, load_setup
+from .setup import check_outputs, check_profile, load_setup
 
 __all__ = ["frontier"]
 
@@ -42,18 +42,25 @@ def frontier(
     from ..measure.plots import plot_frontier
     from ..planning.frontier import budget_sweep, sweep, write_csv
 
+    png = plot or output.with_suffix(".png")
+    check_outputs({"--output": output, "--plot": png}, [profile_file, model, data.data])
     table = ProfileTable.load(profile_file)
     budgets = budget_sweep(Budget.parse(start), Budget.parse(stop), points)
+    skipped: list = []
     with report.progress(progress) as update:
-        result = sweep(table, budgets, solver=solver, progress=update)
+        result = sweep(table, budgets, solver=solver, progress=update, skipped=skipped)
     if evaluate:
         _measure(result, table, profile_file, model, data, progress)
     write_csv(result, table, output)
-    png = plot or output.with_suffix(".png")
     plot_frontier(result, table, png)
     best = ", ".join(f"{p.budget}: {p.plan.predicted.loss:.4g}" for p in result[:: max(1, len(result) // 5)])
     report.line(f"{len(result)} plans from {result[0].budget} to {result[-1].budget} (predicted loss {best})")
-    report.line(f"frontier written to {output} and {png}")
+    report.wrote("frontier", output)
+    report.wrote("plot", png)
+    if skipped:
+        report.warn(f"{len(skipped)} of {len(budgets)} budgets admit no plan and were left out"
+                    f" ({', '.join(s.budget for s in skipped[:3])}{', ...' if len(skipped) > 3 else ''}):"
+                    f" {skipped[0].reason}")  # fmt: skip
 
 
 def _measure(result: list[Any], table: ProfileTable, profile_file: Path, model: str | None, data: DataOptions,
@@ -63,7 +70,7 @@ def _measure(result: list[Any], table: ProfileTable, profile_file: Path, model: 
     from ..quantized.apply import apply_plan_, plan_hessians
 
     setup = load_setup(model or table.model_name, data)
-    check_weights(table.model_fingerprint, setup.loaded, profile_file, "run allocator profile again")
+    check_profile(table, setup.loaded, profile_file)
     loaded, evals = setup.loaded, setup.data.evals
     reference = model_outputs(loaded.model, evals, loaded.task)
     hessians = plan_hessians(loaded.model, result[0].plan, None, setup.calib, loaded.task)

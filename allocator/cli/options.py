@@ -15,24 +15,31 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from profilers.estimators import DEFAULT_PROFILER, PROFILERS, default_draws
+from profilers.estimators import DEFAULT_DRAWS, DEFAULT_PROFILER, PROFILER_NAMES
 from profilers.quant.options import (
     DEFAULT_BITS,
     DEFAULT_FRACTIONS,
     DEFAULT_GROUP_SIZES,
     DEFAULT_KINDS,
+    DEFAULT_METHOD,
     DEFAULT_TERMS,
     KINDS,
+    METHODS,
     choice_grid,
 )
-from profilers.quant.rounding import DEFAULT_METHOD, METHODS
-from profilers.types import QUANT_BITS, Choice
+from profilers.types import MAX_TERMS, QUANT_BITS, Choice
 from solvers import METHODS as SOLVERS
 
 from ..errors import AllocatorError
-from ..measure.metrics import METRICS
-from ..sources.data import DEFAULT_BATCH_SIZE, DEFAULT_CALIBRATION, DEFAULT_MAX_LENGTH, DEFAULT_SEED
-from ..sources.models import BUILTIN_MODELS, DEFAULT_MODEL
+from ..measure import METRICS
+from ..sources import (
+    BUILTIN_MODELS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CALIBRATION,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MODEL,
+    DEFAULT_SEED,
+)
 
 __all__ = [
     "DataOptions",
@@ -147,14 +154,16 @@ class RecordedDataOptions:
         )
 
 
-_draws = ", ".join(f"{name}: {n}" for name, n in default_draws().items())
+_draws = ", ".join(f"{name}: {n}" for name, n in DEFAULT_DRAWS.items())
 
 
 @dataclasses.dataclass
 class GridOptions:
     """What to profile: the estimator, the rounding, and the grid of choices per layer."""
 
-    profiler: Annotated[str, typer.Option(help=f"Sensitivity estimator: {', '.join(PROFILERS)}.")] = DEFAULT_PROFILER
+    profiler: Annotated[
+        str, typer.Option(help=f"Sensitivity estimator: {', '.join(PROFILER_NAMES)}.")
+    ] = DEFAULT_PROFILER
     method: Annotated[
         str,
         typer.Option(help=f"Rounding under every term: {', '.join(METHODS)} (rtn: round to nearest;"
@@ -199,33 +208,44 @@ class GridOptions:
     draws: Annotated[int | None, typer.Option(min=1, help=f"Pseudo-label draws per batch ({_draws}).")] = None
 
     def choices(self) -> tuple[list[Choice], dict[str, int]]:
-        """The whole-term choices to profile, and the fraction limits that go with them."""
+        """The whole-term choices to profile, and the fraction limits that go with them (every
+        option checked, so a bad one is refused before any model is loaded)."""
+        if self.profiler not in PROFILER_NAMES:
+            raise AllocatorError(f"unknown profiler {self.profiler!r}; choose one of {', '.join(PROFILER_NAMES)}")
+        if self.method not in METHODS:
+            raise AllocatorError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()] if self.kinds else None
         for k in kinds or []:
             if k not in KINDS:
                 raise AllocatorError(f"--kinds takes {', '.join(KINDS)}, got {k!r}")
         groups = _parse_groups(self.group_size)
         if self.device_bits is None:
-            bits = _parse_ints(self.bits, "bits") if self.bits else list(DEFAULT_BITS)
-            terms = _parse_ints(self.terms, "terms") if self.terms else list(DEFAULT_TERMS)
+            bits = _parse_ints(self.bits, "bits", QUANT_BITS) if self.bits else list(DEFAULT_BITS)
+            terms = _parse_ints(self.terms, "terms", _TERMS) if self.terms else list(DEFAULT_TERMS)
             return choice_grid(bits, terms, groups, kinds=kinds or DEFAULT_KINDS), {}
         device = self.device_bits
-        bits = _parse_ints(self.bits, "bits") if self.bits else [b for b in DEFAULT_BITS if b <= device]
+        bits = _parse_ints(self.bits, "bits", QUANT_BITS) if self.bits else [b for b in DEFAULT_BITS if b <= device]
         if any(b > device for b in bits):
             raise AllocatorError(f"--bits {self.bits} has widths above --device-bits {device}")
-        terms = _parse_ints(self.terms, "terms") if self.terms else [1, 2, 3, 4]
+        terms = _parse_ints(self.terms, "terms", _TERMS) if self.terms else list(_TERMS)
         limit = device * max(terms)
         grid = choice_grid(bits, terms, groups, kinds=kinds or ["residual", "tied"], max_bits=limit)
         return grid, {"fraction_terms": max(terms), "fraction_bits": limit}
 
 
-def _parse_ints(text: str, what: str) -> list[int]:
+_TERMS = tuple(range(1, MAX_TERMS + 1))
+
+
+def _parse_ints(text: str, what: str, allowed: tuple[int, ...]) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise AllocatorError(f"--{what} takes comma-separated integers, got {text!r}") from None
     if not values:
         raise AllocatorError(f"--{what} is empty")
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise AllocatorError(f"--{what} takes values from {min(allowed)} to {max(allowed)}, got {bad[0]}")
     return values
 
 
@@ -234,10 +254,10 @@ def _parse_groups(text: str) -> list[int | None]:
     for part in (p.strip().lower() for p in text.split(",") if p.strip()):
         if part in ("channel", "ch", "row"):
             out.append(None)
-        elif part.isdigit() and int(part) > 0:
+        elif part.isdigit() and 0 < int(part) <= 1 << 20:
             out.append(int(part))
         else:
-            raise AllocatorError(f"--group-size takes positive integers or 'channel', got {part!r}")
+            raise AllocatorError(f"--group-size takes positive integers (at most 1048576) or 'channel', got {part!r}")
     if not out:
         raise AllocatorError("--group-size is empty")
     return out

@@ -10,16 +10,19 @@ from profilers.types import ProfileTable
 
 from .app import app, report
 from .options import DataOptions, GridOptions, ModelArg, Progress, with_options
-from .setup import Setup, load_setup
+from .setup import Setup, check_outputs, load_setup
 
 __all__ = ["profile", "run_profile"]
 
 
-def run_profile(setup: Setup, grid: GridOptions, *, seed: int, progress: bool) -> tuple[ProfileTable, float]:
-    """Profile the loaded model on its calibration data; the table records the data split."""
+def run_profile(
+    setup: Setup, grid: GridOptions, choices: tuple[list, dict], *, seed: int, progress: bool
+) -> tuple[ProfileTable, float]:
+    """Profile the loaded model on its calibration data with `choices` (`grid.choices()`); the
+    table records the data split."""
     from .. import api
 
-    choices, limits = grid.choices()
+    choices, limits = choices
     started = time.perf_counter()
     with report.progress(progress) as update:
         table = api.profile(
@@ -62,8 +65,10 @@ def profile(
     progress: Progress = True,
 ) -> None:
     """Estimate cost and sensitivity of every (layer, option) once; solve any budget from the file."""
+    check_outputs({"--output": output}, [model, data.data])
+    choices = grid.choices()
     setup = load_setup(model, data)
-    table, seconds = run_profile(setup, grid, seed=data.seed, progress=progress)
+    table, seconds = run_profile(setup, grid, choices, seed=data.seed, progress=progress)
     report.profile(table, seconds)
     if validate:
         from ..measure.validation import validate_profile
@@ -74,4 +79,4 @@ def profile(
         table = table.model_copy(update={"validation": v})
         report.validation(v, table.profiler)
     table.save(output)
-    report.line(f"profile written to {output}")
+    report.wrote("profile", output)

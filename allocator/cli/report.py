@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,10 +15,12 @@ from rich.table import Table
 
 from profilers.types import ProfileTable, Validation
 
-from ..measure.evaluate import Comparison
-from ..measure.metrics import Measured
 from ..planning.budget import format_bytes
 from ..planning.plan import Plan
+
+if TYPE_CHECKING:
+    from ..measure.evaluate import Comparison
+    from ..measure.metrics import Measured
 
 __all__ = ["Reporter"]
 
@@ -52,9 +55,15 @@ class Reporter:
     def __init__(self, out: Console, err: Console) -> None:
         self.out = out
         self.err = err
+        self.written: list[str] = []  # files this command wrote, in order
 
     def line(self, text: str) -> None:
         self.out.print(text, highlight=False, soft_wrap=True)
+
+    def wrote(self, what: str, path: object) -> None:
+        """Record and say that `what` was written to `path` (after it was, atomically)."""
+        self.written.append(str(path))
+        self.line(f"{what} written to {path}")
 
     def warn(self, text: str) -> None:
         self.err.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)

@@ -41,4 +41,4 @@ def serve(
         workers=workers,
         max_pending=max_pending,
     )
-    run_server(host, port, data_dir=data_dir, token=token or None, limits=limits, log_level=log_level)
+    run_server(host, port, data_dir=data_dir, token=token, limits=limits, log_level=log_level)

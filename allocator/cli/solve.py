@@ -15,6 +15,7 @@ from profilers.types import ProfileTable
 from ..errors import AllocatorError
 from ..planning.budget import Budget
 from .app import app, report
+from .evaluate import check_metric_fits
 from .options import (
     Budgets,
     DataOptions,
@@ -28,7 +29,7 @@ from .options import (
     with_options,
 )
 from .profile import run_profile
-from .setup import Setup, check_weights, load_setup
+from .setup import Setup, check_outputs, check_profile, load_setup
 
 __all__ = ["solve"]
 
@@ -99,12 +100,15 @@ def solve(
     """Plan bits and terms per layer within the budget (profiling first unless --profile), compare with uniform."""
     from ..planning.plan import Constraints
 
+    check_outputs({"--output": output}, [profile_file, model, data.data])
     budgets = [Budget.parse(b) for b in budget or []]
     if not budgets and max_loss is None:
         raise AllocatorError("give a --budget (e.g. 12MB) or --max-loss")
     constraints = Constraints(pins=_pairs(pin, "--pin"), forbid=_pairs(forbid, "--forbid"),
                               keep=tuple(grid.keep or ()) if profile_file is not None else (),
                               device_bits=grid.device_bits, max_loss=max_loss)  # fmt: skip
+    if metric is not None and not evaluate:
+        raise AllocatorError("--metric ranks the --evaluate table; add --evaluate or drop --metric")
     if server is not None:
         if evaluate or model is not None or tie:
             raise AllocatorError("--evaluate, --model and --tie need the model here; drop them with --server")
@@ -116,16 +120,20 @@ def solve(
         table = _timed(times, "load profile", lambda: _read_profile(profile_file))
         if evaluate or model is not None or tie:
             setup = _timed(times, "load", lambda: load_setup(model or table.model_name, data))
-            check_weights(table.model_fingerprint, setup.loaded, profile_file, "run allocator profile again")
+            check_profile(table, setup.loaded, profile_file)
+            check_metric_fits(setup, metric)
     else:
+        choices = grid.choices()
         setup = _timed(times, "load", lambda: load_setup(model, data))
-        table, times["profile"] = run_profile(setup, grid, seed=data.seed, progress=progress)
+        check_metric_fits(setup, metric)
+        table, times["profile"] = run_profile(setup, grid, choices, seed=data.seed, progress=progress)
         report.profile(table, times["profile"])
     plan = _timed(times, "solve", lambda: _plan(table, budgets, constraints, solver, setup, tie, grid.keep))
+    if output is not None:  # written before anything is printed: a closed stdout never loses it
+        plan.save(output)
     report.plan(plan, table.quantizable_params)
     if output is not None:
-        plan.save(output)
-        report.line(f"plan written to {output}")
+        report.wrote("plan", output)
     if evaluate:
         from .evaluate import run_evaluation
 
@@ -193,8 +201,9 @@ def _solve_on_server(
     profile_id = client.upload(table)
     plan = client.solve(profile_id, [b.text for b in budgets], constraints=constraints, solver=solver.solver,
                         gap=solver.gap, time_limit=solver.time_limit)  # fmt: skip
-    report.plan(plan, table.quantizable_params)
     if output is not None:
         plan.save(output)
-        report.line(f"plan written to {output}")
+    report.plan(plan, table.quantizable_params)
+    if output is not None:
+        report.wrote("plan", output)
     report.line(f"time: solve on {url} {time.perf_counter() - t0:.2f}s (profile id {profile_id[:12]})")

@@ -20,7 +20,7 @@ from profilers.types import Choice
 
 from ..planning.plan import Plan, UniformPoint
 from ..quantized.apply import apply_choices_, apply_plan_
-from .metrics import METRICS, Measured, measure_outputs, model_outputs
+from .metrics import METRICS, Measured, check_metric, measure_outputs, metrics_for, model_outputs
 
 if TYPE_CHECKING:
     from .peers import PeerVariant
@@ -106,8 +106,7 @@ def compare(
         metric: a name of `METRICS` to rank by (default: `default_metric`).
     """
     note = progress or (lambda label: None)
-    if metric is not None and metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
+    check_metric(metric, metrics_for(task, batches, words=words is not None))
     if fp_bytes is None:
         fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     note("FP")

@@ -21,18 +21,19 @@ from torch import Tensor, nn
 
 from profilers.tasks import Task
 
-__all__ = ["METRICS", "Measured", "batch_labels", "measure_outputs", "model_outputs", "wordsim_spearman"]
+from ..errors import AllocatorError
+from . import METRICS
 
-# metric name -> (Measured attribute, higher is better)
-METRICS: dict[str, tuple[str, bool]] = {
-    "cosine": ("cosine", True),
-    "accuracy": ("accuracy", True),
-    "agreement": ("agreement", True),
-    "perplexity": ("perplexity", False),
-    "wordsim": ("wordsim", True),
-    "kl": ("divergence", False),
-}
-
+__all__ = [
+    "METRICS",
+    "Measured",
+    "batch_labels",
+    "check_metric",
+    "measure_outputs",
+    "metrics_for",
+    "model_outputs",
+    "wordsim_spearman",
+]
 
 @dataclass(frozen=True)
 class Measured:
@@ -56,6 +57,36 @@ class Measured:
     def value(self, metric: str) -> float | None:
         """The value of a metric name of `METRICS` (None when not measured for this model)."""
         return getattr(self, METRICS[metric][0])
+
+
+def metrics_for(task: Task, batches: Sequence[Any], *, words: bool = False) -> list[str]:
+    """The metrics that can be measured for this kind of model on these batches."""
+    names = ["kl"]
+    if task.output == "embedding":
+        return [*names, "cosine", *(["wordsim"] if words else [])]
+    names.append("agreement")
+    token_ids = all(isinstance(b, dict) and "input_ids" in b for b in batches)
+    if getattr(task, "causal", False) and token_ids:
+        names.append("perplexity")
+    if batches and all(batch_labels(b) is not None for b in batches):
+        names.append("accuracy")
+    return names
+
+
+def check_metric(metric: str | None, available: Sequence[str]) -> None:
+    """Refuse a metric this model or data cannot give, naming the ones it can."""
+    if metric is None or metric in available:
+        return
+    if metric not in METRICS:
+        raise AllocatorError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    needs = {
+        "perplexity": "a causal language model on token ids",
+        "accuracy": "data with class labels",
+        "cosine": "a model whose output is an embedding",
+        "wordsim": "a sentence encoder with a tokenizer",
+        "agreement": "a model whose output is logits",
+    }[metric]
+    raise AllocatorError(f"--metric {metric} needs {needs}; for this model choose from {', '.join(available)}")
 
 
 def model_outputs(model: nn.Module, batches: Sequence[Any], task: Task) -> list[Tensor]:

@@ -18,25 +18,41 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import BudgetError
 
-__all__ = ["Budget", "Resource", "format_bytes"]
+__all__ = ["MAX_BOPS", "MAX_BPW", "MAX_BYTES", "Budget", "Resource", "format_bops", "format_bytes"]
 
 Resource = Literal["bytes", "bops"]
 
-_NUMBER = r"(?P<num>\d+(?:\.\d*)?|\.\d+)"
+# A number as people write it: 12, 0.3, .5, 1e-3, 2.5E9 (no sign: budgets are positive).
+_NUMBER = r"(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)"
 _BPW = re.compile(rf"^{_NUMBER}\s*(?:bpw|bits?(?:/w| per weight)?)$", re.IGNORECASE)
 _PERCENT = re.compile(rf"^{_NUMBER}\s*%$")
 _BOPS = re.compile(rf"^{_NUMBER}\s*(?P<prefix>[kmgtp]?)\s*bops?$", re.IGNORECASE)
+_BYTES = re.compile(rf"^{_NUMBER}\s*(?P<unit>[kmgtp]?i?b|bytes?)$", re.IGNORECASE)
 _BOPS_PREFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
-_BYTE_SIZE = TypeAdapter(ByteSize)
+_DECIMAL = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+_BINARY = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
+
+# Beyond these a budget describes no model this tool can plan: refused, not silently capped.
+MAX_BYTES = 10**18  # one exabyte
+MAX_BOPS = 10**18
+MAX_BPW = 64.0
 
 _HELP = (
     "write a size like 12MB, 300MiB or 0.3GB, bits per weight like 3.5bpw,"
     " a share of the fp16 size like 25%, or 40GBOPs"
 )
+
+
+def _bytes(number: float, unit: str) -> float:
+    unit = unit.lower()
+    if unit.startswith("byte"):
+        return number
+    prefix = unit[:-1].rstrip("i")
+    return number * (_BINARY[prefix] if "i" in unit else _DECIMAL[prefix])
 
 
 class Budget(BaseModel):
@@ -53,7 +69,7 @@ class Budget(BaseModel):
         (12000000.0, 'bpw', 0.25)
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["bytes", "bpw", "fraction", "bops"]
     value: float
@@ -68,24 +84,27 @@ class Budget(BaseModel):
         if not raw:
             raise BudgetError(f"empty budget: {_HELP}")
         if m := _BPW.match(raw):
-            budget = cls(kind="bpw", value=float(m["num"]), text=raw)
+            kind, value, most = "bpw", float(m["num"]), MAX_BPW
         elif m := _PERCENT.match(raw):
-            budget = cls(kind="fraction", value=float(m["num"]) / 100, text=raw)
-            if budget.value > 1:
-                raise BudgetError(f"budget {raw!r} is more than the whole fp16 model; use at most 100%")
+            kind, value, most = "fraction", float(m["num"]) / 100, 1.0
         elif m := _BOPS.match(raw):
-            budget = cls(kind="bops", value=float(m["num"]) * _BOPS_PREFIX[m["prefix"].lower()], text=raw)
+            kind, value, most = "bops", float(m["num"]) * _BOPS_PREFIX[m["prefix"].lower()], MAX_BOPS
+        elif m := _BYTES.match(raw):
+            kind, value, most = "bytes", _bytes(float(m["num"]), m["unit"]), MAX_BYTES
+        elif re.fullmatch(_NUMBER, raw, re.IGNORECASE):
+            raise BudgetError(f"budget {raw!r} has no unit: {_HELP}")
         else:
-            if re.fullmatch(_NUMBER, raw):
-                raise BudgetError(f"budget {raw!r} has no unit: {_HELP}")
-            try:
-                size = int(_BYTE_SIZE.validate_python(raw))
-            except ValidationError:
-                raise BudgetError(f"cannot read budget {raw!r}: {_HELP}") from None
-            budget = cls(kind="bytes", value=float(size), text=raw)
-        if not math.isfinite(budget.value) or budget.value <= 0:
+            raise BudgetError(f"cannot read budget {raw!r}: {_HELP}")
+        if value <= 0:
             raise BudgetError(f"budget {raw!r} must be positive: {_HELP}")
-        return budget
+        if kind == "fraction" and value > most:
+            raise BudgetError(f"budget {raw!r} is more than the whole fp16 model; use at most 100%")
+        if not math.isfinite(value) or value > most:
+            shown = f"{most:g} bits per weight" if kind == "bpw" else format_bops(most) if kind == "bops" else "1 EB"
+            raise BudgetError(f"budget {raw!r} is larger than any model can use (at most {shown}); write a real budget")
+        if kind == "bytes" and value < 1:
+            raise BudgetError(f"budget {raw!r} is less than one byte; write a size like 12MB")
+        return cls(kind=kind, value=value, text=raw)
 
     @property
     def resource(self) -> Resource:

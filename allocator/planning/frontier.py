@@ -26,7 +26,15 @@ from .build import plan_from_profile
 from .plan import Constraints, Plan
 from .uniform import uniform_points
 
-__all__ = ["FrontierPoint", "budget_sweep", "sweep", "write_csv"]
+__all__ = ["FrontierPoint", "Skipped", "budget_sweep", "sweep", "write_csv"]
+
+
+@dataclass
+class Skipped:
+    """A budget of the sweep no plan fits, and why."""
+
+    budget: str
+    reason: str
 
 
 @dataclass
@@ -63,22 +71,28 @@ def sweep(
     gap: float = 1e-6,
     time_limit: float = 10.0,
     progress: Callable[[str, int, int], None] | None = None,
+    skipped: list[Skipped] | None = None,
 ) -> list[FrontierPoint]:
-    """Solve every budget; budgets no plan fits are skipped."""
+    """Solve every budget. Budgets no plan fits are left out of the result and, with the
+    reason, appended to `skipped` when given."""
     report = progress or (lambda stage, done, total: None)
     points = []
+    missed: list[Skipped] = [] if skipped is None else skipped
     for k, b in enumerate(budgets):
         report("solving", k, len(budgets))
         try:
             plan = plan_from_profile(
                 profile, [b], constraints=constraints, solver=solver, gap=gap, time_limit=time_limit
             )
-        except InfeasibleBudgetError:
+        except InfeasibleBudgetError as e:
+            missed.append(Skipped(b.text, str(e)))
             continue
         points.append(FrontierPoint(budget=b.text, plan=plan))
     report("solving", len(budgets), len(budgets))
     if not points:
-        raise InfeasibleBudgetError("no budget of the sweep admits a plan; start the sweep higher (--from)")
+        raise InfeasibleBudgetError(
+            f"no budget of the sweep admits a plan ({missed[-1].reason}); start the sweep higher (--from)"
+        )
     return points
 
 

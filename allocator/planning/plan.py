@@ -77,7 +77,7 @@ class Predicted(BaseModel):
 class Constraints(BaseModel):
     """What the plan had to respect beyond its budgets (recorded so the plan can be reproduced)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     pins: tuple[tuple[str, str], ...] = Field(default=(), description="(layer pattern, choice label)")
     forbid: tuple[tuple[str, str], ...] = Field(default=(), description="(layer pattern, choice-label pattern)")

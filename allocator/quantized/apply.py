@@ -18,12 +18,19 @@ from profilers.input_hessians import input_hessians
 from profilers.layers import find_targets, resolve_modules
 from profilers.quant.rounding import reconstruct
 from profilers.tasks import Task, infer_task
-from profilers.types import Choice, ProfileError
+from profilers.types import Choice, ProfileError, ProfileTable
 
 from ..errors import PlanError
 from ..planning.plan import Plan
 
-__all__ = ["apply_choices_", "apply_plan_", "check_plan_fits_model", "layer_hessians", "plan_hessians"]
+__all__ = [
+    "apply_choices_",
+    "apply_plan_",
+    "check_plan_fits_model",
+    "check_profile_fits_model",
+    "layer_hessians",
+    "plan_hessians",
+]
 
 
 def layer_hessians(model: nn.Module, batches: Sequence[Any], task: Task) -> dict[str, Tensor]:
@@ -95,18 +102,32 @@ def check_plan_fits_model(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
     Raises:
         PlanError: a layer the model lacks, or a weight of another shape.
     """
+    shapes = {name: tuple(lp.shape) for name, lp in plan.layers.items()}
+    return _check_layers(model, shapes, "the plan", "use the plan made for this model", PlanError)
+
+
+def check_profile_fits_model(model: nn.Module, table: ProfileTable) -> None:
+    """Refuse a profile whose layers (names and weight shapes) are not the model's.
+
+    Raises:
+        ProfileError: a layer the model lacks, or a weight of another shape.
+    """
+    shapes = {n: tuple(layer.spec.shape) for layer in table.layers for n in layer.spec.modules}
+    _check_layers(model, shapes, "the profile", "profile this model (allocator profile)", ProfileError)
+
+
+def _check_layers(
+    model: nn.Module, shapes: dict[str, tuple[int, ...]], what: str, fix: str, error: type[Exception]
+) -> dict[str, nn.Module]:
     try:
-        modules = resolve_modules(model, plan.layers)
+        modules = resolve_modules(model, shapes)
     except ProfileError as e:
-        raise PlanError(str(e)) from None
-    for name, lp in plan.layers.items():
+        raise error(f"{e}; {fix}") from None
+    for name, shape in shapes.items():
         weight = getattr(modules[name], "weight", None)
-        if weight is None or tuple(weight.shape) != tuple(lp.shape):
+        if weight is None or tuple(weight.shape) != shape:
             got = None if weight is None else tuple(weight.shape)
-            raise PlanError(
-                f"layer {name!r} has weight shape {got} but the plan was made for {tuple(lp.shape)}; "
-                "use the plan made for this model"
-            )
+            raise error(f"layer {name!r} has weight shape {got} but {what} was made for {shape}; {fix}")
     return modules
 
 

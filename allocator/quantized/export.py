@@ -1,6 +1,6 @@
 """The packed file: a quantized model as one safetensors file (`load` reads it back).
 
-Layout (format `allocator.quantized`, version 1):
+Layout (format `allocator.quantized`, version 2):
 
 - per planned layer `L`, per term `t`: `L::t{t}.codes` (uint8, bit-packed, `packing`),
   `L::t{t}.scale` and, when asymmetric, `L::t{t}.zero` (fp16, `[rows, groups]`); tied terms
@@ -9,8 +9,10 @@ Layout (format `allocator.quantized`, version 1):
   `L::x.rows` (bit mask of the rows, packed one bit per row);
 - an fp16 layer: `L::weight`;
 - every other tensor of the model's state dict under its own name, floats in fp16;
-- metadata: the format and version, the plan (`{layer: choice}`), and how to rebuild the
-  architecture (a transformers config, or nothing: then pass `model=` to `load_quantized`).
+- metadata: the format and version, the plan (`{layer: choice}`), how to rebuild the
+  architecture (a transformers config, or nothing: then pass `model=` to `load_quantized`), and
+  a CRC-32 of every tensor's bytes (`checksums`: 8 hex digits per tensor, in sorted name order),
+  which loading verifies, so a damaged file is refused naming the damaged tensor.
 
 The payload is exactly what the cost model priced; the header (tensor index and metadata) is
 covered by `ProfileTable.file_overhead`, reserved from the byte budget.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +40,14 @@ from ..planning.plan import Plan
 from .apply import check_plan_fits_model, plan_hessians
 from .packing import pack_bits
 
-__all__ = ["FILE_FORMAT", "FILE_VERSION", "export_quantized", "header_allowance"]
+__all__ = ["FILE_FORMAT", "FILE_VERSION", "export_quantized", "header_allowance", "tensor_checksum"]
 
 FILE_FORMAT = "allocator.quantized"
-FILE_VERSION = "1"
+FILE_VERSION = "2"  # 2: per-tensor checksums (1 is read too, unchecked)
 # Header bytes per tensor entry beyond its name: '"<name>":{"dtype":"F16","shape":[30522,6],
-# "data_offsets":[12345678,12345678]},' is about 70; 88 leaves room for longer shapes and offsets.
-_ENTRY = 88
+# "data_offsets":[12345678,12345678]},' is about 70; 88 leaves room for longer shapes and offsets;
+# 8 more hold its checksum.
+_ENTRY = 88 + 8
 _METADATA = 8192  # the model's config and the fixed metadata keys, beyond the per-layer plan entries
 
 
@@ -140,10 +144,16 @@ def export_quantized(
         "model": json.dumps(rebuild or {}),
         "model_fingerprint": plan.model_fingerprint,
         "predicted_bytes": str(plan.predicted.bytes),
+        "checksums": "".join(f"{tensor_checksum(tensors[k]):08x}" for k in sorted(tensors)),
     }
     from safetensors.torch import save
 
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def tensor_checksum(t: Tensor) -> int:
+    """CRC-32 of a tensor's bytes as stored (contiguous, little-endian)."""
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _unplanned_tensors(model: nn.Module, planned: set[int]) -> dict[str, Tensor]:

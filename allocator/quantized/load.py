@@ -22,11 +22,13 @@ from profilers.layers import resolve_modules
 from profilers.types import Choice, ProfileError
 
 from ..errors import ModelError, QuantizedFileError
-from .export import FILE_FORMAT, FILE_VERSION
+from .export import FILE_FORMAT, FILE_VERSION, tensor_checksum
 from .modules import PackedWeight, quantized_module
 from .packing import unpack_bits
 
 __all__ = ["load_quantized"]
+
+_READABLE = ("1", FILE_VERSION)  # version 1 files have no checksums
 
 
 def _rebuild(info: dict[str, Any], path: Path) -> nn.Module:
@@ -77,11 +79,13 @@ def _read(p: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
             meta = f.metadata() or {}
             if meta.get("format") != FILE_FORMAT:
                 raise QuantizedFileError(f"{p} is not an allocator packed model (no '{FILE_FORMAT}' metadata)")
-            if meta.get("version") != FILE_VERSION:
+            if meta.get("version") not in _READABLE:
                 raise QuantizedFileError(
-                    f"{p} has format version {meta.get('version')}; this allocator reads {FILE_VERSION}"
+                    f"{p} has format version {meta.get('version')}; this allocator reads {', '.join(_READABLE)}"
                 )
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+            if meta.get("version") != "1":
+                _verify(tensors, meta.get("checksums", ""), p)
     except SafetensorError as e:
         raise QuantizedFileError(f"{p} is not a readable safetensors file ({e}); it may be truncated") from None
     except (OSError, ValueError) as e:
@@ -90,6 +94,16 @@ def _read(p: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
         return tensors, json.loads(meta["plan"]), json.loads(meta.get("model", "{}"))
     except (KeyError, json.JSONDecodeError):
         raise QuantizedFileError(f"{p} has unreadable plan metadata") from None
+
+
+def _verify(tensors: dict[str, Tensor], checksums: str, p: Path) -> None:
+    """Every tensor against the checksum the file records for it."""
+    names = sorted(tensors)
+    if len(checksums) != 8 * len(names):
+        raise QuantizedFileError(f"{p} records {len(checksums) // 8} checksums for {len(names)} tensors; it is damaged")
+    for k, name in enumerate(names):
+        if f"{tensor_checksum(tensors[name]):08x}" != checksums[8 * k : 8 * k + 8]:
+            raise QuantizedFileError(f"{p}: tensor {name!r} fails its checksum; the file is damaged — export it again")
 
 
 def _install_planned(

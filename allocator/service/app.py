@@ -43,6 +43,7 @@ from .schemas import (
     ProfileCreated,
     ProfileRef,
     ServiceLimits,
+    SkippedBudget,
     SolveOptions,
     SolveRequest,
 )
@@ -57,6 +58,13 @@ def _http_error(status: int, detail: str, **headers: str) -> Exception:
     from fastapi import HTTPException
 
     return HTTPException(status, detail, headers=headers or None)
+
+
+def _field_error(loc: tuple[str, ...], message: str) -> Exception:
+    """422 in the shape of FastAPI's validation errors, naming the field at fault."""
+    from fastapi import HTTPException
+
+    return HTTPException(422, [{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
 
 
 class PlanningService:
@@ -76,11 +84,8 @@ class PlanningService:
     def check_size(self, table: ProfileTable) -> None:
         cells = sum(len(layer.options) for layer in table.layers)
         if cells > self.limits.max_options:
-            raise _http_error(
-                422,
-                f"the profile has {len(table.layers)} layers and {cells} options in all; this server accepts at "
-                f"most {self.limits.max_options} (--max-options)",
-            )
+            raise _field_error(("profile",), f"the profile has {len(table.layers)} layers and {cells} options in all;"
+                               f" this server accepts at most {self.limits.max_options} (--max-options)")  # fmt: skip
 
     def resolve(self, ref: ProfileRef) -> ProfileTable:
         """The profile a request gives inline or by id."""
@@ -121,8 +126,8 @@ class PlanningService:
 
     async def solve(self, request: SolveRequest) -> Plan:
         if len(request.budgets) > self.limits.max_budgets:
-            raise _http_error(422, f"{len(request.budgets)} budgets; this server accepts at most "
-                                   f"{self.limits.max_budgets} (--max-budgets)")  # fmt: skip
+            raise _field_error(("budgets",), f"{len(request.budgets)} budgets; this server accepts at most "
+                                             f"{self.limits.max_budgets} (--max-budgets)")  # fmt: skip
         table = self.resolve(request)
         seconds = self.time_limit(request.options)
         return await self.run(
@@ -134,17 +139,19 @@ class PlanningService:
 
     async def frontier(self, request: FrontierRequest) -> FrontierResponse:
         if request.points > self.limits.max_points:
-            raise _http_error(422, f"{request.points} points; this server accepts at most {self.limits.max_points}"
-                                   " (--max-points)")  # fmt: skip
+            raise _field_error(("points",), f"{request.points} points; this server accepts at most"
+                                            f" {self.limits.max_points} (--max-points)")  # fmt: skip
         table = self.resolve(request)
         seconds = self.time_limit(request.options)
         budgets = budget_sweep(Budget.parse(request.start), Budget.parse(request.stop), request.points)
 
         def work() -> FrontierResponse:
+            skipped: list = []
             found = sweep(table, budgets, constraints=request.constraints, solver=request.options.solver,
-                          gap=request.options.gap, time_limit=seconds)  # fmt: skip
+                          gap=request.options.gap, time_limit=seconds, skipped=skipped)  # fmt: skip
             return FrontierResponse(
                 points=[FrontierPlan(budget=p.budget, plan=p.plan) for p in found],
+                skipped=[SkippedBudget(budget=s.budget, reason=s.reason) for s in skipped],
                 uniform=uniform_points(table, {}),
             )
 
@@ -155,6 +162,7 @@ def create_app(data_dir: str | Path, *, token: str | None = None, limits: Servic
     """The FastAPI application (run it with uvicorn, or `serve`)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi import Path as PathParam
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -176,6 +184,14 @@ def create_app(data_dir: str | Path, *, token: str | None = None, limits: Servic
     guarded = [Depends(authorize)]
     as_json = lambda model: Response(model.model_dump_json(), media_type="application/json")  # noqa: E731
     profile_id = PathParam(pattern=PROFILE_ID, description="the id /v1/profiles returned (64 hex digits)")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The field path, the message and the kind; not the offending input, which may not even
+        # be JSON (NaN, Infinity) and would turn a 422 into a 500.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+                  for e in exc.errors()]  # fmt: skip
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(AllocatorError)
     async def _user_error(request: Request, exc: AllocatorError) -> JSONResponse:

@@ -10,10 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,12 +34,27 @@ class ServiceError(AllocatorError):
 
 
 class Client:
-    """Talks JSON to one server. `token` defaults to the `ALLOCATOR_TOKEN` environment variable."""
+    """Talks JSON to one server over http or https.
 
-    def __init__(self, url: str, *, token: str | None = None, timeout: float = 300.0):
-        self.url = url.rstrip("/")
+    Args:
+        url: the server, `http://host:port` or `https://...`.
+        token: bearer token; defaults to the `ALLOCATOR_TOKEN` environment variable.
+        timeout: seconds to wait for an answer (solves can take a while).
+        connect_timeout: seconds to wait for the connection itself.
+
+    Raises:
+        ServiceError: a URL that is not http(s).
+    """
+
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 300.0, connect_timeout: float = 10.0):
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ServiceError(f"server URL {url!r} is not an http(s) URL; write it like http://127.0.0.1:8000")
+        self.url = url.strip().rstrip("/")
+        self._parts = parts
         self.token = token if token is not None else os.environ.get("ALLOCATOR_TOKEN")
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")
@@ -103,23 +118,34 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        data = body.encode("utf-8") if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        parts = self._parts
+        https = parts.scheme == "https"
+        connection_type = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        conn = connection_type(parts.hostname, parts.port or (443 if https else 80), timeout=self.connect_timeout)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise ServiceError(f"{self.url} answered {e.code}: {_detail(e)}", e.code) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise ServiceError(f"cannot reach {self.url} ({reason}); is `allocator serve` running there?") from None
+            conn.connect()  # within connect_timeout; then the answer may take up to `timeout`
+            conn.sock.settimeout(self.timeout)
+            conn.request(method, parts.path.rstrip("/") + path, body=body.encode() if body else None, headers=headers)
+            response = conn.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise ServiceError(f"cannot reach {self.url} ({e}); is `allocator serve` running there?") from None
+        finally:
+            conn.close()
+        if response.status >= 400:
+            raise ServiceError(f"{self.url} answered {response.status}: {_detail(payload, response.reason)}",
+                               response.status)  # fmt: skip
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise ServiceError(f"{self.url} answered {response.status} with something that is not JSON") from None
 
 
-def _detail(error: urllib.error.HTTPError) -> str:
+def _detail(payload: bytes, reason: str) -> str:
     try:
-        detail = json.loads(error.read()).get("detail", "")
-    except (ValueError, AttributeError, OSError):
-        return error.reason
+        detail = json.loads(payload).get("detail", "")
+    except (ValueError, AttributeError):
+        return reason
     if isinstance(detail, list):  # FastAPI validation errors: name the field paths
         return "; ".join(f"{'.'.join(str(x) for x in d.get('loc', ()))}: {d.get('msg', '')}" for d in detail[:3])
     return str(detail)

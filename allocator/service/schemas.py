@@ -5,10 +5,12 @@ The same pydantic models generate the OpenAPI schema (`/docs`) and validate ever
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from profilers.types import ProfileTable
 
+from ..errors import BudgetError
+from ..planning.budget import Budget
 from ..planning.plan import Constraints, Plan, UniformPoint
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "ProfileCreated",
     "ProfileRef",
     "ServiceLimits",
+    "SkippedBudget",
     "SolveOptions",
     "SolveRequest",
 ]
@@ -26,10 +29,22 @@ __all__ = [
 PROFILE_ID = r"^[0-9a-f]{64}$"
 
 
+def _readable_budget(text: str) -> str:
+    try:
+        Budget.parse(text)
+    except BudgetError as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+# A budget string, refused at validation (422 with its field path) when it cannot be read.
+BudgetText = Annotated[str, Field(max_length=64), AfterValidator(_readable_budget)]
+
+
 class SolveOptions(BaseModel):
     """Solver settings, as `allocator solve` takes them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     solver: Literal["auto", "greedy", "cpsat", "milp", "lp", "exhaustive"] = "auto"
     gap: float = Field(default=1e-6, ge=0, le=1, description="relative optimality gap accepted as optimal")
@@ -41,7 +56,7 @@ class SolveOptions(BaseModel):
 class ProfileRef(BaseModel):
     """A profile given inline or by the id an earlier upload returned (exactly one of them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     profile: ProfileTable | None = None
     profile_id: Annotated[str | None, Field(pattern=PROFILE_ID)] = None
@@ -58,15 +73,17 @@ class ProfileRef(BaseModel):
 class SolveRequest(ProfileRef):
     """One plan within every budget (at most one per resource: bytes and BOPs), as `solve` makes it."""
 
-    budgets: list[str] = Field(default_factory=list, description="e.g. ['12MB', '40GBOPs']; may be empty with max_loss")
+    budgets: list[BudgetText] = Field(
+        default_factory=list, description="e.g. ['12MB', '40GBOPs']; may be empty with max_loss"
+    )
     ties: list[list[str]] = Field(default_factory=list, description="groups of layer names that share one choice")
 
 
 class FrontierRequest(ProfileRef):
     """Optimal plans at `points` budgets evenly spaced from `start` to `stop` (one kind of budget)."""
 
-    start: str = Field(description="e.g. '2bpw'")
-    stop: str = Field(description="e.g. '8bpw'")
+    start: BudgetText = Field(description="e.g. '2bpw'")
+    stop: BudgetText = Field(description="e.g. '8bpw'")
     points: int = Field(default=20, ge=2)
 
 
@@ -77,10 +94,18 @@ class FrontierPlan(BaseModel):
     plan: Plan
 
 
+class SkippedBudget(BaseModel):
+    """A budget of the sweep no plan fits, and why."""
+
+    budget: str
+    reason: str
+
+
 class FrontierResponse(BaseModel):
-    """The plans (budgets no plan fits are left out) and every uniform setting, priced alike."""
+    """The plans, the budgets no plan fits (with the reason), and every uniform setting."""
 
     points: list[FrontierPlan]
+    skipped: list[SkippedBudget] = []
     uniform: list[UniformPoint]
 
 

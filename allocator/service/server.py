@@ -44,6 +44,14 @@ def serve(
         import uvicorn
     except ImportError:
         raise AllocatorError("allocator serve needs fastapi and uvicorn: pip install 'allocator[serve]'") from None
+    if token is not None and (not token.strip() or token != token.strip()):
+        raise AllocatorError(
+            "the --token is blank or has spaces around it, so no client could send it; give a token such as"
+            " the output of `python -c 'import secrets; print(secrets.token_urlsafe())'`"
+        )
+    folder = Path(data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise AllocatorError(f"--data-dir {folder} is a file; give a folder to keep uploaded profiles in")
     if token is None and not is_loopback(host):
         raise AllocatorError(
             f"refusing to serve on {host} without a token: anyone who can reach it could use it; "

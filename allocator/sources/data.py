@@ -1,8 +1,5 @@
-"""The calibration and held-out data a model reads, split disjointly and batched.
-
-Defaults (`DEFAULT_CALIBRATION`, `DEFAULT_MAX_LENGTH`, `DEFAULT_BATCH_SIZE`) live here, and the
-CLI's options print them from here.
-"""
+"""The calibration and held-out data a model reads, split disjointly and batched (defaults:
+`allocator.sources.DEFAULT_CALIBRATION`, ...)."""
 
 from __future__ import annotations
 
@@ -17,16 +14,11 @@ from profilers.tasks import infer_task
 from profilers.types import DataSplit
 
 from ..errors import ModelError
-from . import user
+from . import DEFAULT_BATCH_SIZE, DEFAULT_CALIBRATION, DEFAULT_MAX_LENGTH, DEFAULT_SEED, user
 from .models import LoadedModel
 from .text import load_documents, split_documents, text_batches
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIBRATION", "DEFAULT_MAX_LENGTH", "DEFAULT_SEED", "Data", "load_data"]
-
-DEFAULT_CALIBRATION = 64  # documents, images or samples
-DEFAULT_MAX_LENGTH = 128  # tokens per document
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_SEED = 0
+__all__ = ["Data", "load_data"]
 
 
 @dataclass
@@ -76,6 +68,8 @@ def load_data(
     gets it here, from one forward pass on a calibration batch.
     """
     path = Path(data) if data is not None else None
+    if path is not None and not path.exists():
+        raise ModelError(f"--data {data} does not exist")
     if path is not None and _is_samples(path):
         found = _sample_data(loaded, path, calibration=calibration, seed=seed, batch_size=batch_size)
     elif loaded.kind == "image-classifier" and data is None:
@@ -104,12 +98,23 @@ def load_data(
             batch_size=batch_size,
         )
     found.builtin = data is None
-    if loaded.task is None:
-        try:
-            loaded.task = infer_task(loaded.model, found.calib[0])
-        except Exception as e:
-            raise ModelError(f"{loaded.name} does not run on {found.source}: {e}") from None
+    _check_runs(loaded, found)
     return found
+
+
+def _check_runs(loaded: LoadedModel, found: Data) -> None:
+    """One forward pass on a calibration batch: data the model cannot read (wrong shape, wrong
+    kind) is refused here, in one line, and a model of unknown output kind gets its task."""
+    import torch
+
+    try:
+        if loaded.task is None:
+            loaded.task = infer_task(loaded.model, found.calib[0])
+        else:
+            with torch.no_grad():
+                loaded.task.forward(loaded.model, found.calib[0])
+    except Exception as e:
+        raise ModelError(f"{loaded.name} does not run on {found.source}: {type(e).__name__}: {e}") from e
 
 
 def _is_samples(path: Path) -> bool:
@@ -138,7 +143,9 @@ def _sample_data(loaded: LoadedModel, path: Path, *, calibration: int, seed: int
 
 def _order(n: int, calibration: int, seed: int) -> tuple[Tensor, Tensor]:
     if not 0 < calibration < n:
-        raise ModelError(f"calibration size must be between 1 and {n - 1} samples, got {calibration}")
+        raise ModelError(
+            f"--calibration {calibration} does not fit {n} samples: use 1 to {n - 1} (the rest are held out)"
+        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[:calibration].sort().values, order[calibration:].sort().values
 

@@ -20,12 +20,9 @@ from torch import nn
 from profilers.tasks import LogitsTask, Task
 
 from ..errors import ModelError
-from . import user
+from . import BUILTIN_MODELS, DEFAULT_MODEL, user
 
-__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "LoadedModel", "load_model", "skeleton"]
-
-DEFAULT_MODEL = "minilm"
-BUILTIN_MODELS = ("minilm", "lenet-mnist")
+__all__ = ["LoadedModel", "load_model", "skeleton"]
 
 
 @dataclass

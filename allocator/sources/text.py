@@ -69,7 +69,10 @@ def split_documents(docs: list[str], n_calibration: int, *, seed: int = 0) -> tu
     """Disjoint calibration and evaluation sets: `n_calibration` documents drawn with `seed`,
     the rest for evaluation (both keep corpus order)."""
     if not 0 < n_calibration < len(docs):
-        raise ModelError(f"calibration size must be between 1 and {len(docs) - 1} documents, got {n_calibration}")
+        raise ModelError(
+            f"--calibration {n_calibration} does not fit {len(docs)} documents: use 1 to {len(docs) - 1}"
+            " (the rest are held out)"
+        )
     picked = set(random.Random(seed).sample(range(len(docs)), n_calibration))
     calib = [d for i, d in enumerate(docs) if i in picked]
     evaluation = [d for i, d in enumerate(docs) if i not in picked]

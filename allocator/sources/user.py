@@ -62,12 +62,17 @@ def import_model(target: str) -> nn.Module:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ModelError(f"cannot import {module_name!r} for --model {target}: {e}") from None
+        raise ModelError(f"cannot import {module_name!r} for --model {target}: {e}") from e
+    except Exception as e:  # the user's module raised while importing: say so, keep the traceback for --debug
+        raise ModelError(f"importing {module_name!r} for --model {target} raised {type(e).__name__}: {e}") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelError(f"{module_name} has no {attr!r} (for --model {target})")
         obj = getattr(obj, part)
-    model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    try:
+        model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    except Exception as e:
+        raise ModelError(f"--model {target}: {attr}() raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ModelError(f"{target} returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
@@ -78,7 +83,7 @@ def load_saved_module(path: Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelError(f"cannot load {path} with torch.load: {e}") from None
+        raise ModelError(f"cannot load {path} with torch.load: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict):
         raise ModelError(
             f"{path} holds a state dict (weights without the architecture); give --model module:function"
@@ -92,6 +97,10 @@ def load_saved_module(path: Path) -> nn.Module:
 def tensor_file(path: Path) -> tuple[Tensor, Tensor | None]:
     """`(inputs, labels or None)` from a tensor file, one sample per row of `inputs`."""
     suffix = path.suffix.lower()
+    if not path.is_file():
+        raise ModelError(f"data file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ModelError(f"data file {path} is empty (0 bytes)")
     try:
         if suffix in (".pt", ".pth"):
             obj: Any = torch.load(path, map_location="cpu", weights_only=True)
@@ -122,6 +131,8 @@ def tensor_file(path: Path) -> tuple[Tensor, Tensor | None]:
         inputs, labels = obj, None
     if not isinstance(inputs, Tensor) or inputs.dim() == 0:
         raise ModelError(f"{path}: the inputs must be a tensor with one sample per row")
+    if inputs.shape[0] < 2:
+        raise ModelError(f"{path} holds {inputs.shape[0]} sample(s); calibration and evaluation need at least 2")
     if labels is not None and (not isinstance(labels, Tensor) or labels.shape[:1] != inputs.shape[:1]):
         raise ModelError(f"{path}: labels must be a tensor with one entry per input row")
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():

@@ -1,52 +1,22 @@
 """Sensitivity estimators: for every (layer, option), the loss increase when only that layer
-takes that option. `fisher` (default) and `hessian` are proxies; `measured` is ground truth."""
+takes that option. `fisher` (default) and `hessian` are proxies; `measured` is ground truth.
 
-from __future__ import annotations
+The names and defaults below are torch-free (the CLI prints them without importing torch);
+the estimators themselves are exported lazily.
+"""
 
-import inspect
-from typing import Any
+from ..lazy import lazy_exports
 
-from ..types import ProfileError
-from .base import Profiler
-from .fisher import FisherProfiler
-from .hessian import HessianProfiler
-from .measured import MeasuredProfiler
-
-__all__ = [
-    "DEFAULT_PROFILER",
-    "PROFILERS",
-    "FisherProfiler",
-    "HessianProfiler",
-    "MeasuredProfiler",
-    "Profiler",
-    "default_draws",
-    "make_profiler",
-]
-
+PROFILER_NAMES: tuple[str, ...] = ("fisher", "hessian", "measured")
 DEFAULT_PROFILER = "fisher"
+DEFAULT_DRAWS: dict[str, int] = {"fisher": 2, "hessian": 1}  # pseudo-label draws per batch
 
-PROFILERS: dict[str, type[Profiler]] = {
-    FisherProfiler.name: FisherProfiler,
-    HessianProfiler.name: HessianProfiler,
-    MeasuredProfiler.name: MeasuredProfiler,
+_EXPORTS = {
+    **dict.fromkeys(["PROFILERS", "make_profiler"], ".registry"),
+    "Profiler": ".base",
+    "FisherProfiler": ".fisher",
+    "HessianProfiler": ".hessian",
+    "MeasuredProfiler": ".measured",
 }
-
-
-def make_profiler(name: str, **settings: Any) -> Profiler:
-    """A profiler by name (`fisher`, `hessian`, `measured`) with its settings; settings a
-    profiler does not take are ignored (e.g. `draws` for `measured`)."""
-    if name not in PROFILERS:
-        raise ProfileError(f"unknown profiler {name!r}; choose one of {', '.join(PROFILERS)}")
-    cls = PROFILERS[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in settings.items() if k in accepted and v is not None})
-
-
-def default_draws() -> dict[str, int]:
-    """Pseudo-label draws per batch each profiler takes by default (those that draw)."""
-    out = {}
-    for name, cls in PROFILERS.items():
-        draws = inspect.signature(cls.__init__).parameters.get("draws")
-        if draws is not None:
-            out[name] = draws.default
-    return out
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["DEFAULT_DRAWS", "DEFAULT_PROFILER", "PROFILER_NAMES", *sorted(_EXPORTS)]

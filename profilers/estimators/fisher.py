@@ -39,8 +39,10 @@ from torch import Tensor, nn
 
 from ..capture import Call, batch_size, conv_patches
 from ..layers import QuantTarget
-from ..quant.options import OptionLayout, error_stack
+from ..quant.options import OptionLayout
+from ..quant.rounding import error_stack
 from ..types import Choice, ProfileError
+from . import DEFAULT_DRAWS
 from .base import CallCounter, Estimates, LayerEstimate, Profiler, ProfileRun, pseudo_label_passes
 
 __all__ = ["FisherProfiler", "per_sample_weight_grads"]
@@ -255,7 +257,7 @@ class FisherProfiler(Profiler):
 
     name: ClassVar[str] = "fisher"
 
-    def __init__(self, *, draws: int = 2, seed: int = 0, warmup_samples: int = 16) -> None:
+    def __init__(self, *, draws: int = DEFAULT_DRAWS["fisher"], seed: int = 0, warmup_samples: int = 16) -> None:
         if draws < 1:
             raise ProfileError(f"draws must be at least 1, got {draws}")
         self.draws = draws

@@ -27,8 +27,10 @@ from torch import Tensor, nn
 
 from ..capture import conv_patches
 from ..layers import QuantTarget
-from ..quant.options import OptionLayout, error_stack
+from ..quant.options import OptionLayout
+from ..quant.rounding import error_stack
 from ..types import Choice, ProfileError
+from . import DEFAULT_DRAWS
 from .base import CallCounter, Estimates, LayerEstimate, Profiler, ProfileRun, pseudo_label_passes
 
 __all__ = ["HessianProfiler"]
@@ -114,7 +116,7 @@ class HessianProfiler(Profiler):
 
     name: ClassVar[str] = "hessian"
 
-    def __init__(self, *, draws: int = 1, seed: int = 0) -> None:
+    def __init__(self, *, draws: int = DEFAULT_DRAWS["hessian"], seed: int = 0) -> None:
         if draws < 1:
             raise ProfileError(f"draws must be at least 1, got {draws}")
         self.draws = draws

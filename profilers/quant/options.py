@@ -1,13 +1,11 @@
-"""The options of a layer and the quantization errors they are scored from.
+"""The options of a layer: the choice grid and its defaults, fractional options, and how the
+options map onto an error stack. Torch-free (the CLI prints these defaults without torch).
 
 Whole-term options (`int4-g64`, `int2x2-ch`, fp16) are rows of an *error stack*
-`ΔW = Q(W) - W`. A fractional option (`int3+1/4-g64`) is a base row of the stack with its
-next-term row swapped in for the `k` rows that gain most; every estimator scores it from the
-pair `(base, next)` and a row order, so fractions cost one pair, not one stack row each.
-
-The stack is built with one residual-quantization run per (bits, group, symmetry), up to the
-largest number of terms any option needs: `int4-g64`, `int4x2-g64` and the next term of
-`int4+k/8-g64` share their first term.
+`ΔW = Q(W) - W` (`rounding.error_stack`). A fractional option (`int3+1/4-g64`) is a base row of
+the stack with its next-term row swapped in for the `k` rows that gain most; every estimator
+scores it from the pair `(base, next)` and a row order, so fractions cost one pair, not one
+stack row each.
 """
 
 from __future__ import annotations
@@ -15,23 +13,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
 from ..types import MAX_TERMS, Choice
-from .quantize import as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
 
 __all__ = [
     "DEFAULT_BITS",
     "DEFAULT_FRACTIONS",
     "DEFAULT_GROUP_SIZES",
     "DEFAULT_KINDS",
+    "DEFAULT_METHOD",
     "DEFAULT_TERMS",
     "KINDS",
+    "METHODS",
     "FractionPair",
     "OptionLayout",
     "choice_grid",
-    "error_stack",
     "expand_choices",
     "layout_options",
 ]
@@ -42,6 +37,8 @@ DEFAULT_GROUP_SIZES: tuple[int | None, ...] = (64, 128, None)
 DEFAULT_KINDS: tuple[str, ...] = ("residual",)
 DEFAULT_FRACTIONS = 8
 KINDS: tuple[str, ...] = ("residual", "tied", "joint")
+METHODS: tuple[str, ...] = ("rtn", "gptq")  # the rounding under every term (`profilers.quant.rounding`)
+DEFAULT_METHOD = "gptq"  # what `allocator.profile` and the CLI round with unless told otherwise
 MAX_BITS_PER_WEIGHT = 8  # multi-term settings above 8 bits per weight are never worth their bytes
 
 
@@ -175,38 +172,3 @@ def layout_options(options: Sequence[Choice], n_rows: int) -> OptionLayout:
         pair.append(pair_index[key])
         rows.append(c.extra_rows(n_rows))
     return OptionLayout(stack=stack, whole=whole, pair=pair, rows=rows, pairs=pairs, n_paired=len(paired))
-
-
-def error_stack(
-    weight: Tensor, stack: Sequence[Choice], *, method: str = "rtn", hessian: Tensor | None = None
-) -> Tensor:
-    """`[K, rows, cols]` float32 errors `reconstruct(W, c) - W` for the whole-term `stack`.
-
-    Round to nearest: one residual run per (bits, group, symmetry) serves every term count of
-    that setting. GPTQ (given the layer's `hessian`): one column sweep per term index for all
-    choices together.
-    """
-    w = as_matrix(weight.detach()).float()
-    for c in stack:
-        if c.extra:
-            raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
-    if method == "gptq" and hessian is not None:
-        from .gptq import gptq_reconstructions
-
-        return torch.stack([r - w for r in gptq_reconstructions(w, hessian, list(stack))])
-    out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
-    runs: dict[tuple[int, int | None, bool], list[int]] = {}
-    for k, c in enumerate(stack):
-        if not c.quantized:
-            out[k] = w.half().float() - w
-        elif c.kind != "residual":
-            torch.sub(dequantize_terms(quantize_terms(w, c)), w, out=out[k])
-        else:
-            runs.setdefault((c.bits, c.group_size, c.symmetric), []).append(k)
-    for (bits, group, sym), ks in runs.items():
-        recs = residual_reconstructions(
-            w, bits=bits, terms=max(stack[k].terms for k in ks), group_size=group, symmetric=sym
-        )
-        for k in ks:
-            torch.sub(recs[stack[k].terms - 1], w, out=out[k])
-    return out

@@ -1,4 +1,5 @@
-"""Base rounding methods under every term: `rtn` and `gptq`, behind one interface.
+"""Base rounding methods under every term: `rtn` and `gptq`, behind one interface, and the
+error stacks the estimators score.
 
 `rtn` rounds to nearest with the error-minimising clipping search; `gptq` feeds each column's
 rounding error back into the columns not yet quantized, using the layer's input second moment
@@ -17,14 +18,22 @@ import torch
 from torch import Tensor
 
 from ..types import Choice
-from .gptq import gptq_terms
-from .quantize import Term, as_matrix, dequantize_terms, quantize_terms
+from .gptq import gptq_reconstructions, gptq_terms
+from .options import DEFAULT_METHOD, METHODS
+from .quantize import Term, as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "Quantizer", "fake_quantize", "layer_terms", "reconstruct"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "Quantizer",
+    "error_stack",
+    "fake_quantize",
+    "layer_terms",
+    "reconstruct",
+]
 
 Method = Literal["rtn", "gptq"]
-METHODS: tuple[str, ...] = ("rtn", "gptq")
-DEFAULT_METHOD: Method = "gptq"  # what `allocator.profile` and the CLI round with unless told otherwise
 
 
 def layer_terms(w2d: Tensor, choice: Choice, *, method: Method = "rtn", hessian: Tensor | None = None) -> list[Term]:
@@ -89,9 +98,40 @@ class Quantizer:
 
     def stack(self, target: int, weight: Tensor, choices: Sequence[Choice]) -> Tensor:
         """`error_stack` of a layer's weight under this method."""
-        from .options import error_stack
-
         return error_stack(weight, choices, method=self.method, hessian=self.hessians.get(target))
 
     def reconstruct(self, target: int, w: Tensor, choice: Choice, extra_rows: Tensor | None = None) -> Tensor:
         return reconstruct(w, choice, method=self.method, hessian=self.hessians.get(target), extra_rows=extra_rows)
+
+
+def error_stack(
+    weight: Tensor, stack: Sequence[Choice], *, method: str = "rtn", hessian: Tensor | None = None
+) -> Tensor:
+    """`[K, rows, cols]` float32 errors `reconstruct(W, c) - W` for the whole-term `stack`.
+
+    Round to nearest: one residual run per (bits, group, symmetry) serves every term count of
+    that setting. GPTQ (given the layer's `hessian`): one column sweep per term index for all
+    choices together.
+    """
+    w = as_matrix(weight.detach()).float()
+    for c in stack:
+        if c.extra:
+            raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
+    if method == "gptq" and hessian is not None:
+        return torch.stack([r - w for r in gptq_reconstructions(w, hessian, list(stack))])
+    out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
+    runs: dict[tuple[int, int | None, bool], list[int]] = {}
+    for k, c in enumerate(stack):
+        if not c.quantized:
+            out[k] = w.half().float() - w
+        elif c.kind != "residual":
+            torch.sub(dequantize_terms(quantize_terms(w, c)), w, out=out[k])
+        else:
+            runs.setdefault((c.bits, c.group_size, c.symmetric), []).append(k)
+    for (bits, group, sym), ks in runs.items():
+        recs = residual_reconstructions(
+            w, bits=bits, terms=max(stack[k].terms for k in ks), group_size=group, symmetric=sym
+        )
+        for k in ks:
+            torch.sub(recs[stack[k].terms - 1], w, out=out[k])
+    return out

@@ -130,3 +130,14 @@ def test_profile_solve_apply_with_fractions_uses_the_profiled_rows():
     allocator.apply_plan_(model, plan)
     want = fake_quantize(original, lp.choice, extra_rows=torch.as_tensor(rows))
     assert torch.equal(dict(model.named_modules())[name].weight, want)
+
+
+def test_the_torch_free_names_and_defaults_match_the_estimators():
+    import inspect
+
+    from profilers.estimators import DEFAULT_DRAWS, DEFAULT_PROFILER, PROFILER_NAMES
+    from profilers.estimators.registry import PROFILERS
+
+    assert tuple(PROFILERS) == PROFILER_NAMES and DEFAULT_PROFILER in PROFILER_NAMES
+    for name, draws in DEFAULT_DRAWS.items():
+        assert inspect.signature(PROFILERS[name].__init__).parameters["draws"].default == draws

@@ -53,7 +53,7 @@ def test_evaluate_refuses_bad_input_in_one_line(tiny_encoder_dir, tiny_causal_di
     assert res.returncode == 0, res.stderr
     cases = [
         (["evaluate", str(tmp_path / "missing.json")], "missing.json"),
-        (["evaluate", str(plan_file), "--metric", "bleu"], "--metric takes"),
+        (["evaluate", str(plan_file), "--metric", "bleu"], "unknown metric 'bleu'"),
         (["evaluate", str(plan_file), "--peers", "gptq"], "unknown peer 'gptq'"),
         (["evaluate", str(tiny_causal_dir), str(plan_file)], "different weights"),
     ]

@@ -21,6 +21,12 @@ from allocator.planning.budget import Budget, format_bytes
         ("40GBOPs", "bops", 40e9),
         ("1.5 TBOPs", "bops", 1.5e12),
         ("800bops", "bops", 800),
+        ("1e-3MB", "bytes", 1000),  # scientific notation is a number, not a unit
+        ("2.5E9B", "bytes", 2.5e9),
+        ("0.3 GB", "bytes", 300_000_000),
+        ("3.5 bpw", "bpw", 3.5),
+        ("1 GiB", "bytes", 2**30),
+        ("4096 bytes", "bytes", 4096),
     ],
 )
 def test_good_budgets(text, kind, value):
@@ -39,6 +45,13 @@ def test_good_budgets(text, kind, value):
         ("0bpw", "must be positive"),
         ("150%", "more than the whole fp16 model"),
         ("12 parsecs", "cannot read budget"),
+        ("5e", "cannot read budget"),
+        ("nanGB", "cannot read budget"),
+        ("99999999999999999999999GB", "larger than any model can use"),
+        ("1e999GB", "larger than any model can use"),
+        ("1e30bpw", "larger than any model can use"),
+        ("0.5B", "less than one byte"),
+        ("0e5MB", "must be positive"),
     ],
 )
 def test_bad_budgets_name_the_accepted_forms(text, message):

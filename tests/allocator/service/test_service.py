@@ -96,7 +96,8 @@ def test_every_error_is_a_status_with_a_message_never_a_500(server, table):
     status, body = _post(url, json.dumps({"profile_id": "0" * 64, "budgets": ["4bpw"]}).encode())
     assert status == 404 and "upload it to /v1/profiles" in body["detail"]
     status, body = _post(url, json.dumps({"profile_id": pid, "budgets": ["12 parsecs"]}).encode())
-    assert status == 422 and "12 parsecs" in body["detail"]
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "budgets", 0]
+    assert "cannot read budget '12 parsecs'" in body["detail"][0]["msg"]
     status, body = _post(url, json.dumps({"profile_id": pid, "budgets": ["1bpw"]}).encode())
     assert status == 422 and "smallest" in body["detail"]  # infeasible: names the least budget that fits
     with pytest.raises(ServiceError, match="404"):

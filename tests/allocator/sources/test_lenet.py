@@ -21,7 +21,7 @@ def test_the_shipped_lenet_classifies_the_shipped_images():
     assert accuracy > 0.99  # 99.28% is the figure the issue quotes
 
 
-def test_calibration_and_evaluation_images_are_disjoint():
+def test_calibration_and_evaluation_images_are_disjoint(tmp_path):
     loaded = sources.load_model("lenet-mnist")
     data = sources.load_data(loaded, calibration=100, batch_size=32)
     calib = torch.cat([x for x, _ in data.calib])
@@ -29,9 +29,12 @@ def test_calibration_and_evaluation_images_are_disjoint():
     assert data.n_calib == len(calib) == 100 and data.n_eval == len(evals) == 4900
     flat = {tuple(row.tolist()) for row in calib.flatten(1)[:, ::7]}
     assert not any(tuple(row.tolist()) in flat for row in evals.flatten(1)[:, ::7])
-    # text is refused, with the data it does read (tensor files, image folders: tests/test_sources.py)
+    # text is refused, with the data it does read (tensor files, image folders: test_sources.py)
+    (tmp_path / "some.txt").write_text("a document\nanother one\n")
     with pytest.raises(allocator.ModelError, match="reads no text; give --data a tensor file"):
-        sources.load_data(loaded, "some.txt")
+        sources.load_data(loaded, str(tmp_path / "some.txt"))
+    with pytest.raises(allocator.ModelError, match="does not exist"):
+        sources.load_data(loaded, str(tmp_path / "missing.txt"))
 
 
 @pytest.mark.slow
