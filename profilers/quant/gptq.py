@@ -163,7 +163,8 @@ def _all_terms(w2d: Tensor, h: Tensor, choices: Sequence[Choice], damp: float) -
         terms = gptq_sweep([residual[i] for i in live], [_grid(choices[i]) for i in live], hinv_u, dead)
         for i, term in zip(live, terms, strict=True):
             passes[i].append(term)
-            residual[i] = residual[i] - dequantize(term)
+            if _passes(choices[i]) > t + 1:  # another pass follows: it quantizes what this one left
+                residual[i] = residual[i] - dequantize(term)
     return [_finish(c, p) if c.quantized else [] for c, p in zip(choices, passes, strict=True)]
 
 
