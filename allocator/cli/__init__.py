@@ -76,14 +76,10 @@ def _describe(e: BaseException) -> tuple[str, int]:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else EXIT_USER
         return ("" if code == 0 else str(e.code)), code
     if isinstance(e, typer.TyperException):  # bad usage: an unknown option, a value out of range, ...
-        ctx = getattr(e, "ctx", None)
-        param = getattr(e, "param", None)
-        name = f"{param.opts[0]}: " if param is not None and getattr(param, "opts", None) else ""
+        ctx = getattr(e, "ctx", None)  # the message already names the option ("Invalid value for '--gap'")
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        if name and name.rstrip(": ") in message:
-            name = ""
         where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-        return f"{name}{message.rstrip('.')}{where}", EXIT_USER
+        return f"{message.rstrip('.')}{where}", EXIT_USER
     if isinstance(e, USER_ERRORS):
         return str(e), EXIT_USER
     if isinstance(e, OSError):
