@@ -54,6 +54,9 @@ def prepare_hessian(h: Tensor, *, damp: float = 0.01) -> tuple[Tensor, Tensor]:
     return torch.linalg.cholesky(inv, upper=True).float(), dead
 
 
+_INNER = 16  # columns per run of rank-1 updates inside a block
+
+
 def _block_size(groups: Sequence[int], cols: int, block: int) -> int:
     """Blocks of whole groups for every group size: a multiple of their least common multiple."""
     step = math.lcm(*(g for g in groups if g < cols)) if any(g < cols for g in groups) else 1
@@ -68,6 +71,11 @@ def gptq_sweep(
     Their rows are stacked and each matrix is rounded to its own grid, with its own group
     parameters, so one sweep serves every choice of a layer (the profiler) or one (the applier).
 
+    The weights are held transposed (`[cols, rows]`, a column is contiguous) and updated lazily
+    at two levels, as the published GPTQ does at one: inside a run of `_INNER` columns each
+    column's error updates the rest of the run (rank-1); a finished run updates the rest of its
+    block by one matrix product, and a finished block the columns after it by another.
+
     Args:
         targets: matrices of equal shape (a layer's weight, or residuals of it).
         grids: one `Grid` per target.
@@ -79,54 +87,80 @@ def gptq_sweep(
         One `Term` per target: codes, fp16 scales and zero points, as the packed file stores them.
     """
     rows, cols = targets[0].shape
-    w = torch.cat([t.float() for t in targets]).clone()
-    w[:, dead] = 0.0
+    wt = torch.cat([t.float() for t in targets]).T.contiguous()  # [cols, n·rows]
+    wt[dead] = 0.0
     groups = [cols if g.group_size is None else min(g.group_size, cols) for g in grids]
     per_row = lambda values: torch.cat([torch.full((rows,), float(v)) for v in values])  # noqa: E731
     qmin = per_row(-(2 ** (g.bits - 1)) if g.symmetric else 0 for g in grids)
     qmax = per_row(2 ** (g.bits - 1) - 1 if g.symmetric else 2**g.bits - 1 for g in grids)
-    has_zero = torch.cat([torch.full((rows,), not g.symmetric) for g in grids])
     scale = torch.ones(len(grids) * rows)
-    offset = torch.zeros(len(grids) * rows)
-    codes = torch.zeros(len(grids) * rows, cols, dtype=torch.int32)
+    offset = torch.zeros(len(grids) * rows)  # stays 0 for symmetric grids
+    codes = torch.empty(cols, len(grids) * rows)
     scales = [torch.zeros(rows, -(-cols // g), dtype=torch.float16) for g in groups]
     zeros = [None if grid.symmetric else torch.zeros(rows, -(-cols // g), dtype=torch.float16)
              for grid, g in zip(grids, groups, strict=True)]  # fmt: skip
+    starts: dict[int, list[int]] = {}  # group size -> the grids that use it
+    for c, g in enumerate(groups):
+        starts.setdefault(g, []).append(c)
     block = _block_size(groups, cols, block)
+    inner = math.gcd(_INNER, *(g for g in groups if g < cols))
+    q = torch.empty(len(grids) * rows)
     for start in range(0, cols, block):
         stop = min(start + block, cols)
-        w1 = w[:, start:stop].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv_u[start:stop, start:stop]
-        for i in range(stop - start):
-            col = start + i
-            for c, grid in enumerate(grids):
-                g = groups[c]
-                if col % g:
-                    continue
-                sl = slice(c * rows, (c + 1) * rows)
-                # Group parameters from the error-updated weights of the whole group (per
-                # channel: the untouched row, at column 0).
-                grp = w1[sl, i : i + g] if g < cols else w[sl, :]
-                term, _ = _quantize(grp, bits=grid.bits, group_size=None, symmetric=grid.symmetric, clip=None)
-                scale[sl] = term.scale[:, 0].float()
-                scales[c][:, col // g] = term.scale[:, 0]
-                if term.offset is not None:
-                    offset[sl] = term.offset[:, 0].float()
-                    zeros[c][:, col // g] = term.offset[:, 0]  # type: ignore[index]
-            x = w1[:, i]
-            q = torch.where(has_zero, (x - offset) / scale, x / scale).round().clamp(qmin, qmax)
-            codes[:, col] = q.to(torch.int32)
-            xq = torch.where(has_zero, q * scale + offset, q * scale)
-            e = (x - xq) / h1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, stop:] -= err1 @ hinv_u[start:stop, stop:]
+        err = torch.empty(stop - start, len(grids) * rows)
+        h = hinv_u[start:stop, start:stop]
+        for run in range(start, stop, inner):
+            end = min(run + inner, stop)
+            for col in range(run, end):
+                for g, cs in starts.items():
+                    if col % g == 0:
+                        _group_parameters(wt, col, g, cs, grids, rows, scale, offset, scales, zeros)
+                i = col - start
+                x = wt[col]
+                torch.sub(x, offset, out=q).div_(scale).round_().clamp_(qmin, qmax)
+                codes[col] = q
+                e = err[i]
+                torch.addcmul(offset, q, scale, out=e)  # the rounded column
+                e.sub_(x).div_(-h[i, i])  # (x - rounded) / d
+                if col + 1 < end:
+                    wt[col + 1 : end].addr_(h[i, i + 1 : end - start], e, alpha=-1)
+            if end < stop:
+                a, b = run - start, end - start
+                wt[end:stop].addmm_(h[a:b, b:].T, err[a:b], alpha=-1)
+        if stop < cols:
+            wt[stop:].addmm_(hinv_u[start:stop, stop:].T, err, alpha=-1)
+    codes = codes.T
     out = []
     for c, grid in enumerate(grids):
         code_type = torch.int32 if grid.bits > 8 else torch.int8 if grid.symmetric else torch.uint8
-        out.append(Term(codes[c * rows : (c + 1) * rows].to(code_type), scales[c], zeros[c], grid.bits, groups[c]))
+        term_codes = codes[c * rows : (c + 1) * rows].to(code_type).contiguous()
+        out.append(Term(term_codes, scales[c], zeros[c], grid.bits, groups[c]))
     return out
+
+
+def _group_parameters(
+    wt: Tensor,
+    col: int,
+    g: int,
+    grids_at: list[int],
+    grids: Sequence[Grid],
+    rows: int,
+    scale: Tensor,
+    offset: Tensor,
+    scales: list[Tensor],
+    zeros: list[Tensor | None],
+) -> None:
+    """Scale and zero point of the group starting at `col` for each grid in `grids_at`, from the
+    error-updated weights of the whole group (per channel: the untouched row, at column 0)."""
+    for c in grids_at:
+        sl = slice(c * rows, (c + 1) * rows)
+        grp = wt[col : col + g, sl].T
+        term, _ = _quantize(grp, bits=grids[c].bits, group_size=None, symmetric=grids[c].symmetric, clip=None)
+        scale[sl] = term.scale[:, 0].float()
+        scales[c][:, col // g] = term.scale[:, 0]
+        if term.offset is not None:
+            offset[sl] = term.offset[:, 0].float()
+            zeros[c][:, col // g] = term.offset[:, 0]  # type: ignore[index]
 
 
 def _grid(choice: Choice) -> Grid:
@@ -160,8 +194,13 @@ def _all_terms(w2d: Tensor, h: Tensor, choices: Sequence[Choice], damp: float) -
     residual = [w for _ in choices]
     for t in range(max((_passes(c) for c in choices if c.quantized), default=0)):
         live = [i for i, c in enumerate(choices) if c.quantized and _passes(c) > t]
-        terms = gptq_sweep([residual[i] for i in live], [_grid(choices[i]) for i in live], hinv_u, dead)
-        for i, term in zip(live, terms, strict=True):
+        # Passes of the same grid over the same matrix are one (the first terms of int3 and int3x2).
+        distinct = {(_grid(choices[i]), id(residual[i])): i for i in reversed(live)}
+        swept = list(distinct.values())
+        terms = gptq_sweep([residual[i] for i in swept], [_grid(choices[i]) for i in swept], hinv_u, dead)
+        term_of = dict(zip(distinct, terms, strict=True))
+        for i in live:
+            term = term_of[_grid(choices[i]), id(residual[i])]
             passes[i].append(term)
             if _passes(choices[i]) > t + 1:  # another pass follows: it quantizes what this one left
                 residual[i] = residual[i] - dequantize(term)
