@@ -27,10 +27,11 @@ from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileTable
 
 from .errors import AllocatorError
-from .planning.budget import Budget
+from .planning.budget import Budget, parse_size
 from .planning.build import plan_from_profile
 from .planning.plan import Plan
 from .planning.ties import profiled_ties
+from .progress import terminal_progress
 from .quantized.export import header_allowance
 
 __all__ = ["profile", "solve"]
@@ -54,6 +55,7 @@ def profile(
     act_bits: int = 16,
     model_name: str = "",
     progress: ProgressFn | None = None,
+    max_memory: int | str | None = None,
 ) -> ProfileTable:
     """Measure, once, the cost and estimated sensitivity of every (layer, choice).
 
@@ -74,23 +76,29 @@ def profile(
         seed: seed of the draws.
         act_bits: activation bits for BOPs.
         model_name: recorded in the profile.
-        progress: optional `(stage, done, total)` callback.
+        progress: optional `(stage, done, total)` callback; None: progress bars on stderr
+            when it is a terminal.
+        max_memory: memory the profile may use, model included (`"4GB"` or bytes; fisher):
+            error stacks are built in row chunks that fit, and a bound too small for one block
+            is refused naming the smallest that works. None: 80% of this machine's memory.
     """
-    table = make_profiler(profiler, draws=draws, seed=seed).profile(
-        model,
-        data,
-        choices=list(choices) if choices is not None else choice_grid(),
-        task=task,
-        fractions=fractions,
-        fraction_terms=fraction_terms,
-        fraction_bits=fraction_bits,
-        method=method,
-        include=include,
-        exclude=exclude,
-        act_bits=act_bits,
-        model_name=model_name,
-        progress=progress,
-    )
+    limit = None if max_memory is None else parse_size(max_memory)
+    with terminal_progress(progress) as update:
+        table = make_profiler(profiler, draws=draws, seed=seed, max_memory=limit).profile(
+            model,
+            data,
+            choices=list(choices) if choices is not None else choice_grid(),
+            task=task,
+            fractions=fractions,
+            fraction_terms=fraction_terms,
+            fraction_bits=fraction_bits,
+            method=method,
+            include=include,
+            exclude=exclude,
+            act_bits=act_bits,
+            model_name=model_name,
+            progress=update,
+        )
     # Reserve the packed file's header, so a byte budget holds for the file on disk.
     return table.model_copy(update={"file_overhead": header_allowance(model, table)})
 

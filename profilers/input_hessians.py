@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import capture_calls, conv_patches
+from .capture import Call, capture_calls, conv_patches
 from .layers import QuantTarget
 from .tasks import Task
 
-__all__ = ["input_hessians"]
+__all__ = ["call_hessian", "input_hessians"]
 
 
 def _positions_mask(batch: Any, inp: Tensor) -> Tensor | None:
@@ -44,18 +44,25 @@ def input_hessians(
             with capture_calls(targets, batch, isolate=False) as calls:
                 task.forward(model, batch)
             for call in calls:
-                mod = call.module
-                if isinstance(mod, nn.Linear):
-                    x = call.inp.detach().reshape(-1, call.inp.shape[-1]).double()
-                    mask = _positions_mask(batch, call.inp)
-                    if mask is not None:
-                        x = x * mask.double().unsqueeze(1)
-                elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
-                    cols = conv_patches(mod, call.inp.detach().float())
-                    x = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
-                else:
-                    continue
-                h = x.T @ x
-                sums[call.target] = sums[call.target] + h if call.target in sums else h
+                h = call_hessian(call, batch)
+                if h is not None:
+                    sums[call.target] = sums[call.target] + h if call.target in sums else h
     report("hessians", len(batches), len(batches))
     return {i: h.float() for i, h in sums.items()}
+
+
+def call_hessian(call: Call, batch: Any) -> Tensor | None:
+    """`Σ x xᵀ` (float64) over the positions of one call of a Linear or ungrouped Conv2d (padding
+    left out); None for other modules."""
+    mod = call.module
+    if isinstance(mod, nn.Linear):
+        x = call.inp.detach().reshape(-1, call.inp.shape[-1]).double()
+        mask = _positions_mask(batch, call.inp)
+        if mask is not None:
+            x = x * mask.double().unsqueeze(1)
+    elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
+        cols = conv_patches(mod, call.inp.detach().float())
+        x = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    else:
+        return None
+    return x.T @ x

@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from profilers.types import ProfileTable, Validation
 
 from ..planning.budget import format_bytes
 from ..planning.plan import Plan
+from ..progress import progress_bars
 
 if TYPE_CHECKING:
     from ..measure.evaluate import Comparison
@@ -70,19 +70,8 @@ class Reporter:
 
     @contextmanager
     def progress(self, enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-        """A progress display fed by `(stage, done, total)` callbacks (a no-op when disabled)."""
-        if not enabled:
-            yield lambda stage, done, total: None
-            return
-        columns = (TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=self.err, transient=True) as bar:
-            tasks: dict[str, int] = {}
-
-            def update(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
+        """Progress bars with an ETA fed by `(stage, done, total)` callbacks (a no-op when disabled)."""
+        with progress_bars(self.err, enabled) as update:
             yield update
 
     def profile(self, table: ProfileTable, seconds: float) -> None:

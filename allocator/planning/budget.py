@@ -138,6 +138,22 @@ class Budget(BaseModel):
         return self.text
 
 
+def parse_size(text: str | int | float, option: str = "--max-memory") -> int:
+    """A memory size (`4GB`, `1500MiB`, or a number of bytes) as bytes; `BudgetError` naming
+    `option` when it is not one."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        raw = str(text).strip()
+        m = _BYTES.match(raw)
+        if m is None:
+            raise BudgetError(f"{option} {raw!r} is not a size; write one like 4GB or 1500MB")
+        value = _bytes(float(m["num"]), m["unit"])
+    if not math.isfinite(value) or not 1 <= value <= MAX_BYTES:
+        raise BudgetError(f"{option} {text!r} is not a usable size; write one like 4GB or 1500MB")
+    return int(value)
+
+
 def format_bytes(n: float) -> str:
     """Decimal units, as budgets are written: `11.98 MB`."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -240,7 +240,7 @@ class Profiler(ABC):
         model.eval()
         try:
             quantizer = Quantizer(method)  # type: ignore[arg-type]
-            if method == "gptq":
+            if method == "gptq" and self._hessians_up_front:
                 quantizer.hessians = input_hessians(model, batches, task, targets, progress=report)
             est = self._estimate(ProfileRun(model, batches, targets, options, layouts, task, quantizer, report))
         finally:
@@ -254,6 +254,9 @@ class Profiler(ABC):
 
     # Estimators that write quantized weights into the model set this, so the base restores them.
     _mutates_weights: ClassVar[bool] = False
+    # GPTQ's `H` of every layer is collected before `_estimate` (one more forward pass), unless
+    # the estimator collects each layer's just in time.
+    _hessians_up_front: ClassVar[bool] = True
 
     @abstractmethod
     def _estimate(self, run: ProfileRun) -> Estimates:

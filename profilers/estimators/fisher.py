@@ -38,12 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Call, batch_size, conv_patches
-from ..layers import QuantTarget
+from ..input_hessians import call_hessian
 from ..quant.options import OptionLayout
+from ..quant.quantize import as_matrix
 from ..quant.rounding import error_stack
 from ..types import Choice, ProfileError
 from . import DEFAULT_DRAWS
-from .base import CallCounter, Estimates, LayerEstimate, Profiler, ProfileRun, pseudo_label_passes
+from .base import Estimates, LayerEstimate, Profiler, ProfileRun
+from .memory import default_max_memory, format_size, memory_budget
+from .segments import Segment, SegmentPasses
 
 __all__ = ["FisherProfiler", "per_sample_weight_grads"]
 
@@ -98,14 +101,22 @@ def _dense_products(call: Call, g: Tensor, stack: Tensor, n_paired: int) -> tupl
 def _embedding_products(
     call: Call, g: Tensor, rows: Tensor, stack: Tensor, n_paired: int
 ) -> tuple[Tensor, Tensor | None]:
-    """`_products` for an embedding lookup; `rows` are the sorted rows of `stack [K, U, dim]`."""
+    """`_products` for an embedding lookup; `rows` are the sorted rows of `stack [K, U, dim]`
+    (ids outside `rows` are left out)."""
     n = g.shape[0]
     dim = g.shape[-1]
-    local = torch.searchsorted(rows, call.inp.reshape(n, -1).contiguous())
+    ids = call.inp.reshape(n, -1).contiguous()
+    local = torch.searchsorted(rows, ids).clamp_max(rows.numel() - 1)
+    hit = (rows[local] == ids).reshape(-1)
     flat = (torch.arange(n, device=local.device).unsqueeze(1) * rows.numel() + local).reshape(-1)
     grad_rows = torch.zeros(n * rows.numel(), dim, dtype=torch.float32, device=g.device)
-    grad_rows.index_add_(0, flat, g.float().reshape(-1, dim))
+    grad_rows.index_add_(0, flat[hit], g.float().reshape(-1, dim)[hit])
     return _products(grad_rows.reshape(n, rows.numel(), dim), stack, n_paired)
+
+
+def _output_rows(call: Call, g: Tensor, rows: slice) -> Tensor:
+    """The part of a Linear/Conv2d output-gradient that belongs to weight rows `rows`."""
+    return g[:, rows] if isinstance(call.module, nn.Conv2d) else g[..., rows]
 
 
 class _RowErrors:
@@ -246,6 +257,13 @@ class FisherProfiler(Profiler):
         seed: seed of the pseudo-label draws.
         warmup_samples: calibration samples (at most half of them) whose per-row statistics
             order the rows for fractional options; fractions are scored on the others.
+        stream: score the model block by block (`segments`), holding one block's inputs,
+            gradients and one layer's error stack at a time; False scores the whole model in
+            one segment (the same scores, more memory).
+        max_memory: bytes the profile may use, model included (`memory.memory_budget`):
+            error stacks are built in row chunks that fit; a bound too small for one segment
+            is refused before scoring, naming the smallest that works. None: 80% of this
+            machine's memory.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -256,79 +274,169 @@ class FisherProfiler(Profiler):
     """
 
     name: ClassVar[str] = "fisher"
+    _hessians_up_front: ClassVar[bool] = False  # each segment's `H` comes from the inputs it holds
 
-    def __init__(self, *, draws: int = DEFAULT_DRAWS["fisher"], seed: int = 0, warmup_samples: int = 16) -> None:
+    def __init__(
+        self, *, draws: int = DEFAULT_DRAWS["fisher"], seed: int = 0, warmup_samples: int = 16,
+        stream: bool = True,
+        max_memory: int | None = None,
+    ) -> None:
         if draws < 1:
             raise ProfileError(f"draws must be at least 1, got {draws}")
         self.draws = draws
         self.seed = seed
         self.warmup_samples = warmup_samples
+        self.stream = stream
+        self.max_memory = max_memory
 
     def _estimate(self, run: ProfileRun) -> Estimates:
-        targets, layouts = run.targets, run.layouts
-        stacks: dict[int, Tensor] = {}
-        row_errors: dict[int, _RowErrors] = {}
-        for i, t in enumerate(targets):
-            run.report("quantizing", i, len(targets))
-            if all(isinstance(m, nn.Embedding) for m in t.modules):  # lookups only: rows on demand
-                row_errors[i] = _RowErrors(t.weight, layouts[i].stack)
-            else:
-                stacks[i] = run.quantizer.stack(i, t.weight, layouts[i].stack)
-        run.report("quantizing", len(targets), len(targets))
-
+        passes = SegmentPasses(run, draws=self.draws, seed=self.seed, stream=self.stream)
+        chunks = self._row_chunks(run, passes)
         total = sum(batch_size(b) or 1 for b in run.batches)
         warmup = max(1, min(self.warmup_samples, total // 2))
-        states = [_LayerState(layouts[i], t.spec.rows, warmup) for i, t in enumerate(targets)]
-        counter = CallCounter()
-        for _, calls, first_sample, draws in pseudo_label_passes(run, counter, draws=self.draws, seed=self.seed,
-                                                                 stage="scoring"):  # fmt: skip
-            lookups = self._lookup_stacks(row_errors, calls)
-            for grads in draws:
-                self._accumulate(targets, states, stacks, lookups, calls, grads, first_sample)
-        layers = {i: states[i].finish() for i in counter.first_call}
-        return counter.estimates(layers, {"draws": self.draws, "seed": self.seed})
+        states = [_LayerState(run.layouts[i], t.spec.rows, warmup) for i, t in enumerate(run.targets)]
+        sums = {i: _Terms(n) for i, n in passes.segments_of.items()}
+        for s, segment in enumerate(passes):
+            run.report("scoring", s, passes.total)
+            for i in segment.targets:
+                self._score(run, i, segment, passes, chunks.get(i), states[i], sums[i])
+            del segment
+        run.report("scoring", passes.total, passes.total)
+        layers = {i: states[i].finish() for i in passes.counter.first_call}
+        settings = {"draws": self.draws, "seed": self.seed, "blocks": passes.blocks}
+        return passes.counter.estimates(layers, settings)
 
-    @staticmethod
-    def _lookup_stacks(row_errors: dict[int, _RowErrors], calls: list[Call]) -> dict[int, tuple[Tensor, Tensor]]:
-        """For each lookup-only embedding called in this batch: the sorted rows it looked up and
-        their errors `[K, rows, dim]` (rows quantize independently of each other)."""
-        ids: dict[int, list[Tensor]] = {}
-        for call in calls:
-            if call.target in row_errors:
-                ids.setdefault(call.target, []).append(call.inp.reshape(-1))
-        out = {}
-        for i, parts in ids.items():
-            rows = torch.unique(torch.cat(parts))
-            out[i] = (rows, row_errors[i].get(rows))
-        return out
-
-    @staticmethod
-    def _accumulate(
-        targets: list[QuantTarget],
-        states: list[_LayerState],
-        stacks: dict[int, Tensor],
-        lookups: dict[int, tuple[Tensor, Tensor]],
-        calls: list[Call],
-        grads: tuple[Tensor | None, ...],
-        first_sample: int,
+    def _score(
+        self,
+        run: ProfileRun,
+        i: int,
+        segment: Segment,
+        passes: SegmentPasses,
+        step: int | None,
+        state: _LayerState,
+        sums: _Terms,
     ) -> None:
-        """Add one batch's first-order terms for one draw (`grads`: its output-gradients per call)
-        to each weight's running sums; the batch holds calibration samples `first_sample ...`."""
-        totals: dict[int, tuple[Tensor, Tensor | None]] = {}
-        for call, g in zip(calls, grads, strict=True):
-            if g is None:
+        """Add target `i`'s first-order terms from `segment` to its state: its error stack is
+        built `step` rows at a time (all at once when None); a weight called in several
+        segments has its terms summed until the last one."""
+        t = run.targets[i]
+        if passes.segments_of[i] == 1 and all(isinstance(m, nn.Embedding) for m in t.modules):
+            errors = _RowErrors(t.weight, run.layouts[i].stack)  # lookups only: rows on demand
+            for b, _, a, per_row, rows in self._terms(run, i, segment, errors, slice(None)):
+                state.add(a, per_row, rows, passes.first_sample[b])
+            return
+        hessian = self._hessian(run, i, segment, passes)
+        n_rows = t.spec.rows
+        step = step or n_rows
+        for r0 in range(0, n_rows, step):
+            rows = slice(r0, min(r0 + step, n_rows))
+            stack = self._stack(run, i, rows, hessian)
+            for b, d, a, per_row, _ in self._terms(run, i, segment, stack, rows):
+                sums.add(b, d, r0, a, per_row)
+            del stack
+        if sums.segment_done():
+            every = torch.arange(n_rows)
+            for b, a, per_row in sums.terms():
+                state.add(a, per_row, every, passes.first_sample[b])
+
+    @staticmethod
+    def _hessian(run: ProfileRun, i: int, segment: Segment, passes: SegmentPasses) -> Tensor | None:
+        """GPTQ's `H` of target `i`: from its calls in `segment`, or from the whole forward pass
+        for a weight called in several segments."""
+        if run.quantizer.method != "gptq":
+            return None
+        if passes.segments_of[i] > 1:
+            return passes.hessians.get(i)
+        mine = [(b, s.call) for b, seen in enumerate(segment.seen) for s in seen if s.call.target == i]
+        key = tuple((b, id(call.inp)) for b, call in mine)  # layers fed the same inputs (q, k, v) share it
+        if key not in segment.hessians:
+            hessian = None
+            for b, call in mine:
+                h = call_hessian(call, run.batches[b])
+                if h is not None:
+                    hessian = h if hessian is None else hessian + h
+            segment.hessians = {key: hessian}
+        return segment.hessians[key]
+
+    @staticmethod
+    def _stack(run: ProfileRun, i: int, rows: slice, hessian: Tensor | None) -> Tensor:
+        """The error stack of rows `rows` of target `i` (rows round independently, GPTQ too)."""
+        weight = as_matrix(run.targets[i].weight.detach())[rows]
+        if hessian is not None:
+            run.quantizer.hessians[i] = hessian.float()
+        try:
+            return run.quantizer.stack(i, weight, run.layouts[i].stack)
+        finally:
+            run.quantizer.hessians.pop(i, None)
+
+    def _terms(self, run: ProfileRun, i: int, segment: Segment, stack: Tensor | _RowErrors, rows: slice):
+        """Per batch and draw, target `i`'s first-order terms `a [n, K]` (and per row, for
+        fractions) over weight rows `rows`, summed over its calls in `segment`, with the rows
+        they cover."""
+        n_paired = run.layouts[i].n_paired
+        for b, seen in enumerate(segment.seen):
+            mine = [s for s in seen if s.call.target == i]
+            if not mine:
                 continue
-            i = call.target
-            n_paired = states[i].layout.n_paired
-            if i in lookups or isinstance(call.module, nn.Embedding):
-                rows, stack = lookups[i] if i in lookups else (torch.arange(targets[i].spec.rows), stacks[i])
-                a, per_row = _embedding_products(call, g, rows, stack, n_paired)
+            if isinstance(stack, _RowErrors):
+                covered = torch.unique(torch.cat([s.call.inp.reshape(-1) for s in mine]))
+                errors = stack.get(covered)
             else:
-                a, per_row = _dense_products(call, g, stacks[i], n_paired)
-            if i in totals:  # a weight used by several calls: first-order terms add up
-                a0, p0 = totals[i]
-                a, per_row = a0 + a, None if per_row is None else p0 + per_row
-            totals[i] = (a, per_row)
-        for i, (a, per_row) in totals.items():
-            rows = lookups[i][0] if i in lookups else torch.arange(targets[i].spec.rows)
-            states[i].add(a, per_row, rows, first_sample)
+                covered, errors = torch.arange(run.targets[i].spec.rows)[rows], stack
+            for d in range(self.draws):
+                a = per_row = None
+                for s in mine:
+                    g = s.grads[d]
+                    if isinstance(s.call.module, nn.Embedding):
+                        a1, p1 = _embedding_products(s.call, g, covered, errors, n_paired)
+                    else:
+                        a1, p1 = _dense_products(s.call, _output_rows(s.call, g, rows), errors, n_paired)
+                    a = a1 if a is None else a + a1
+                    per_row = p1 if per_row is None or p1 is None else per_row + p1
+                yield b, d, a, per_row, covered
+
+    def _row_chunks(self, run: ProfileRun, passes: SegmentPasses) -> dict[int, int]:
+        """Rows per error-stack chunk of each target so that the profile stays within
+        `max_memory` (default: 80% of this machine's memory)."""
+        bound = self.max_memory or default_max_memory()
+        budget = memory_budget(run, passes)
+        need, where = budget.smallest()
+        if need > bound:
+            shown = format_size(bound)
+            what = f"--max-memory {shown}" if self.max_memory else f"this machine's memory ({shown} usable)"
+            raise ProfileError(
+                f"{what} is too small: profiling {where} needs at least {format_size(need)};"
+                f" set --max-memory to {format_size(need)} or more, or calibrate on fewer or shorter samples"
+            )
+        return budget.chunks(bound)
+
+
+class _Terms:
+    """A weight's first-order terms per (batch, draw), summed over the segments it is called in
+    (a tied embedding and LM head) and joined over the row chunks its stack was built in."""
+
+    def __init__(self, segments: int) -> None:
+        self.left = segments
+        self.sums: dict[tuple[int, int, int], tuple[Tensor, Tensor | None]] = {}
+
+    def add(self, b: int, draw: int, r0: int, a: Tensor, per_row: Tensor | None) -> None:
+        key = (b, draw, r0)
+        if key in self.sums:
+            a0, p0 = self.sums[key]
+            a, per_row = a0 + a, None if per_row is None or p0 is None else p0 + per_row
+        self.sums[key] = (a, per_row)
+
+    def segment_done(self) -> bool:
+        self.left -= 1
+        return not self.left
+
+    def terms(self):
+        """Per (batch, draw) in order: the batch, `a` summed over chunks, per-row terms joined."""
+        keys = sorted({(b, d) for b, d, _ in self.sums})
+        for b, d in keys:
+            parts = [self.sums[key] for key in sorted(k for k in self.sums if k[:2] == (b, d))]
+            a = torch.stack([p[0] for p in parts]).sum(dim=0) if len(parts) > 1 else parts[0][0]
+            rows = [p[1] for p in parts]
+            per_row = None if any(r is None for r in rows) else torch.cat(rows, dim=-1)  # type: ignore[arg-type]
+            yield b, a, per_row
+        self.sums.clear()

@@ -1,0 +1,190 @@
+"""The repeated blocks of a model (decoder or encoder layers), and running one block at a time
+from recorded inputs, so that a profiler holds one block's work in memory, not the model's.
+
+A model is cut into a *stem* (everything before the first block: embeddings), a chain of
+*blocks* (the largest `nn.ModuleList` of same-type modules holding quantizable layers, each
+block's output the next one's input), and a *head* (everything after: final norm, LM head,
+pooling). One forward pass per batch records each block's input; afterwards
+
+- `head_pass` runs the model with every block replaced by its recorded output, the last one
+  as a leaf the head's gradient reaches;
+- `replay` runs one block from its recorded input;
+- `stem_pass` runs the model up to the first block's input and stops.
+
+The cut is checked on the first batch (each block called once, in order, each fed the previous
+one's output, and the head pass giving the model's own output); a model that fails a check, or
+has no such blocks, is one head segment: the whole model, as before streaming existed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import QuantTarget
+
+__all__ = ["BlockCall", "Chain", "find_blocks"]
+
+
+def find_blocks(model: nn.Module, targets: Sequence[QuantTarget]) -> list[nn.Module]:
+    """The longest `nn.ModuleList` of two or more modules of one type, each holding a target."""
+    target_ids = {id(m) for t in targets for m in t.modules}
+    best: list[nn.Module] = []
+    for mod in model.modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len(mod) <= len(best):
+            continue
+        kids = list(mod)
+        if len({type(k) for k in kids}) == 1 and all(any(id(m) in target_ids for m in k.modules()) for k in kids):
+            best = kids
+    return best
+
+
+@dataclass
+class BlockCall:
+    """How a block was called on one batch, its hidden-state input left out: the positional
+    arguments and keywords, where the hidden state goes (`slot`), and the shape of its output
+    (`rest`: the other items when the block returns a tuple)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    slot: int | str
+    rest: tuple[Any, ...] | None = None
+
+    def call(self, block: nn.Module, hidden: Tensor) -> Tensor:
+        """Run `block` on `hidden` with the recorded arguments; its hidden-state output."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        if isinstance(self.slot, int):
+            args[self.slot] = hidden
+        else:
+            kwargs[self.slot] = hidden
+        return _hidden_of(block(*args, **kwargs))
+
+    def output(self, hidden: Tensor) -> Any:
+        """What the block would return with `hidden` as its hidden-state output."""
+        return hidden if self.rest is None else (hidden, *self.rest)
+
+
+def _hidden_of(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise _Unsupported(f"a block returned {type(out).__name__}, not a tensor or a tuple starting with one")
+
+
+class _Unsupported(Exception):
+    """The model does not split into stem, chain of blocks and head as `Chain` needs."""
+
+
+class _Stop(Exception):
+    def __init__(self, hidden: Tensor) -> None:
+        self.hidden = hidden
+
+
+def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | str, Tensor]:
+    if args and isinstance(args[0], Tensor):
+        return 0, args[0]
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return "hidden_states", kwargs["hidden_states"]
+    raise _Unsupported("a block's first argument is not its hidden state")
+
+
+@dataclass
+class Chain:
+    """The blocks of a model and, per calibration batch, each block's call and hidden input
+    (`hidden[b][k]` is block `k`'s input; `hidden[b][N]` the last block's output)."""
+
+    blocks: list[nn.Module]
+    calls: list[list[BlockCall]] = field(default_factory=list)
+    hidden: list[list[Tensor | None]] = field(default_factory=list)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the block calls and hidden states of the forward passes run inside (one
+        batch per pass). Raises `_Unsupported` when a block is skipped, repeated, or fed
+        something other than the previous block's output."""
+        n = len(self.blocks)
+        state: dict[str, Any] = {}
+
+        def pre(k: int):
+            def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                if k == 0:
+                    state["calls"], state["hidden"], state["last"] = [], [], None
+                    self.calls.append(state["calls"])
+                    self.hidden.append(state["hidden"])
+                if len(state.get("calls", ())) != k:
+                    raise _Unsupported(f"block {k} ran out of order")
+                slot, h = _hidden_input(args, kwargs)
+                last = state["last"]
+                if k > 0 and h is not last and not (h.shape == last.shape and torch.equal(h, last)):
+                    raise _Unsupported(f"block {k} is not fed the output of block {k - 1}")
+                kept = tuple(None if i == slot else a for i, a in enumerate(args))
+                kw = {key: v for key, v in kwargs.items() if key != slot}
+                state["calls"].append(BlockCall(kept, kw, slot))
+                state["hidden"].append(h.detach())
+
+            return hook
+
+        def post(k: int):
+            def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+                h = _hidden_of(out)
+                if isinstance(out, tuple):
+                    state["calls"][k].rest = tuple(out[1:])
+                state["last"] = h
+                if k == n - 1:
+                    state["hidden"].append(h.detach())
+
+            return hook
+
+        handles = []
+        for k, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(pre(k), with_kwargs=True))
+            handles.append(block.register_forward_hook(post(k), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if any(len(c) != n for c in self.calls) or any(len(h) != n + 1 for h in self.hidden):
+            raise _Unsupported("not every block ran once per batch")
+
+    @contextmanager
+    def stubbed(self, b: int, leaf: Tensor) -> Iterator[None]:
+        """Every block returns its recorded output for batch `b` without running; the last one
+        returns `leaf` (the last block's output, as a tensor the head's gradient reaches)."""
+        outs = [*self.hidden[b][1:-1], leaf]
+        saved = [block.__dict__.get("forward") for block in self.blocks]
+        try:
+            for block, call, out in zip(self.blocks, self.calls[b], outs, strict=True):
+                block.forward = lambda *a, _c=call, _o=out, **k: _c.output(_o)  # type: ignore[method-assign]
+            yield
+        finally:
+            for block, fwd in zip(self.blocks, saved, strict=True):
+                if fwd is None:
+                    del block.forward
+                else:
+                    block.forward = fwd  # type: ignore[method-assign]
+
+    @contextmanager
+    def stopping(self) -> Iterator[None]:
+        """The forward passes run inside stop at the first block, raising `_Stop` with its
+        hidden-state input."""
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            raise _Stop(_hidden_input(args, kwargs)[1])
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def free(self, k: int) -> None:
+        """Drop every batch's hidden state `k` (no longer needed once block `k` ran backward)."""
+        for h in self.hidden:
+            h[k] = None

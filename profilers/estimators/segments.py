@@ -1,0 +1,288 @@
+"""Output-gradients of every quantizable layer, one segment of the model at a time.
+
+The empirical-Fisher score of a layer needs, per calibration batch and pseudo-label draw, its
+input `x` and its output-gradient `g`. Holding them (and the layers' error stacks) for the whole
+model at once costs memory in proportion to the model; here the model is cut into segments
+(`profilers.blocks`: head, blocks from last to first, stem) and the segments are handed out one
+at a time, each with the inputs and output-gradients of its own layers only:
+
+1. one forward pass per batch (no gradients) records each block's input;
+2. the head runs on the last block's recorded output, the pseudo-labels are drawn there (same
+   order and generator as a whole-model pass), and `dL/dh` at the last block's output is kept
+   per batch and draw;
+3. each block, last to first, is run again from its recorded input and `dL/dh` is carried back
+   through it (`autograd.grad` of the block alone);
+4. the stem runs up to the first block and takes the gradient that reached it.
+
+What stays between segments: per batch, the blocks' hidden-state inputs not yet consumed and
+one `dL/dh` per draw. What is recomputed: one forward and backward of each block per batch,
+which costs about one more forward+backward pass of the model. The gradients are those of the
+whole-model pass (same graph, cut at the blocks), so the scores are the same to rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..blocks import Chain, _Stop, _Unsupported, find_blocks
+from ..capture import Call, capture_calls, check_batch_first
+from ..input_hessians import call_hessian
+from .base import CallCounter, ProfileRun
+
+__all__ = ["Seen", "Segment", "SegmentPasses"]
+
+
+@dataclass
+class Seen:
+    """One call of a quantizable layer on one batch: the call (input kept, output dropped) and
+    its output-gradient per pseudo-label draw."""
+
+    call: Call
+    grads: list[Tensor]
+
+
+@dataclass
+class Segment:
+    """A part of the model whose layers are scored together.
+
+    Attributes:
+        name: "model" (not cut), "head", "block k" or "stem".
+        targets: indices of the layers called in it.
+        seen: per calibration batch, every call of those layers.
+    """
+
+    name: str
+    targets: list[int]
+    seen: list[list[Seen]] = field(default_factory=list)
+    hessians: dict[tuple, Tensor | None] = field(default_factory=dict)  # the last `H` built, by its inputs
+
+
+class SegmentPasses:
+    """The segments of a profiling run, last to first (see the module docstring).
+
+    After construction: `counter` has the calls and samples of the forward pass, `first_sample`
+    the first sample index of each batch, `segments_of` per target the number of segments it is
+    called in (tied weights: more than one), `hessians` the input `H` of such targets (their
+    calls are spread over segments), `blocks` the number of blocks the model was cut into.
+    """
+
+    def __init__(self, run: ProfileRun, *, draws: int, seed: int, stream: bool = True) -> None:
+        self.run = run
+        self.draws = draws
+        self.generator = torch.Generator().manual_seed(seed)
+        blocks = find_blocks(run.model, run.targets) if stream else []
+        try:
+            self._record(blocks)
+        except _Unsupported as e:
+            if not blocks:
+                raise
+            warnings.warn(f"profiling the model as a whole, not block by block: {e}", stacklevel=3)
+            self._record([])
+
+    # -- 1. the recording pass -------------------------------------------------------------------
+
+    def _record(self, blocks: list) -> None:
+        run = self.run
+        self.chain = Chain(blocks)
+        self.counter = CallCounter()
+        self.first_sample: list[int] = []
+        self.hessians: dict[int, Tensor] = {}
+        block_of = {id(m): k for k, blk in enumerate(blocks) for m in blk.modules()}
+        self.where: dict[int, set[str]] = {}
+        with torch.no_grad():
+            for b, batch in enumerate(run.batches):
+                run.report("forward", b, len(run.batches))
+                recording = self.chain.recording() if blocks else nullcontext()
+                with recording, capture_calls(run.targets, batch, isolate=False) as calls:
+                    out = run.task.forward(run.model, batch)
+                check_batch_first(calls, run.targets, out.shape[0])
+                self.first_sample.append(self.counter.samples)
+                self.counter.see(calls, out.shape[0])
+                if b == 0:
+                    self.reference = out.detach()
+                    self._locate(calls, block_of)
+                    self._measure(calls, out, len(run.batches))
+                for call in calls:
+                    if len(self.where[call.target]) > 1:
+                        h = call_hessian(call, batch)
+                        if h is not None:
+                            prev = self.hessians.get(call.target)
+                            self.hessians[call.target] = h if prev is None else prev + h
+        run.report("forward", len(run.batches), len(run.batches))
+        self.blocks = len(blocks)
+        self.segments_of = {i: len(s) for i, s in self.where.items()}
+
+    def _locate(self, calls: list[Call], block_of: dict[int, int]) -> None:
+        """The segment of every call of the first batch: its block, or the stem before the
+        first block and the head after the last."""
+        seen_block = False
+        for call in calls:
+            k = block_of.get(id(call.module))
+            if k is not None:
+                seen_block = True
+                name = f"block {k}"
+            elif not self.chain.blocks:
+                name = "model"
+            else:
+                name = "head" if seen_block else "stem"
+            self.where.setdefault(call.target, set()).add(name)
+
+    def _measure(self, calls: list[Call], out: Tensor, batches: int) -> None:
+        """Bytes each segment holds (inputs and per-draw output-gradients of its calls), the
+        recorded hidden states and gradients between segments, and the head's transient
+        tensors, from the first batch scaled to all batches."""
+        held: dict[str, int] = {}
+        inputs: dict[str, set[int]] = {}
+        for call in calls:
+            for name in self.where[call.target]:
+                if call.inp.data_ptr() not in inputs.setdefault(name, set()):
+                    inputs[name].add(call.inp.data_ptr())
+                    held[name] = held.get(name, 0) + _nbytes(call.inp)
+                held[name] = held.get(name, 0) + self.draws * call.out.numel() * 4
+        self.segment_bytes = {name: n * batches for name, n in held.items()}
+        hidden = sum(_nbytes(h) for h in self.chain.hidden[0]) if self.chain.hidden else 0
+        last = _nbytes(self.chain.hidden[0][-1]) if self.chain.hidden else 0
+        self.carried_bytes = (hidden + self.draws * last) * batches
+        # The head's output, its softmax, a pseudo-gradient and autograd's copy, per batch.
+        self.transient_bytes = 4 * out.numel() * 4
+
+    def _targets(self, name: str) -> list[int]:
+        return sorted(i for i, names in self.where.items() if name in names)
+
+    # -- 2-4. the segments, last to first -----------------------------------------------------
+
+    def __iter__(self) -> Iterator[Segment]:
+        try:
+            head = self._head()
+        except _Unsupported as e:  # only raised before any segment is handed out
+            warnings.warn(f"profiling the model as a whole, not block by block: {e}", stacklevel=2)
+            self._record([])
+            head = self._head()
+        yield head
+        for k in reversed(range(self.blocks)):
+            yield self._block(k)
+            self.chain.free(k + 1)
+        if self.blocks and self._targets("stem"):
+            yield self._stem()
+
+    @property
+    def total(self) -> int:
+        """Segments handed out."""
+        return 1 + self.blocks + (1 if self.blocks and self._targets("stem") else 0)
+
+    @contextmanager
+    def _grad_weights(self, targets: list[int]) -> Iterator[None]:
+        """The weights of `targets` take part in autograd while the segment runs."""
+        weights = [self.run.targets[i].weight for i in targets]
+        flags = [w.requires_grad for w in weights]
+        try:
+            for w in weights:
+                w.requires_grad_(True)
+            yield
+        finally:
+            for w, flag in zip(weights, flags, strict=True):
+                w.requires_grad_(flag)
+
+    def _head(self) -> Segment:
+        run, chain = self.run, self.chain
+        name = "head" if chain.blocks else "model"
+        seg = Segment(name, self._targets(name))
+        wanted = set(seg.targets)
+        self.dh: list[list[Tensor]] = []
+        with self._grad_weights(seg.targets):
+            for b, batch in enumerate(run.batches):
+                leaf = chain.hidden[b][-1].detach().requires_grad_(True) if chain.blocks else None
+                stub = chain.stubbed(b, leaf) if leaf is not None else nullcontext()
+                with stub, capture_calls(run.targets, batch) as calls, torch.enable_grad():
+                    out = run.task.forward(run.model, batch)
+                if b == 0 and leaf is not None and not _same(out, self.reference):
+                    raise _Unsupported("the head does not reproduce the model's output from the last block's")
+                calls = [c for c in calls if c.target in wanted]
+                inputs = ([leaf] if leaf is not None else []) + [c.out for c in calls]
+                seen = [Seen(_kept(c), []) for c in calls]
+                dh = []
+                for d in range(self.draws):
+                    v = run.task.pseudo_gradient(out, batch, self.generator)
+                    grads = torch.autograd.grad(out, inputs, grad_outputs=v, retain_graph=d < self.draws - 1,
+                                                allow_unused=True)  # fmt: skip
+                    if leaf is not None:
+                        dh.append(_or_zeros(grads[0], leaf))
+                        grads = grads[1:]
+                    for s, g, c in zip(seen, grads, calls, strict=True):
+                        s.grads.append(_or_zeros(g, c.out))
+                self.dh.append(dh)
+                seg.seen.append(seen)
+                del calls, inputs, out
+        return seg
+
+    def _block(self, k: int) -> Segment:
+        run, chain = self.run, self.chain
+        seg = Segment(f"block {k}", self._targets(f"block {k}"))
+        wanted = set(seg.targets)
+        block = chain.blocks[k]
+        for b, batch in enumerate(run.batches):
+            leaf = chain.hidden[b][k].detach().requires_grad_(True)  # type: ignore[union-attr]
+            with capture_calls(run.targets, batch) as calls, torch.enable_grad():
+                h = chain.calls[b][k].call(block, leaf)
+            calls = [c for c in calls if c.target in wanted]
+            seen = [Seen(_kept(c), []) for c in calls]
+            dh = []
+            for d in range(self.draws):
+                grads = torch.autograd.grad(h, [leaf] + [c.out for c in calls], grad_outputs=self.dh[b][d],
+                                            retain_graph=d < self.draws - 1, allow_unused=True)  # fmt: skip
+                dh.append(_or_zeros(grads[0], leaf))
+                for s, g, c in zip(seen, grads[1:], calls, strict=True):
+                    s.grads.append(_or_zeros(g, c.out))
+            self.dh[b] = dh
+            seg.seen.append(seen)
+            del calls, h
+        return seg
+
+    def _stem(self) -> Segment:
+        run, chain = self.run, self.chain
+        seg = Segment("stem", self._targets("stem"))
+        wanted = set(seg.targets)
+        with self._grad_weights(seg.targets):
+            for b, batch in enumerate(run.batches):
+                with chain.stopping(), capture_calls(run.targets, batch) as calls, torch.enable_grad():
+                    try:
+                        run.task.forward(run.model, batch)
+                    except _Stop as stop:
+                        h0 = stop.hidden
+                    else:
+                        raise RuntimeError("the forward pass never reached the first block")
+                calls = [c for c in calls if c.target in wanted]
+                seen = [Seen(_kept(c), []) for c in calls]
+                for d in range(self.draws):
+                    grads = torch.autograd.grad(h0, [c.out for c in calls], grad_outputs=self.dh[b][d],
+                                                retain_graph=d < self.draws - 1, allow_unused=True)  # fmt: skip
+                    for s, g, c in zip(seen, grads, calls, strict=True):
+                        s.grads.append(_or_zeros(g, c.out))
+                seg.seen.append(seen)
+                del calls, h0
+        self.dh = []
+        return seg
+
+
+def _kept(call: Call) -> Call:
+    """The call with its input detached and its output dropped (only its shape matters later)."""
+    return Call(call.target, call.module, call.inp.detach(), call.out.detach()[:0])
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like, dtype=torch.float32) if g is None else g
+
+
+def _same(a: Any, b: Tensor) -> bool:
+    return isinstance(a, Tensor) and a.shape == b.shape and torch.allclose(a.detach(), b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,144 @@
+"""Block-streamed Fisher profiling: the same scores as one whole-model pass, within a memory
+bound that all layers' error stacks together would not fit."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from profilers.blocks import find_blocks
+from profilers.estimators.fisher import FisherProfiler
+from profilers.layers import find_targets
+from profilers.quant.options import choice_grid
+from profilers.tasks import LogitsTask
+from profilers.types import ProfileError
+
+CHOICES = choice_grid((2, 4), (1, 2), (32, None))
+
+
+def tiny_llama(layers: int = 3, hidden: int = 64, inter: int = 128, tied: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, use_cache=False)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def batches(n: int = 3, length: int = 32):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 300, (2, length), generator=g)} for _ in range(n)]
+
+
+def losses(table):
+    return {(layer.spec.name, o.choice.label): o.loss for layer in table.layers for o in layer.options}
+
+
+def assert_same(a, b, rel):
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys()
+    for key, value in la.items():
+        assert lb[key] == pytest.approx(value, rel=rel, abs=1e-12), key
+    assert [x.channel_orders for x in a.layers] == [x.channel_orders for x in b.layers]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_block_by_block_gives_the_whole_model_scores(method):
+    model = tiny_llama()
+    assert len(find_blocks(model, find_targets(model))) == 3
+    kw = dict(choices=CHOICES, task=LogitsTask(causal=True), fractions=4, method=method)
+    streamed = FisherProfiler(stream=True).profile(model, batches(), **kw)
+    whole = FisherProfiler(stream=False).profile(model, batches(), **kw)
+    assert streamed.settings["blocks"] == 3 and whole.settings["blocks"] == 0
+    # The tied embedding / LM head is scored from both of its segments (stem and head).
+    assert "model.embed_tokens" in {layer.spec.name for layer in streamed.layers}
+    assert_same(streamed, whole, rel=1e-5)
+
+
+def test_a_memory_bound_builds_stacks_in_row_chunks_with_the_same_scores():
+    model = tiny_llama()
+    kw = dict(choices=CHOICES, task=LogitsTask(causal=True), fractions=4, method="gptq")
+    whole_layers = FisherProfiler().profile(model, batches(), **kw)
+    with pytest.raises(ProfileError, match=r"^--max-memory 1.00MB is too small: profiling .+ needs at least") as e:
+        FisherProfiler(max_memory=10**6).profile(model, batches(), **kw)
+    assert "\n" not in str(e.value)
+    need = float(str(e.value).split("at least ")[1].split("MB")[0]) * 1e6
+    chunked = FisherProfiler(max_memory=int(need) + 10**4).profile(model, batches(), **kw)  # 16-row chunks
+    assert_same(whole_layers, chunked, rel=1e-5)
+
+
+class Residual(nn.Module):
+    """Blocks whose residual is added outside them: not a chain, so profiled as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3))
+        self.head = nn.Linear(16, 6)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean(1))
+
+
+def test_a_model_that_is_not_a_chain_of_blocks_is_profiled_whole_with_a_warning():
+    torch.manual_seed(2)
+    model = Residual()
+    data = [torch.randint(0, 40, (4, 5)) for _ in range(2)]
+    with pytest.warns(UserWarning, match="not block by block: block 1 is not fed the output of block 0"):
+        table = FisherProfiler().profile(model, data, choices=CHOICES)
+    assert table.settings["blocks"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(table, FisherProfiler(stream=False).profile(model, data, choices=CHOICES), rel=0)
+
+
+_BOUNDED = """
+import json, resource, sys, torch
+torch.set_num_threads(1)
+sys.path[:0] = {paths}
+from tests.profilers.test_streaming import tiny_llama, batches
+from profilers.estimators.fisher import FisherProfiler
+from profilers.quant.options import choice_grid, expand_choices, layout_options
+from profilers.layers import find_targets
+from profilers.tasks import LogitsTask
+
+model = tiny_llama(layers=8, hidden=256, inter=1024, tied=False)
+data = batches(n=2, length=64)
+with torch.no_grad():
+    model(**data[0])  # libraries loaded, threads started
+targets = find_targets(model, exclude=["model.embed_tokens", "lm_head"])
+options = expand_choices(choice_grid(), 8)
+every_stack = sum(len(layout_options(options, t.spec.rows).stack) * t.weight.numel() * 4 for t in targets)
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+limit = vm + {room}
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    torch.empty(every_stack // 4)  # all stacks at once do not fit under the limit
+    fits_all = True
+except (MemoryError, RuntimeError):
+    fits_all = False
+table = FisherProfiler().profile(model, data, choices=choice_grid(), fractions=8, method="gptq",
+                                 task=LogitsTask(causal=True), exclude=["model.embed_tokens", "lm_head"])
+print(json.dumps({{"layers": len(table.layers), "blocks": table.settings["blocks"], "every_stack": every_stack,
+                  "room": {room}, "fits_all": fits_all}}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_profile_streams_within_a_memory_limit_all_stacks_together_exceed():
+    room = 400 * 2**20
+    script = _BOUNDED.format(paths=json.dumps(sys.path), room=room)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=600, cwd=str(__import__("pathlib").Path(__file__).parents[2]))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["layers"] == 8 * 7 and result["blocks"] == 8
+    assert result["every_stack"] > 2 * room and not result["fits_all"]
