@@ -32,6 +32,7 @@ from solvers import METHODS as SOLVERS
 
 from ..errors import AllocatorError
 from ..measure import METRICS
+from ..planning.budget import parse_size
 from ..sources import (
     BUILTIN_MODELS,
     DEFAULT_BATCH_SIZE,
@@ -39,6 +40,10 @@ from ..sources import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_MODEL,
     DEFAULT_SEED,
+    LLM_BATCH_SIZE,
+    LLM_CALIBRATION,
+    LLM_EVALUATION,
+    LLM_WINDOW,
 )
 
 __all__ = [
@@ -59,8 +64,8 @@ def _ints(values: tuple[int, ...]) -> str:
 
 
 _MODEL_HELP = (
-    f"Built in: {' or '.join(map(repr, BUILTIN_MODELS))}; a Hugging Face model folder; a torch.save(model) file;"
-    f" or package.module:function returning the model. [default: {DEFAULT_MODEL}]"
+    f"Built in: {' or '.join(map(repr, BUILTIN_MODELS))}; a Hugging Face model folder; a .gguf file (a causal LM);"
+    f" a torch.save(model) file; or package.module:function returning the model. [default: {DEFAULT_MODEL}]"
 )
 Model = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME|PATH", help=_MODEL_HELP)]
 ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help=_MODEL_HELP, show_default=False)]
@@ -95,8 +100,21 @@ Token = Annotated[
     str | None, typer.Option(envvar="ALLOCATOR_TOKEN", show_envvar=True, help="Bearer token of the server.")
 ]
 _DATA_HELP = (
-    "Text file (a document per line) or folder of .txt files, for text models; a tensor file"
-    " (.pt/.npy/.npz/.safetensors: inputs, optionally labels); or an image folder (a subfolder per class)."
+    "Text file (a document per line) or folder of .txt files, for text models (causal LMs read it as token"
+    " windows); a tensor file (.pt/.npy/.npz/.safetensors: inputs, optionally labels); or an image folder"
+    " (a subfolder per class)."
+)
+# Options left out take the model's defaults (`sources.load_data`): causal LMs reading text get
+# token windows, the other models documents, images or samples.
+_CALIBRATION_HELP = (
+    f"Calibration documents, images or samples (the rest are held out); causal LMs: token windows, at most"
+    f" {LLM_EVALUATION} others held out. [default: {DEFAULT_CALIBRATION}; causal LMs: {LLM_CALIBRATION}]"
+)
+_MAX_LENGTH_HELP = (
+    f"Tokens per document; causal LMs: tokens per window. [default: {DEFAULT_MAX_LENGTH}; causal LMs: {LLM_WINDOW}]"
+)
+_BATCH_SIZE_HELP = (
+    f"Documents, images, samples or windows per batch. [default: {DEFAULT_BATCH_SIZE}; causal LMs: {LLM_BATCH_SIZE}]"
 )
 
 
@@ -108,13 +126,9 @@ class DataOptions:
         str | None,
         typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: lee_background.cor; lenet-mnist: its images]"),
     ] = None
-    calibration: Annotated[
-        int, typer.Option(min=1, help="Calibration documents, images or samples (the rest are held out).")
-    ] = DEFAULT_CALIBRATION
-    max_length: Annotated[int, typer.Option(min=2, help="Tokens per document.")] = DEFAULT_MAX_LENGTH
-    batch_size: Annotated[int, typer.Option(min=1, help="Documents, images or samples per batch.")] = (
-        DEFAULT_BATCH_SIZE
-    )
+    calibration: Annotated[int | None, typer.Option(min=1, help=_CALIBRATION_HELP, show_default=False)] = None
+    max_length: Annotated[int | None, typer.Option(min=2, help=_MAX_LENGTH_HELP, show_default=False)] = None
+    batch_size: Annotated[int | None, typer.Option(min=1, help=_BATCH_SIZE_HELP, show_default=False)] = None
     seed: Annotated[int, typer.Option(help="Seed of the calibration split and pseudo-labels.")] = DEFAULT_SEED
 
 
@@ -126,15 +140,17 @@ class RecordedDataOptions:
         str | None, typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: the plan's]", show_default=False)
     ] = None
     calibration: Annotated[
-        int | None, typer.Option(min=1, help="Calibration documents, images or samples. [default: the plan's]")
+        int | None, typer.Option(min=1, help="Calibration documents, images, samples or windows. [default: the plan's]")
     ] = None
-    max_length: Annotated[int | None, typer.Option(min=2, help="Tokens per document. [default: the plan's]")] = None
+    max_length: Annotated[
+        int | None, typer.Option(min=2, help="Tokens per document or window. [default: the plan's]")
+    ] = None
     batch_size: Annotated[int | None, typer.Option(min=1, help="Items per batch. [default: the plan's]")] = None
     seed: Annotated[int | None, typer.Option(help="Seed of the calibration split. [default: the plan's]")] = None
 
     def resolve(self, recorded: Any) -> DataOptions:
-        """These options, each missing one taken from the recorded split (`DataSplit`), else
-        from the usual default."""
+        """These options, each missing one taken from the recorded split (`DataSplit`), else left
+        to the model's default (None: `sources.load_data` picks it)."""
         data = self.data
         if recorded is not None and data is None and not recorded.builtin:
             data = recorded.source
@@ -147,9 +163,9 @@ class RecordedDataOptions:
 
         return DataOptions(
             data=data,
-            calibration=pick(self.calibration, "calibration", DEFAULT_CALIBRATION),
-            max_length=pick(self.max_length, "max_length", DEFAULT_MAX_LENGTH),
-            batch_size=pick(self.batch_size, "batch_size", DEFAULT_BATCH_SIZE),
+            calibration=pick(self.calibration, "calibration", None),
+            max_length=pick(self.max_length, "max_length", None),
+            batch_size=pick(self.batch_size, "batch_size", None),
             seed=pick(self.seed, "seed", DEFAULT_SEED),
         )
 
@@ -203,9 +219,22 @@ class GridOptions:
     ] = None
     keep: Annotated[
         list[str] | None,
-        typer.Option(metavar="PATTERN", help="Layer-name pattern to keep in fp16 (fnmatch). Repeatable."),
+        typer.Option(
+            metavar="PATTERN",
+            help="Layer-name pattern to keep in fp16 (fnmatch). Repeatable. [default: none; causal LMs keep their"
+            " input embedding and output head, e.g. model.embed_tokens and lm_head, unless --keep is given]",
+        ),
     ] = None
     draws: Annotated[int | None, typer.Option(min=1, help=f"Pseudo-label draws per batch ({_draws}).")] = None
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE",
+            help="Memory the profile may use, model included (e.g. 4GB). The fisher profiler streams the model"
+            " block by block and builds error stacks in row chunks that fit; a bound too small for one block is"
+            " refused, naming the smallest that works. [default: 80% of this machine's memory]",
+        ),
+    ] = None
 
     def choices(self) -> tuple[list[Choice], dict[str, int]]:
         """The whole-term choices to profile, and the fraction limits that go with them (every
@@ -214,6 +243,8 @@ class GridOptions:
             raise AllocatorError(f"unknown profiler {self.profiler!r}; choose one of {', '.join(PROFILER_NAMES)}")
         if self.method not in METHODS:
             raise AllocatorError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.max_memory is not None:
+            parse_size(self.max_memory)  # refused here, before any model is loaded
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()] if self.kinds else None
         for k in kinds or []:
             if k not in KINDS:

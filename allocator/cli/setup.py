@@ -35,7 +35,7 @@ def load_setup(model: str | None, options: DataOptions) -> Setup:
     loaded = load_model(model or DEFAULT_MODEL)
     found = load_data(loaded, options.data, calibration=options.calibration, seed=options.seed,
                       max_length=options.max_length, batch_size=options.batch_size)  # fmt: skip
-    detail = f", {options.max_length} tokens" if found.unit == "documents" else ""
+    detail = f", {found.max_length} tokens" if found.unit == "documents" else ""
     report.line(
         f"model {loaded.name} ({loaded.kind}); calibration: {found.n_calib} {found.unit} of {found.source}{detail}"
     )

@@ -1,28 +1,48 @@
 """Where models and data come from, without any download.
 
-- `models`: `load_model` (built-in names, Hugging Face folders, import paths, torch.save
-  files) and `skeleton` (the architecture a packed file records).
+- `models`: `load_model` (built-in names, Hugging Face folders, GGUF files, import paths,
+  torch.save files) and `skeleton` (the architecture a packed file records).
 - `data`: `load_data`, the disjoint calibration and held-out batches a model reads.
-- `hf`, `user`, `zoo`, `text`: Hugging Face folders; the user's modules, tensor files and
-  image folders; the built-in models; text corpora.
+- `hf`, `gguf`, `user`, `zoo`, `text`: Hugging Face folders; GGUF files; the user's modules,
+  tensor files and image folders; the built-in models; text corpora and token windows.
 """
 
 from profilers.lazy import lazy_exports
 
 # Torch-free names and defaults (the CLI prints them without importing torch).
 DEFAULT_MODEL = "minilm"
-BUILTIN_MODELS: tuple[str, ...] = ("minilm", "lenet-mnist")
+BUILTIN_MODELS: tuple[str, ...] = ("minilm", "lenet-mnist", "smollm2")
 DEFAULT_CALIBRATION = 64  # documents, images or samples
 DEFAULT_MAX_LENGTH = 128  # tokens per document
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEED = 0
+# Causal LMs read text as non-overlapping token windows (`text.token_windows`), with these
+# defaults where --calibration / --max-length / --batch-size are not given. A batch of logits is
+# window x vocabulary floats per window: 512 x 49152 x 4 B = 100 MB for SmolLM2.
+LLM_WINDOW = 512  # tokens per window (at most the model's max_position_embeddings)
+LLM_CALIBRATION = 8  # calibration windows
+LLM_EVALUATION = 16  # held-out windows at most (8k tokens: about a minute per variant on 2 cores)
+LLM_BATCH_SIZE = 2  # windows (or token-id rows) per batch
 
 _EXPORTS = {
     **dict.fromkeys(["LoadedModel", "load_model", "skeleton"], ".models"),
     **dict.fromkeys(["Data", "load_data"], ".data"),
-    **dict.fromkeys(["lee_documents", "load_documents", "split_documents", "text_batches", "wordsim353"], ".text"),
+    **dict.fromkeys(
+        [
+            "lee_documents",
+            "load_documents",
+            "split_documents",
+            "split_windows",
+            "text_batches",
+            "token_windows",
+            "window_batches",
+            "wordsim353",
+        ],
+        ".text",
+    ),
+    **dict.fromkeys(["check_gguf", "load_gguf"], ".gguf"),
     **dict.fromkeys(["image_folder", "import_model", "load_saved_module", "tensor_file"], ".user"),
-    **dict.fromkeys(["lenet_mnist", "minilm_path", "mnist_5k"], ".zoo"),
+    **dict.fromkeys(["lenet_mnist", "minilm_path", "mnist_5k", "smollm2_path"], ".zoo"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

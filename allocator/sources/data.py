@@ -1,5 +1,6 @@
 """The calibration and held-out data a model reads, split disjointly and batched (defaults:
-`allocator.sources.DEFAULT_CALIBRATION`, ...)."""
+`allocator.sources.DEFAULT_CALIBRATION`, ...; for causal LMs reading text, token windows with
+`allocator.sources.LLM_WINDOW`, ...)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,21 @@ from profilers.tasks import infer_task
 from profilers.types import DataSplit
 
 from ..errors import ModelError
-from . import DEFAULT_BATCH_SIZE, DEFAULT_CALIBRATION, DEFAULT_MAX_LENGTH, DEFAULT_SEED, user
+from . import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CALIBRATION,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_SEED,
+    LLM_BATCH_SIZE,
+    LLM_CALIBRATION,
+    LLM_EVALUATION,
+    LLM_WINDOW,
+    user,
+)
 from .models import LoadedModel
-from .text import load_documents, split_documents, text_batches
+from .text import load_documents, split_documents, split_windows, text_batches, token_windows, window_batches
 
-__all__ = ["Data", "load_data"]
+__all__ = ["Data", "default_window", "load_data"]
 
 
 @dataclass
@@ -28,7 +39,7 @@ class Data:
     calib: list
     evals: list
     source: str
-    unit: str  # what one item is: "documents", "images"
+    unit: str  # what one item is: "documents", "windows" (of max_length tokens), "images", "samples"
     n_calib: int
     n_eval: int
     texts: list[str] | None = None  # the held-out documents, for text models
@@ -55,10 +66,11 @@ def load_data(
     loaded: LoadedModel,
     data: str | None = None,
     *,
-    calibration: int = DEFAULT_CALIBRATION,
+    calibration: int | None = None,
     seed: int = DEFAULT_SEED,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    evaluation: int | None = None,
 ) -> Data:
     """The calibration and held-out batches a model reads, split disjointly with `seed`.
 
@@ -66,23 +78,45 @@ def load_data(
     image folder (`allocator.sources`); None means the model's own data: the news corpus for text
     models, the 5,000 MNIST images for `lenet-mnist`. A model loaded without a known output kind
     gets it here, from one forward pass on a calibration batch.
+
+    A causal LM (`kind` "causal-lm") reads text as token windows (`text.token_windows`): the
+    documents joined into one stream, cut into windows of `max_length` tokens, `calibration`
+    windows drawn with `seed` and at most `evaluation` of the others held out. The other models
+    read one document per item, cut at `max_length` tokens, and hold out all the rest.
+
+    `calibration`, `max_length` and `batch_size` left None take the model's defaults: for a causal
+    LM reading text `LLM_CALIBRATION` windows of `LLM_WINDOW` tokens (at most its
+    `max_position_embeddings`), `LLM_EVALUATION` held out; `LLM_BATCH_SIZE` for a causal LM on any
+    data; otherwise `DEFAULT_CALIBRATION`, `DEFAULT_MAX_LENGTH`, `DEFAULT_BATCH_SIZE`.
     """
     path = Path(data) if data is not None else None
     if path is not None and not path.exists():
         raise ModelError(f"--data {data} does not exist")
+    llm = loaded.kind == "causal-lm"
+    if batch_size is None:
+        batch_size = LLM_BATCH_SIZE if llm else DEFAULT_BATCH_SIZE
     if path is not None and _is_samples(path):
-        found = _sample_data(loaded, path, calibration=calibration, seed=seed, batch_size=batch_size)
+        found = _sample_data(loaded, path, calibration=_given(calibration, DEFAULT_CALIBRATION), seed=seed,
+                             batch_size=batch_size)  # fmt: skip
     elif loaded.kind == "image-classifier" and data is None:
         from .zoo import mnist_5k
 
         images, labels = mnist_5k()
-        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", calibration, seed, batch_size, 500)
+        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", _given(calibration, DEFAULT_CALIBRATION),
+                               seed, batch_size, 500)  # fmt: skip
     elif loaded.tokenizer is None:
         raise ModelError(
             f"{loaded.name} has no tokenizer, so it reads no text; give --data a tensor file"
             f" ({', '.join(user.TENSOR_SUFFIXES)}) or an image folder"
         )
+    elif llm:
+        window = max_length if max_length is not None else default_window(loaded)
+        found = _window_data(loaded, data, window=window, calibration=_given(calibration, LLM_CALIBRATION),
+                             evaluation=_given(evaluation, LLM_EVALUATION), seed=seed,
+                             batch_size=batch_size)  # fmt: skip
     else:
+        calibration = _given(calibration, DEFAULT_CALIBRATION)
+        max_length = _given(max_length, DEFAULT_MAX_LENGTH)
         docs, source = load_documents(data)
         calib_docs, eval_docs = split_documents(docs, calibration, seed=seed)
         found = Data(
@@ -100,6 +134,47 @@ def load_data(
     found.builtin = data is None
     _check_runs(loaded, found)
     return found
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def default_window(loaded: LoadedModel) -> int:
+    """Tokens per window of a causal LM when --max-length is not given: `LLM_WINDOW`, or the
+    model's `max_position_embeddings` when that is shorter."""
+    limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    return min(LLM_WINDOW, limit) if isinstance(limit, int) and limit >= 2 else LLM_WINDOW
+
+
+def _window_data(
+    loaded: LoadedModel, data: str | None, *, window: int, calibration: int, evaluation: int, seed: int, batch_size: int
+) -> Data:
+    """A causal LM's text as windows of `window` tokens: `calibration` of them, and at most
+    `evaluation` others held out."""
+    if evaluation < 1:
+        raise ModelError(f"evaluation {evaluation} holds out no window; hold out at least 1")
+    docs, source = load_documents(data)
+    windows = token_windows(loaded.tokenizer, docs, window=window)
+    if len(windows) < 2:
+        raise ModelError(
+            f"{source} holds {len(windows)} window(s) of {window} tokens; calibration and evaluation need at least 2:"
+            " give more text or a shorter --max-length"
+        )
+    calib, held_out = split_windows(len(windows), calibration, evaluation, seed=seed)
+    return Data(
+        calib=window_batches(windows, calib, batch_size=batch_size),
+        evals=window_batches(windows, held_out, batch_size=batch_size),
+        # The built-in corpus is named with its windows; a --data path stays the path (a plan
+        # records it to read the same file again).
+        source=f"{source} ({window}-token windows)" if data is None else source,
+        unit="windows",
+        n_calib=len(calib),
+        n_eval=len(held_out),
+        seed=seed,
+        max_length=window,
+        batch_size=batch_size,
+    )
 
 
 def _check_runs(loaded: LoadedModel, found: Data) -> None:

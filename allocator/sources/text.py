@@ -1,5 +1,6 @@
 """Text data: gensim's news corpus (`lee_background.cor`) and WordSim353, or the user's own
-text files, split into disjoint calibration and evaluation documents and tokenized."""
+text files, split into disjoint calibration and evaluation documents and tokenized; or, for
+causal LMs, one token stream cut into windows of equal length, split disjointly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import Any
 
 from ..errors import ModelError
 
-__all__ = ["lee_documents", "load_documents", "split_documents", "text_batches", "wordsim353"]
+__all__ = [
+    "lee_documents",
+    "load_documents",
+    "split_documents",
+    "split_windows",
+    "text_batches",
+    "token_windows",
+    "window_batches",
+    "wordsim353",
+]
 
 
 def lee_documents() -> list[str]:
@@ -93,4 +103,55 @@ def text_batches(tokenizer: Any, texts: list[str], *, max_length: int = 128, bat
             return_tensors="pt",
         )
         batches.append(dict(enc))
+    return batches
+
+
+def token_windows(tokenizer: Any, docs: list[str], *, window: int) -> Any:
+    """Non-overlapping windows of `window` token ids, `[n, window]` (a torch tensor), cut from one
+    stream: the documents in order, each followed by the tokenizer's EOS token (its SEP token, or
+    a newline, when it has none), tokenized without special tokens. The tail shorter than a
+    window is dropped."""
+    import torch
+
+    if tokenizer is None:
+        raise ModelError("this model has no tokenizer, so it cannot read text data")
+    if window < 2:
+        raise ModelError(f"--max-length {window} is too short for a window of next-token predictions: use 2 or more")
+    end = getattr(tokenizer, "eos_token_id", None)
+    end = end if isinstance(end, int) else getattr(tokenizer, "sep_token_id", None)  # BERT-style vocabularies
+    sep = [end] if isinstance(end, int) else tokenizer("\n", add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:  # one call (a fast tokenizer batches it)
+        stream += ids
+        stream += sep
+    n = len(stream) // window
+    return torch.tensor(stream[: n * window], dtype=torch.long).reshape(n, window)
+
+
+def split_windows(
+    n: int, n_calibration: int, n_evaluation: int | None = None, *, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Disjoint calibration and evaluation window indices (each sorted): `n_calibration` drawn
+    with `seed`, then at most `n_evaluation` (None: all the rest) of the others, drawn from the
+    same shuffle, so a smaller evaluation set is a subset of a larger one."""
+    if not 0 < n_calibration < n:
+        raise ModelError(
+            f"--calibration {n_calibration} does not fit {n} token windows: use 1 to {n - 1} (the rest are held out),"
+            " or a shorter --max-length for more windows"
+        )
+    order = random.Random(seed).sample(range(n), n)
+    rest = order[n_calibration:]
+    if n_evaluation is not None:
+        rest = rest[: max(n_evaluation, 0)]
+    return sorted(order[:n_calibration]), sorted(rest)
+
+
+def window_batches(windows: Any, indices: list[int], *, batch_size: int) -> list[dict]:
+    """Batches of the windows at `indices`: `input_ids` and an all-ones `attention_mask` (no padding)."""
+    import torch
+
+    batches = []
+    for i in range(0, len(indices), batch_size):
+        ids = windows[torch.tensor(indices[i : i + batch_size], dtype=torch.long)]
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return batches

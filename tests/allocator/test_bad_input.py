@@ -92,6 +92,8 @@ def ws(tmp_path_factory, cli):
     torch.save(nn.Linear(16, 4).state_dict(), root / "state_dict.pt")
     (root / "empty.pt").write_bytes(b"")
     (root / "notes.txt").write_text("keep me\n")
+    (root / "fake.gguf").write_bytes(b"PK\x03\x04 a zip archive named .gguf")
+    (root / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x10\x00")  # the header stops inside the tensor count
     (root / "a_folder").mkdir()
     common = ["--data", "data.pt", "--calibration", "8", "--batch-size", "4", "--no-progress"]
     res = cli("profile", "tinynet:make", "-o", "profile.json", "--bits", "2,4,8", "--fractions", "0", *common, cwd=root)
@@ -186,6 +188,8 @@ CLI_CASES = [
     ("model-not-a-module", ["profile", "tinynet:not_a_module", "--data", "data.pt"], 2, "returned int"),
     ("model-is-a-state-dict", ["profile", "state_dict.pt", "--data", "data.pt"], 2, "holds a state dict"),
     ("model-is-a-text-file", ["profile", "notes.txt"], 2, "neither a Hugging Face model folder"),
+    ("model-gguf-not-gguf", ["profile", "fake.gguf"], 2, "fake.gguf is not a GGUF file"),
+    ("model-gguf-truncated", ["profile", "cut.gguf"], 2, "cut.gguf is truncated or corrupt"),
     # data
     ("data-missing", ["profile", "tinynet:make", "--data", "missing.pt"], 2, "--data missing.pt does not exist"),
     ("data-empty-file", ["profile", "tinynet:make", "--data", "empty.pt"], 2, "is empty (0 bytes)"),
