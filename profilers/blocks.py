@@ -18,7 +18,7 @@ has no such blocks, is one head segment: the whole model, as before streaming ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .layers import QuantTarget
 
-__all__ = ["BlockCall", "Chain", "find_blocks"]
+__all__ = ["BlockCall", "Chain", "NotAChain", "find_blocks"]
 
 
 def find_blocks(model: nn.Module, targets: Sequence[QuantTarget]) -> list[nn.Module]:
@@ -74,10 +74,10 @@ def _hidden_of(out: Any) -> Tensor:
         return out
     if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
         return out[0]
-    raise _Unsupported(f"a block returned {type(out).__name__}, not a tensor or a tuple starting with one")
+    raise NotAChain(f"a block returned {type(out).__name__}, not a tensor or a tuple starting with one")
 
 
-class _Unsupported(Exception):
+class NotAChain(Exception):
     """The model does not split into stem, chain of blocks and head as `Chain` needs."""
 
 
@@ -91,7 +91,7 @@ def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | 
         return 0, args[0]
     if isinstance(kwargs.get("hidden_states"), Tensor):
         return "hidden_states", kwargs["hidden_states"]
-    raise _Unsupported("a block's first argument is not its hidden state")
+    raise NotAChain("a block's first argument is not its hidden state")
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Chain:
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Record the block calls and hidden states of the forward passes run inside (one
-        batch per pass). Raises `_Unsupported` when a block is skipped, repeated, or fed
+        batch per pass). Raises `NotAChain` when a block is skipped, repeated, or fed
         something other than the previous block's output."""
         n = len(self.blocks)
         state: dict[str, Any] = {}
@@ -118,11 +118,11 @@ class Chain:
                     self.calls.append(state["calls"])
                     self.hidden.append(state["hidden"])
                 if len(state.get("calls", ())) != k:
-                    raise _Unsupported(f"block {k} ran out of order")
+                    raise NotAChain(f"block {k} ran out of order")
                 slot, h = _hidden_input(args, kwargs)
                 last = state["last"]
                 if k > 0 and h is not last and not (h.shape == last.shape and torch.equal(h, last)):
-                    raise _Unsupported(f"block {k} is not fed the output of block {k - 1}")
+                    raise NotAChain(f"block {k} is not fed the output of block {k - 1}")
                 kept = tuple(None if i == slot else a for i, a in enumerate(args))
                 kw = {key: v for key, v in kwargs.items() if key != slot}
                 state["calls"].append(BlockCall(kept, kw, slot))
@@ -151,7 +151,7 @@ class Chain:
             for h in handles:
                 h.remove()
         if any(len(c) != n for c in self.calls) or any(len(h) != n + 1 for h in self.hidden):
-            raise _Unsupported("not every block ran once per batch")
+            raise NotAChain("not every block ran once per batch")
 
     @contextmanager
     def stubbed(self, b: int, leaf: Tensor) -> Iterator[None]:
@@ -170,19 +170,21 @@ class Chain:
                 else:
                     block.forward = fwd  # type: ignore[method-assign]
 
-    @contextmanager
-    def stopping(self) -> Iterator[None]:
-        """The forward passes run inside stop at the first block, raising `_Stop` with its
-        hidden-state input."""
+    def stem_output(self, forward: Callable[[], Any]) -> Tensor:
+        """Run `forward` (a forward pass of the model) only up to the first block; the hidden
+        state it would have fed that block."""
 
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             raise _Stop(_hidden_input(args, kwargs)[1])
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            yield
+            forward()
+        except _Stop as stop:
+            return stop.hidden
         finally:
             handle.remove()
+        raise NotAChain("the forward pass never reached the first block")
 
     def free(self, k: int) -> None:
         """Drop every batch's hidden state `k` (no longer needed once block `k` ran backward)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,7 +41,9 @@ def batch_size(batch: Any) -> int | None:
 
 
 @contextmanager
-def capture_calls(targets: Sequence[QuantTarget], batch: Any, *, isolate: bool = True) -> Iterator[list[Call]]:
+def capture_calls(
+    targets: Sequence[QuantTarget], batch: Any, *, isolate: bool = True, shapes_only: Container[int] = ()
+) -> Iterator[list[Call]]:
     """Record every call of the targets' modules during the forward passes run inside.
 
     Args:
@@ -49,9 +52,12 @@ def capture_calls(targets: Sequence[QuantTarget], batch: Any, *, isolate: bool =
         isolate: return a copy of each output to the rest of the model, so in-place ops after
             the layer (`ReLU(inplace=True)`, `+=`) change the copy and not the recorded tensor
             whose gradient is taken.
+        shapes_only: targets whose calls keep only the shapes of their input and output
+            (tensors on the meta device), so a pass that only counts holds no activations.
     """
     module_target = {id(m): i for i, t in enumerate(targets) for m in t.modules}
     calls: list[Call] = []
+    metas: dict[tuple[int, torch.Size], Tensor] = {}
     n = batch_size(batch)
 
     def hook(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
@@ -63,7 +69,14 @@ def capture_calls(targets: Sequence[QuantTarget], batch: Any, *, isolate: bool =
             out = out.expand(n, *out.shape[1:])
             calls.append(Call(module_target[id(mod)], mod, inp, out))
             return out.clone() if isolate else out
-        calls.append(Call(module_target[id(mod)], mod, inp, out))
+        target = module_target[id(mod)]
+        if target in shapes_only:
+            key = (inp.data_ptr(), inp.shape)  # layers fed one input (q, k, v) share one stand-in
+            if key not in metas:
+                metas[key] = inp.to("meta")
+            calls.append(Call(target, mod, metas[key], out.to("meta")))
+        else:
+            calls.append(Call(target, mod, inp, out))
         return out.clone() if isolate else None
 
     handles = [m.register_forward_hook(hook) for t in targets for m in t.modules]

@@ -7,17 +7,18 @@ What GPTQ needs per layer. Positions a batch's `attention_mask` marks as padding
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .blocks import Chain, NotAChain, find_blocks
 from .capture import Call, capture_calls, conv_patches
 from .layers import QuantTarget
 from .tasks import Task
 
-__all__ = ["call_hessian", "input_hessians"]
+__all__ = ["call_hessian", "input_hessians", "streamed_hessians"]
 
 
 def _positions_mask(batch: Any, inp: Tensor) -> Tensor | None:
@@ -43,12 +44,65 @@ def input_hessians(
             report("hessians", b, len(batches))
             with capture_calls(targets, batch, isolate=False) as calls:
                 task.forward(model, batch)
-            for call in calls:
-                h = call_hessian(call, batch)
-                if h is not None:
-                    sums[call.target] = sums[call.target] + h if call.target in sums else h
+            _accumulate(sums, calls, batch)
     report("hessians", len(batches), len(batches))
     return {i: h.float() for i, h in sums.items()}
+
+
+def streamed_hessians(
+    model: nn.Module,
+    batches: Sequence[Any],
+    task: Task,
+    targets: Sequence[QuantTarget],
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Iterator[dict[int, Tensor]]:
+    """`input_hessians` one block at a time (`profilers.blocks`): first the layers outside the
+    blocks, from one forward pass that also records every block's input, then each block's
+    layers, from that block run again on its recorded inputs. Only one block's `H` is held
+    at a time; a model without a chain of blocks gets every `H` at once."""
+    report = progress or (lambda stage, done, total: None)
+    blocks = find_blocks(model, targets)
+    if not blocks:
+        yield input_hessians(model, batches, task, targets, progress=progress)
+        return
+    chain = Chain(blocks)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    outside: dict[int, Tensor] = {}
+    try:
+        with torch.no_grad():
+            for b, batch in enumerate(batches):
+                report("hessians", b, len(batches) + len(blocks))
+                with chain.recording(), capture_calls(targets, batch, isolate=False) as calls:
+                    task.forward(model, batch)
+                _accumulate(outside, [c for c in calls if id(c.module) not in inside], batch)
+    except NotAChain:
+        yield input_hessians(model, batches, task, targets, progress=progress)
+        return
+    yield {i: h.float() for i, h in outside.items()}
+    for k, block in enumerate(blocks):
+        report("hessians", len(batches) + k, len(batches) + len(blocks))
+        sums: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for b, batch in enumerate(batches):
+                with capture_calls(targets, batch, isolate=False) as calls:
+                    chain.calls[b][k].call(block, chain.hidden[b][k])  # type: ignore[arg-type]
+                _accumulate(sums, calls, batch)
+        chain.free(k)
+        yield {i: h.float() for i, h in sums.items()}
+    report("hessians", len(batches) + len(blocks), len(batches) + len(blocks))
+
+
+def _accumulate(sums: dict[int, Tensor], calls: Sequence[Call], batch: Any) -> None:
+    """Add each call's `Σ x xᵀ` to its target's sum (once per distinct input: q, k and v share one)."""
+    shared: dict[tuple[int, int | None], Tensor | None] = {}
+    for call in calls:
+        key = (id(call.inp), None if isinstance(call.module, nn.Linear) else id(call.module))
+        if key not in shared:
+            shared[key] = call_hessian(call, batch)
+        h = shared[key]
+        if h is not None:
+            sums[call.target] = sums[call.target] + h if call.target in sums else h
 
 
 def call_hessian(call: Call, batch: Any) -> Tensor | None:

@@ -146,7 +146,7 @@ class LogitsTask(Task):
     def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
         probs = out.detach().float().softmax(dim=-1)
         flat = probs.reshape(-1, probs.shape[-1]).cpu()
-        labels = torch.multinomial(flat, 1, generator=generator).squeeze(1).to(out.device)
+        labels = _sample(flat, generator).to(out.device)
         grad = probs.reshape(-1, probs.shape[-1]).clone()
         grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1.0
         grad = grad.reshape(out.shape)
@@ -163,6 +163,21 @@ class LogitsTask(Task):
         if mask is not None:
             kl = kl * mask
         return kl.reshape(kl.shape[0], -1).sum(dim=1)
+
+
+_LARGE_VOCABULARY = 1024
+
+
+def _sample(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One class per row of `probs` `[rows, classes]`, drawn from it. Over a large vocabulary
+    (an LLM's 50k tokens) by inverting each row's cumulative sum at a uniform draw, a hundred
+    times faster than `torch.multinomial` on CPU; below it, `torch.multinomial` (whose draws
+    earlier profiles of small models were made with)."""
+    if probs.shape[-1] < _LARGE_VOCABULARY:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[-1] - 1)
 
 
 def infer_task(model: nn.Module, batch: Any) -> Task:

@@ -34,7 +34,7 @@ def apply(
 
     from ..planning.budget import format_bytes
     from ..planning.plan import Plan
-    from ..quantized.apply import apply_plan_, layer_hessians
+    from ..quantized.apply import apply_plan_
     from ..quantized.export import export_quantized
     from ..quantized.load import load_quantized
     from ..sources import DEFAULT_MODEL
@@ -51,7 +51,7 @@ def apply(
     else:
         loaded = load_model(name)
     check_weights(plan.model_fingerprint, loaded, plan_file, "solve again for this model")
-    hessians = None
+    calibration = None
     if plan.method == "gptq":
         assert setup is not None
         if fingerprint_batches(setup.calib) != plan.data_fingerprint:
@@ -59,9 +59,9 @@ def apply(
                 "this GPTQ plan was profiled on other calibration data; pass the same --data, --calibration,"
                 " --seed, --max-length and --batch-size as when profiling"
             )
-        hessians = layer_hessians(loaded.model, setup.calib, loaded.task)
+        calibration = setup.calib  # GPTQ's `H`, block by block as the layers are written
     t0 = time.perf_counter()
-    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, hessians=hessians)
+    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, calibration=calibration, task=loaded.task)
     seconds = time.perf_counter() - t0
     report.written.append(str(output))
     size = output.stat().st_size
@@ -78,7 +78,7 @@ def apply(
 
         assert setup is not None and loaded.task is not None
         reloaded = load_quantized(output)
-        fake = apply_plan_(copy.deepcopy(loaded.model), plan, hessians=hessians)
+        fake = apply_plan_(copy.deepcopy(loaded.model), plan, calibration=calibration, task=loaded.task)
         batch = setup.data.evals[0]
         with torch.no_grad():
             a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)

@@ -7,14 +7,14 @@ would be stored, so measured quality is the quality of the model the plan descri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from profilers.input_hessians import input_hessians
+from profilers.input_hessians import input_hessians, streamed_hessians
 from profilers.layers import find_targets, resolve_modules
 from profilers.quant.rounding import reconstruct
 from profilers.tasks import Task, infer_task
@@ -29,6 +29,7 @@ __all__ = [
     "check_plan_fits_model",
     "check_profile_fits_model",
     "layer_hessians",
+    "plan_hessian_groups",
     "plan_hessians",
 ]
 
@@ -66,6 +67,19 @@ def apply_choices_(
     Raises:
         PlanError: an unknown layer name or a weight with NaN/inf values.
     """
+    weights = _checked_weights(model, choices, extra_rows)
+    with torch.no_grad():
+        _quantize(weights, choices, extra_rows, method, hessians or {})
+        if round_rest_to_fp16:
+            _round_rest_to_fp16(model, weights)
+    return model
+
+
+def _checked_weights(
+    model: nn.Module, choices: dict[str, Choice], extra_rows: dict[str, np.ndarray] | None
+) -> dict[str, nn.Parameter]:
+    """The named layers' weights, refused in one line when a name is unknown, a weight is
+    missing or not finite, or a fractional choice comes without its rows."""
     try:
         modules = resolve_modules(model, choices)
     except ProfileError as e:
@@ -80,20 +94,29 @@ def apply_choices_(
         weights[name] = weight
         if choices[name].extra and (extra_rows is None or name not in extra_rows):
             raise PlanError(f"layer {name!r} takes {choices[name].label} but no rows were given for its extra term")
-    planned = {id(w) for w in weights.values()}
-    with torch.no_grad():
-        for name, weight in weights.items():
-            rows = torch.as_tensor(extra_rows[name]) if choices[name].extra and extra_rows else None
-            h = (hessians or {}).get(name)
-            weight.copy_(reconstruct(weight.detach(), choices[name], method=method, hessian=h, extra_rows=rows))
-        if round_rest_to_fp16:
-            seen: set[int] = set()
-            for t in [*model.parameters(), *model.buffers()]:
-                if id(t) in planned or id(t) in seen or not t.is_floating_point():
-                    continue
-                seen.add(id(t))
-                t.copy_(t.half().to(t.dtype))
-    return model
+    return weights
+
+
+def _quantize(
+    weights: dict[str, nn.Parameter],
+    choices: dict[str, Choice],
+    extra_rows: dict[str, np.ndarray] | None,
+    method: str,
+    hessians: dict[str, Tensor],
+) -> None:
+    for name, weight in weights.items():
+        rows = torch.as_tensor(extra_rows[name]) if choices[name].extra and extra_rows else None
+        h = hessians.get(name)
+        weight.copy_(reconstruct(weight.detach(), choices[name], method=method, hessian=h, extra_rows=rows))
+
+
+def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> None:
+    done = {id(w) for w in planned.values()}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in done or not t.is_floating_point():
+            continue
+        done.add(id(t))
+        t.copy_(t.half().to(t.dtype))
 
 
 def check_plan_fits_model(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
@@ -144,7 +167,8 @@ def apply_plan_(
 
     A plan scored for GPTQ (`plan.method == "gptq"`, the default) needs every layer's `H`: pass
     the `calibration` batches it was profiled with (and its `task`, else inferred), or `hessians`
-    (`layer_hessians`).
+    (`layer_hessians`). From calibration, the model is quantized block by block, holding one
+    block's `H` at a time (`plan_hessian_groups`).
 
     Raises:
         PlanError: the plan names layers the model lacks, a weight's shape differs from the one
@@ -155,16 +179,51 @@ def apply_plan_(
         >>> apply_plan_(model, plan)  # doctest: +SKIP
     """
     check_plan_fits_model(model, plan)
-    hessians = plan_hessians(model, plan, hessians, calibration, task)
+    choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
-    return apply_choices_(
-        model,
-        {name: lp.choice for name, lp in plan.layers.items()},
-        extra_rows=rows,
-        method=plan.method,
-        hessians=hessians,
-        round_rest_to_fp16=round_rest_to_fp16,
-    )
+    weights = _checked_weights(model, choices, rows)
+    with torch.no_grad():
+        for names, group in plan_hessian_groups(model, plan, hessians, calibration, task):
+            _quantize({n: weights[n] for n in names}, choices, rows, plan.method, group)
+        if round_rest_to_fp16:
+            _round_rest_to_fp16(model, weights)
+    return model
+
+
+def plan_hessian_groups(
+    model: nn.Module,
+    plan: Plan,
+    hessians: dict[str, Tensor] | None,
+    calibration: Sequence[Any] | None,
+    task: Task | None,
+) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
+    """The plan's layers in groups, each with the `H` its rounding needs (none for RTN), every
+    layer in exactly one group. From calibration data the groups are the model's blocks
+    (`streamed_hessians`: one block's `H` held at a time); layers no input reaches come last,
+    without `H` (rounded to nearest)."""
+    names = list(plan.layers)
+    if plan.method != "gptq" or hessians is not None:
+        yield names, hessians or {}
+        return
+    batches = _calibration(calibration)
+    targets = find_targets(model)
+    left = set(names)
+    for group in streamed_hessians(model, batches, task or infer_task(model, batches[0]), targets):
+        by_name = {targets[i].spec.name: h for i, h in group.items()}
+        mine = [n for n in names if n in left and n in by_name]
+        left -= set(mine)
+        yield mine, {n: by_name[n] for n in mine}
+        del group, by_name
+    yield [n for n in names if n in left], {}
+
+
+def _calibration(calibration: Sequence[Any] | None) -> list[Any]:
+    if not calibration:
+        raise PlanError(
+            "this plan was scored for GPTQ rounding: pass the calibration batches it was profiled with"
+            " (apply_plan_(model, plan, calibration=batches)) or hessians=layer_hessians(...)"
+        )
+    return list(calibration)
 
 
 def plan_hessians(
@@ -177,10 +236,5 @@ def plan_hessians(
     """The `H` a plan's rounding needs: none for RTN; given, or computed from calibration, for GPTQ."""
     if plan.method != "gptq" or hessians is not None:
         return hessians
-    if not calibration:
-        raise PlanError(
-            "this plan was scored for GPTQ rounding: pass the calibration batches it was profiled with"
-            " (apply_plan_(model, plan, calibration=batches)) or hessians=layer_hessians(...)"
-        )
-    batches = list(calibration)
+    batches = _calibration(calibration)
     return layer_hessians(model, batches, task or infer_task(model, batches[0]))

@@ -36,8 +36,8 @@ from profilers.quant.rounding import layer_terms
 from profilers.tasks import Task
 from profilers.types import ProfileTable
 
-from ..planning.plan import Plan
-from .apply import check_plan_fits_model, plan_hessians
+from ..planning.plan import LayerPlan, Plan
+from .apply import check_plan_fits_model, plan_hessian_groups
 from .packing import pack_bits
 
 __all__ = ["FILE_FORMAT", "FILE_VERSION", "export_quantized", "header_allowance", "tensor_checksum"]
@@ -100,36 +100,12 @@ def export_quantized(
         PlanError: the plan does not fit the model.
     """
     modules = check_plan_fits_model(model, plan)
-    hessians = plan_hessians(model, plan, hessians, calibration, task)
     tensors: dict[str, Tensor] = {}
-    planned: set[int] = set()
-    for name, lp in plan.layers.items():
-        weight = modules[name].weight.detach()
-        planned.add(id(modules[name].weight))
-        c = lp.choice
-        if not c.quantized:
-            tensors[f"{name}::weight"] = weight.half().contiguous()
-            continue
-        w2d = as_matrix(weight).float()
-        h = (hessians or {}).get(name)
-        terms = layer_terms(w2d, c.base, method=plan.method, hessian=h)
-        for t, term in enumerate(terms):
-            tensors[f"{name}::t{t}.codes"] = _pack_term(term, c.bits, c.symmetric)
-            if c.kind == "tied" and t:
-                continue  # tied terms share term 0's scale and zero point
-            tensors[f"{name}::t{t}.scale"] = term.scale.contiguous()
-            if term.offset is not None:
-                tensors[f"{name}::t{t}.zero"] = term.offset.contiguous()
-        if c.extra:
-            rows = torch.as_tensor(lp.rows_with_extra_term(), dtype=torch.long)
-            extra = layer_terms(w2d[rows], c.next_term, method=plan.method, hessian=h)[-1]
-            mask = torch.zeros(w2d.shape[0], dtype=torch.int64)
-            mask[rows] = 1
-            tensors[f"{name}::x.codes"] = _pack_term(extra, c.bits, c.symmetric)
-            tensors[f"{name}::x.scale"] = extra.scale.contiguous()
-            if extra.offset is not None:
-                tensors[f"{name}::x.zero"] = extra.offset.contiguous()
-            tensors[f"{name}::x.rows"] = pack_bits(mask, 1)
+    planned = {id(modules[name].weight) for name in plan.layers}
+    for names, group in plan_hessian_groups(model, plan, hessians, calibration, task):  # block by block
+        for name in names:
+            tensors.update(_layer_tensors(name, plan.layers[name], modules[name].weight.detach(), plan.method,
+                                          group.get(name)))  # fmt: skip
     for key, value in _unplanned_tensors(model, planned).items():
         tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
     metadata = {
@@ -149,6 +125,34 @@ def export_quantized(
     from safetensors.torch import save
 
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def _layer_tensors(name: str, lp: LayerPlan, weight: Tensor, method: str, h: Tensor | None) -> dict[str, Tensor]:
+    """The stored tensors of one planned layer: packed codes, scales and zero points per term
+    (and its extra term's rows), or its fp16 weight."""
+    c = lp.choice
+    if not c.quantized:
+        return {f"{name}::weight": weight.half().contiguous()}
+    out: dict[str, Tensor] = {}
+    w2d = as_matrix(weight).float()
+    for t, term in enumerate(layer_terms(w2d, c.base, method=method, hessian=h)):
+        out[f"{name}::t{t}.codes"] = _pack_term(term, c.bits, c.symmetric)
+        if c.kind == "tied" and t:
+            continue  # tied terms share term 0's scale and zero point
+        out[f"{name}::t{t}.scale"] = term.scale.contiguous()
+        if term.offset is not None:
+            out[f"{name}::t{t}.zero"] = term.offset.contiguous()
+    if c.extra:
+        rows = torch.as_tensor(lp.rows_with_extra_term(), dtype=torch.long)
+        extra = layer_terms(w2d[rows], c.next_term, method=method, hessian=h)[-1]
+        mask = torch.zeros(w2d.shape[0], dtype=torch.int64)
+        mask[rows] = 1
+        out[f"{name}::x.codes"] = _pack_term(extra, c.bits, c.symmetric)
+        out[f"{name}::x.scale"] = extra.scale.contiguous()
+        if extra.offset is not None:
+            out[f"{name}::x.zero"] = extra.offset.contiguous()
+        out[f"{name}::x.rows"] = pack_bits(mask, 1)
+    return out
 
 
 def tensor_checksum(t: Tensor) -> int:

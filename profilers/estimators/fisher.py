@@ -348,7 +348,7 @@ class FisherProfiler(Profiler):
         if passes.segments_of[i] > 1:
             return passes.hessians.get(i)
         mine = [(b, s.call) for b, seen in enumerate(segment.seen) for s in seen if s.call.target == i]
-        key = tuple((b, id(call.inp)) for b, call in mine)  # layers fed the same inputs (q, k, v) share it
+        key = tuple((b, call.inp.data_ptr(), call.inp.shape) for b, call in mine)  # q, k, v share their inputs
         if key not in segment.hessians:
             hessian = None
             for b, call in mine:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..blocks import Chain, _Stop, _Unsupported, find_blocks
+from ..blocks import Chain, NotAChain, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
 from ..input_hessians import call_hessian
 from .base import CallCounter, ProfileRun
@@ -80,7 +80,7 @@ class SegmentPasses:
         blocks = find_blocks(run.model, run.targets) if stream else []
         try:
             self._record(blocks)
-        except _Unsupported as e:
+        except NotAChain as e:
             if not blocks:
                 raise
             warnings.warn(f"profiling the model as a whole, not block by block: {e}", stacklevel=3)
@@ -96,17 +96,20 @@ class SegmentPasses:
         self.hessians: dict[int, Tensor] = {}
         block_of = {id(m): k for k, blk in enumerate(blocks) for m in blk.modules()}
         self.where: dict[int, set[str]] = {}
+        # Calls inside one block are only counted here: their activations are not kept.
+        counted = {i for i, t in enumerate(run.targets) if len({block_of.get(id(m)) for m in t.modules}) == 1
+                   and block_of.get(id(t.modules[0])) is not None}  # fmt: skip
         with torch.no_grad():
             for b, batch in enumerate(run.batches):
                 run.report("forward", b, len(run.batches))
                 recording = self.chain.recording() if blocks else nullcontext()
-                with recording, capture_calls(run.targets, batch, isolate=False) as calls:
+                with recording, capture_calls(run.targets, batch, isolate=False, shapes_only=counted) as calls:
                     out = run.task.forward(run.model, batch)
                 check_batch_first(calls, run.targets, out.shape[0])
                 self.first_sample.append(self.counter.samples)
                 self.counter.see(calls, out.shape[0])
                 if b == 0:
-                    self.reference = out.detach()
+                    self.reference: Tensor | None = out.detach()
                     self._locate(calls, block_of)
                     self._measure(calls, out, len(run.batches))
                 for call in calls:
@@ -142,8 +145,8 @@ class SegmentPasses:
         inputs: dict[str, set[int]] = {}
         for call in calls:
             for name in self.where[call.target]:
-                if call.inp.data_ptr() not in inputs.setdefault(name, set()):
-                    inputs[name].add(call.inp.data_ptr())
+                if id(call.inp) not in inputs.setdefault(name, set()):
+                    inputs[name].add(id(call.inp))
                     held[name] = held.get(name, 0) + _nbytes(call.inp)
                 held[name] = held.get(name, 0) + self.draws * call.out.numel() * 4
         self.segment_bytes = {name: n * batches for name, n in held.items()}
@@ -161,7 +164,7 @@ class SegmentPasses:
     def __iter__(self) -> Iterator[Segment]:
         try:
             head = self._head()
-        except _Unsupported as e:  # only raised before any segment is handed out
+        except NotAChain as e:  # only raised before any segment is handed out
             warnings.warn(f"profiling the model as a whole, not block by block: {e}", stacklevel=2)
             self._record([])
             head = self._head()
@@ -203,7 +206,8 @@ class SegmentPasses:
                 with stub, capture_calls(run.targets, batch) as calls, torch.enable_grad():
                     out = run.task.forward(run.model, batch)
                 if b == 0 and leaf is not None and not _same(out, self.reference):
-                    raise _Unsupported("the head does not reproduce the model's output from the last block's")
+                    raise NotAChain("the head does not reproduce the model's output from the last block's")
+                self.reference = None
                 calls = [c for c in calls if c.target in wanted]
                 inputs = ([leaf] if leaf is not None else []) + [c.out for c in calls]
                 seen = [Seen(_kept(c), []) for c in calls]
@@ -251,13 +255,8 @@ class SegmentPasses:
         wanted = set(seg.targets)
         with self._grad_weights(seg.targets):
             for b, batch in enumerate(run.batches):
-                with chain.stopping(), capture_calls(run.targets, batch) as calls, torch.enable_grad():
-                    try:
-                        run.task.forward(run.model, batch)
-                    except _Stop as stop:
-                        h0 = stop.hidden
-                    else:
-                        raise RuntimeError("the forward pass never reached the first block")
+                with capture_calls(run.targets, batch) as calls, torch.enable_grad():
+                    h0 = chain.stem_output(lambda batch=batch: run.task.forward(run.model, batch))
                 calls = [c for c in calls if c.target in wanted]
                 seen = [Seen(_kept(c), []) for c in calls]
                 for d in range(self.draws):
@@ -284,5 +283,7 @@ def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like, dtype=torch.float32) if g is None else g
 
 
-def _same(a: Any, b: Tensor) -> bool:
-    return isinstance(a, Tensor) and a.shape == b.shape and torch.allclose(a.detach(), b, rtol=1e-4, atol=1e-5)
+def _same(a: Any, b: Tensor | None) -> bool:
+    if not isinstance(a, Tensor) or b is None or a.shape != b.shape:
+        return False
+    return torch.allclose(a.detach(), b, rtol=1e-4, atol=1e-5)

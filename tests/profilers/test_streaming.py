@@ -25,8 +25,10 @@ def tiny_llama(layers: int = 3, hidden: int = 64, inter: int = 128, tied: bool =
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, use_cache=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, use_cache=False,
+    )  # fmt: skip
     return LlamaForCausalLM(config).eval()
 
 
