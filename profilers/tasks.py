@@ -144,15 +144,13 @@ class LogitsTask(Task):
         return None
 
     def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
-        probs = out.detach().float().softmax(dim=-1)
-        flat = probs.reshape(-1, probs.shape[-1]).cpu()
-        labels = _sample(flat, generator).to(out.device)
-        grad = probs.reshape(-1, probs.shape[-1]).clone()
-        grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1.0
-        grad = grad.reshape(out.shape)
+        grad = out.detach().float().softmax(dim=-1)  # the probabilities, made the gradient in place
+        flat = grad.reshape(-1, grad.shape[-1])
+        labels = _sample(flat.cpu(), generator).to(out.device)
+        flat[torch.arange(flat.shape[0], device=flat.device), labels] -= 1.0
         mask = self._position_mask(out, batch)
         if mask is not None:
-            grad = grad * mask.unsqueeze(-1)
+            grad.mul_(mask.unsqueeze(-1))
         return grad.to(out.dtype)
 
     def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
@@ -175,9 +173,13 @@ def _sample(probs: Tensor, generator: torch.Generator) -> Tensor:
     earlier profiles of small models were made with)."""
     if probs.shape[-1] < _LARGE_VOCABULARY:
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[-1] - 1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)
+    labels = torch.empty(probs.shape[0], dtype=torch.long)
+    for start in range(0, probs.shape[0], 64):  # 64 rows at a time: the float64 sums stay small
+        cdf = probs[start : start + 64].double().cumsum(dim=-1)
+        found = torch.searchsorted(cdf, u[start : start + 64] * cdf[:, -1:]).squeeze(1)
+        labels[start : start + 64] = found.clamp_max(probs.shape[-1] - 1)
+    return labels
 
 
 def infer_task(model: nn.Module, batch: Any) -> Task:

@@ -100,12 +100,13 @@ def export_quantized(
         PlanError: the plan does not fit the model.
     """
     modules = check_plan_fits_model(model, plan)
-    tensors: dict[str, Tensor] = {}
+    per_layer: dict[str, dict[str, Tensor]] = {}
     planned = {id(modules[name].weight) for name in plan.layers}
     for names, group in plan_hessian_groups(model, plan, hessians, calibration, task):  # block by block
         for name in names:
-            tensors.update(_layer_tensors(name, plan.layers[name], modules[name].weight.detach(), plan.method,
-                                          group.get(name)))  # fmt: skip
+            per_layer[name] = _layer_tensors(name, plan.layers[name], modules[name].weight.detach(), plan.method,
+                                             group.get(name))  # fmt: skip
+    tensors = {k: v for name in plan.layers for k, v in per_layer[name].items()}  # the plan's order
     for key, value in _unplanned_tensors(model, planned).items():
         tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
     metadata = {

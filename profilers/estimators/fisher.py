@@ -45,7 +45,7 @@ from ..quant.rounding import error_stack
 from ..types import Choice, ProfileError
 from . import DEFAULT_DRAWS
 from .base import Estimates, LayerEstimate, Profiler, ProfileRun
-from .memory import default_max_memory, format_size, memory_budget
+from .memory import default_max_memory, format_size, memory_budget, release_freed_memory
 from .segments import Segment, SegmentPasses
 
 __all__ = ["FisherProfiler", "per_sample_weight_grads"]
@@ -301,6 +301,7 @@ class FisherProfiler(Profiler):
             for i in segment.targets:
                 self._score(run, i, segment, passes, chunks.get(i), states[i], sums[i])
             del segment
+            release_freed_memory()
         run.report("scoring", passes.total, passes.total)
         layers = {i: states[i].finish() for i in passes.counter.first_call}
         settings = {"draws": self.draws, "seed": self.seed, "blocks": passes.blocks}

@@ -15,15 +15,17 @@ data; a bound below it is refused, naming the smallest one that works.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from .base import ProfileRun
 from .segments import SegmentPasses
 
-__all__ = ["MemoryBudget", "default_max_memory", "format_size", "memory_budget"]
+__all__ = ["MemoryBudget", "default_max_memory", "format_size", "memory_budget", "release_freed_memory"]
 
 RUNTIME_BYTES = 512 * 2**20  # the interpreter, torch and its libraries, resident
 GRAD_CHUNK_BYTES = 4 * (1 << 25)  # per-sample weight gradients are built in chunks this big (fisher)
@@ -37,6 +39,23 @@ def default_max_memory() -> int:
         return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):  # not POSIX
         return 16 * 2**30
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last segment back to the OS (glibc keeps freed blocks of a few
+    MB in its heap, where the next segment's tensors of other sizes cannot reuse them: the
+    resident size then grows segment by segment). A no-op where glibc is not the allocator."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim: Any = None
 
 
 def format_size(n: float) -> str:

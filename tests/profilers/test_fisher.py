@@ -301,3 +301,19 @@ def test_fractional_costs_grow_linearly():
     steps = {b - a for a, b in itertools.pairwise(sizes[1:])}
     assert len(steps) == 1  # every eighth of the rows adds the same bytes
     assert sizes[1] - sizes[0] == steps.pop() + 64 // 8  # ... plus the one-bit-per-row mask, once
+
+
+def test_pseudo_labels_over_a_large_vocabulary_follow_the_softmax():
+    """Above 1,024 classes labels are drawn by inverting the cumulative sum (multinomial is slow
+    there): they must still follow the model's distribution, and each position's gradient is
+    `softmax - onehot` (summing to zero)."""
+    from profilers.tasks import LogitsTask
+
+    logits = torch.full((4, 2500, 2000), -30.0)
+    logits[..., 7] = 0.0
+    logits[..., 1999] = float(torch.log(torch.tensor(3.0)))  # p = 1/4 and 3/4
+    grad = LogitsTask(causal=True).pseudo_gradient(logits, {}, torch.Generator().manual_seed(0))
+    drawn = grad.reshape(-1, 2000).argmin(dim=-1)  # the label's entry is p - 1 < 0
+    assert set(drawn.unique().tolist()) <= {7, 1999}
+    assert (drawn == 7).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    torch.testing.assert_close(grad.sum(dim=-1), torch.zeros(4, 2500), rtol=0, atol=1e-5)

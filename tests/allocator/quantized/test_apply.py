@@ -165,3 +165,36 @@ def test_gptq_lowers_the_output_error_rtn_leaves():
         rtn = reconstruct(w, c, method="rtn")
         gptq = reconstruct(w, c, method="gptq", hessian=h)
         assert ((w - gptq) @ x.T).pow(2).sum() < ((w - rtn) @ x.T).pow(2).sum(), label
+
+
+def test_gptq_from_calibration_streams_block_by_block_with_the_same_result(tmp_path):
+    """From calibration data the applier and the export hold one block's `H` at a time; the
+    result is the one every layer's `H` computed at once gives, to the bit."""
+    from allocator.quantized.apply import layer_hessians, plan_hessian_groups
+    from allocator.quantized.export import export_quantized
+    from tests.profilers.test_streaming import batches, tiny_llama
+
+    model, data = tiny_llama(layers=3, tied=False), batches()
+    task = allocator.LogitsTask(causal=True)
+    plan = allocator.solve(model, data, task=task, budget="4bpw", choices=allocator.choice_grid((2, 4), (1,), (32,)),
+                           fractions=4, exclude=["lm_head", "model.embed_tokens"])  # fmt: skip
+    groups = list(plan_hessian_groups(model, plan, None, data, task))
+    assert [len(names) for names, _ in groups] == [0, 7, 7, 7, 0]  # outside the blocks, each block, no-H layers
+    hessians = layer_hessians(model, data, task)
+    for names, group in groups:
+        for name in names:
+            torch.testing.assert_close(group[name], hessians[name], rtol=1e-6, atol=1e-6)
+    import copy
+
+    streamed = apply_plan_(copy.deepcopy(model), plan, calibration=data, task=task)
+    at_once = apply_plan_(copy.deepcopy(model), plan, hessians=hessians)
+    for (name, a), b in zip(streamed.state_dict().items(), at_once.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    one = export_quantized(model, plan, tmp_path / "streamed.safetensors", calibration=data, task=task)
+    two = export_quantized(model, plan, tmp_path / "at_once.safetensors", hessians=hessians)
+    from safetensors import safe_open  # (the header's metadata order varies from save to save)
+
+    with safe_open(one, "pt") as a, safe_open(two, "pt") as b:
+        assert a.metadata() == b.metadata() and list(a.keys()) == list(b.keys())
+        for key in a.keys():  # noqa: SIM118 (safe_open is not iterable)
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key

@@ -1,0 +1,134 @@
+"""The built-in LLM, SmolLM2-135M-Instruct (`smollm2`): profile time and memory, GPTQ stack
+speed, and plans at 3.0 / 3.5 / 4.25 bits per weight against the best uniform setting and HQQ.
+
+Prints, from one run on this machine:
+1. `allocator profile smollm2` (default grid, GPTQ rounding, fisher, block-streamed): wall time,
+   peak resident memory of the process, and the ratio of its time to one forward+backward
+   pass over the same calibration windows;
+2. one layer's GPTQ error stack, default grid (28 stack rows), one thread, for the three
+   decoder shapes (rows x cols);
+3. per budget, `allocator solve` + `allocator evaluate --peers hqq`: perplexity on the
+   held-out windows of FP, the plan, the best fitting uniform setting and the best HQQ
+   setting (decoder Linear layers planned; embedding and LM head kept; bits per weight with
+   scales and zero points).
+
+Usage: .venv/bin/python benchmarks/bench_llm.py [--budgets 3.0,3.5,4.25] [--out DIR] [--skip-plans]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def allocator(*args: str) -> tuple[str, float]:
+    """Run the CLI; its stdout and wall seconds."""
+    start = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "-m", "allocator.cli", *args, "--no-progress"], capture_output=True, text=True, check=False
+    )
+    if res.returncode != 0:
+        sys.exit(f"allocator {' '.join(args)} failed:\n{res.stderr}")
+    return res.stdout, time.perf_counter() - start
+
+
+def forward_backward_seconds() -> tuple[float, int]:
+    """One forward+backward pass of smollm2 over its calibration windows, and the tokens."""
+    import torch
+
+    from allocator.sources import load_data, load_model
+
+    loaded = load_model("smollm2")
+    data = load_data(loaded)
+    model = loaded.model
+    start = time.perf_counter()
+    for batch in data.calib:
+        out = loaded.task.forward(model, batch)
+        (out * torch.randn_like(out)).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, sum(int(b["input_ids"].numel()) for b in data.calib)
+
+
+def gptq_stack_seconds() -> list[tuple[str, float]]:
+    import torch
+
+    from profilers.quant.options import choice_grid, expand_choices, layout_options
+    from profilers.quant.rounding import error_stack
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    out = []
+    for rows, cols in ((576, 576), (1536, 576), (576, 1536)):
+        w = torch.randn(rows, cols) * 0.02
+        x = torch.randn(4096, cols)
+        stack = layout_options(expand_choices(choice_grid(), 8), rows).stack
+        start = time.perf_counter()
+        error_stack(w, stack, method="gptq", hessian=x.T @ x)
+        out.append((f"{rows}x{cols}, {len(stack)} stack rows", time.perf_counter() - start))
+    torch.set_num_threads(2)
+    return out
+
+
+def best(rows: list[dict], kind: str, prefix: str = "") -> str:
+    found = [r for r in rows if r["kind"] == kind and r["fits"] and r["label"].startswith(prefix)]
+    if not found:
+        return "skipped"
+    r = min(found, key=lambda r: r["perplexity"])
+    return f"{r['perplexity']:.2f} {r['label'].split()[-1]} @{r['bpw']:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="3.0,3.5,4.25", help="bits per weight, comma-separated")
+    parser.add_argument("--out", type=Path, default=None, help="keep the profile, plans and JSON here")
+    parser.add_argument("--profile", type=Path, default=None, help="reuse this profile (skips step 1)")
+    parser.add_argument("--skip-plans", action="store_true", help="only steps 1 and 2")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    profile = args.profile or out / "profile.json"
+    if args.profile is None:
+        _, seconds = allocator("profile", "smollm2", "-o", str(profile))
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the profile is the first child
+        fb, tokens = forward_backward_seconds()
+        table = json.loads(profile.read_text())
+        print(
+            f"profile smollm2: {seconds:.0f}s ({seconds / 60:.1f} min), peak RSS {peak / 1e9:.2f} GB;"
+            f" {len(table['layers'])} layers x {len(table['layers'][0]['options'])} options,"
+            f" {table['settings'].get('blocks')} blocks, {tokens} calibration tokens"
+        )
+        print(f"one forward+backward pass over them: {fb:.1f}s; profile / pass = {seconds / fb:.0f}x")
+    for label, seconds in gptq_stack_seconds():
+        print(f"GPTQ error stack {label}, 1 thread: {seconds:.2f}s")
+    if args.skip_plans:
+        return
+
+    header = f"{'bpw':>5} | {'FP':>6} | {'plan':>7} | {'best uniform':>24} | {'best HQQ':>24} | evaluate"
+    lines = [header, "-" * len(header)]
+    for bpw in args.budgets.split(","):
+        plan = out / f"plan-{bpw}bpw.json"
+        allocator("solve", "-p", str(profile), "--budget", f"{bpw}bpw", "-o", str(plan))
+        text, seconds = allocator("evaluate", str(plan), "--json", "--peers", "hqq", "--uniform", "2")
+        doc = json.loads(text)
+        (out / f"evaluate-{bpw}bpw.json").write_text(json.dumps(doc, indent=1))
+        rows = doc["rows"]
+        fp = next(r for r in rows if r["kind"] == "fp")
+        planned = next(r for r in rows if r["kind"] == "plan")
+        lines.append(
+            f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |"
+            f" {best(rows, 'uniform'):>24} | {best(rows, 'peer', 'HQQ'):>24} | {seconds:.0f}s"
+        )
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    print(f"files in {out}")
+
+
+if __name__ == "__main__":
+    main()
