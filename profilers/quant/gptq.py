@@ -64,7 +64,14 @@ def _block_size(groups: Sequence[int], cols: int, block: int) -> int:
 
 
 def gptq_sweep(
-    targets: Sequence[Tensor], grids: Sequence[Grid], hinv_u: Tensor, dead: Tensor, *, block: int = 128
+    targets: Sequence[Tensor],
+    grids: Sequence[Grid],
+    hinv_u: Tensor,
+    dead: Tensor,
+    *,
+    block: int = 128,
+    order: Tensor | None = None,
+    clip: tuple[float, ...] | None = None,
 ) -> list[Term]:
     """GPTQ-quantize several `[rows, cols]` matrices of the same columns in one column sweep.
 
@@ -82,14 +89,24 @@ def gptq_sweep(
         hinv_u: upper Cholesky factor of the damped `H⁻¹` (`prepare_hessian`).
         dead: columns no input reaches; their weights are zeroed.
         block: columns per lazy-update block (rounded to whole groups).
+        order: the column order of the sweep (activation order: `H`'s diagonal, largest
+            first), or None for natural order. With an order, `hinv_u` and `dead` are those of
+            the permuted `H`, and group parameters are *static*: set from the matrix before
+            the sweep, per group of the original columns, so the file's groups stay contiguous.
+        clip: clip ratios searched for each group's range (`quantize.clip_ratios` when None;
+            `(1.0,)` is plain min/max).
 
     Returns:
         One `Term` per target: codes, fp16 scales and zero points, as the packed file stores them.
     """
     rows, cols = targets[0].shape
+    groups = [cols if g.group_size is None else min(g.group_size, cols) for g in grids]
+    static = None
+    if order is not None:
+        static = _static_parameters(targets, grids, groups, order, dead, clip)
+        targets = [t[:, order] for t in targets]
     wt = torch.cat([t.float() for t in targets]).T.contiguous()  # [cols, n·rows]
     wt[dead] = 0.0
-    groups = [cols if g.group_size is None else min(g.group_size, cols) for g in grids]
     per_row = lambda values: torch.cat([torch.full((rows,), float(v)) for v in values])  # noqa: E731
     qmin = per_row(-(2 ** (g.bits - 1)) if g.symmetric else 0 for g in grids)
     qmax = per_row(2 ** (g.bits - 1) - 1 if g.symmetric else 2**g.bits - 1 for g in grids)
@@ -102,8 +119,11 @@ def gptq_sweep(
     starts: dict[int, list[int]] = {}  # group size -> the grids that use it
     for c, g in enumerate(groups):
         starts.setdefault(g, []).append(c)
-    block = _block_size(groups, cols, block)
-    inner = math.gcd(_INNER, *(g for g in groups if g < cols))
+    if static is not None:
+        scales, zeros, scale_at, offset_at = static
+        starts = {}  # no group parameters to set during the sweep
+    block = _block_size(groups if static is None else [cols], cols, block)
+    inner = math.gcd(_INNER, *(g for g in groups if g < cols)) if static is None else _INNER
     q = torch.empty(len(grids) * rows)
     for start in range(0, cols, block):
         stop = min(start + block, cols)
@@ -114,7 +134,9 @@ def gptq_sweep(
             for col in range(run, end):
                 for g, cs in starts.items():
                     if col % g == 0:
-                        _group_parameters(wt, col, g, cs, grids, rows, scale, offset, scales, zeros)
+                        _group_parameters(wt, col, g, cs, grids, rows, scale, offset, scales, zeros, clip)
+                if static is not None:
+                    scale, offset = scale_at[col], offset_at[col]
                 i = col - start
                 x = wt[col]
                 torch.sub(x, offset, out=q).div_(scale).round_().clamp_(qmin, qmax)
@@ -129,6 +151,10 @@ def gptq_sweep(
                 wt[end:stop].addmm_(h[a:b, b:].T, err[a:b], alpha=-1)
         if stop < cols:
             wt[stop:].addmm_(hinv_u[start:stop, stop:].T, err, alpha=-1)
+    if order is not None:  # back to the original column order
+        unpermuted = torch.empty_like(codes)
+        unpermuted[order] = codes
+        codes = unpermuted
     codes = codes.T
     out = []
     for c, grid in enumerate(grids):
@@ -149,18 +175,46 @@ def _group_parameters(
     offset: Tensor,
     scales: list[Tensor],
     zeros: list[Tensor | None],
+    clip: tuple[float, ...] | None,
 ) -> None:
     """Scale and zero point of the group starting at `col` for each grid in `grids_at`, from the
     error-updated weights of the whole group (per channel: the untouched row, at column 0)."""
     for c in grids_at:
         sl = slice(c * rows, (c + 1) * rows)
         grp = wt[col : col + g, sl].T
-        term, _ = _quantize(grp, bits=grids[c].bits, group_size=None, symmetric=grids[c].symmetric, clip=None)
+        term, _ = _quantize(grp, bits=grids[c].bits, group_size=None, symmetric=grids[c].symmetric, clip=clip)
         scale[sl] = term.scale[:, 0].float()
         scales[c][:, col // g] = term.scale[:, 0]
         if term.offset is not None:
             offset[sl] = term.offset[:, 0].float()
             zeros[c][:, col // g] = term.offset[:, 0]  # type: ignore[index]
+
+
+def _static_parameters(
+    targets: Sequence[Tensor],
+    grids: Sequence[Grid],
+    groups: list[int],
+    order: Tensor,
+    dead: Tensor,
+    clip: tuple[float, ...] | None,
+) -> tuple[list[Tensor], list[Tensor | None], Tensor, Tensor]:
+    """Group parameters set before an act-order sweep: per grid, its fp16 scales and zero points
+    `[rows, groups]` from the matrix (dead columns zeroed), and per swept column (in `order`)
+    the scale and offset `[cols, n·rows]` of the group it belongs to."""
+    dead_original = torch.empty_like(dead)
+    dead_original[order] = dead
+    scales, zeros, scale_cols, offset_cols = [], [], [], []
+    for target, grid, g in zip(targets, grids, groups, strict=True):
+        w = target.float().clone()
+        w[:, dead_original] = 0.0
+        term, _ = _quantize(w, bits=grid.bits, group_size=g, symmetric=grid.symmetric, clip=clip)
+        scales.append(term.scale)
+        zeros.append(term.offset)
+        group_of = order // g
+        scale_cols.append(term.scale.float()[:, group_of].T)
+        offset = torch.zeros_like(term.scale) if term.offset is None else term.offset
+        offset_cols.append(offset.float()[:, group_of].T)
+    return scales, zeros, torch.cat(scale_cols, dim=1).contiguous(), torch.cat(offset_cols, dim=1).contiguous()
 
 
 def _grid(choice: Choice) -> Grid:
@@ -185,10 +239,15 @@ def _finish(choice: Choice, passes: list[Term]) -> list[Term]:
     return passes
 
 
+ACT_ORDER = False  # sweep columns by H's diagonal, largest first, with static groups
+GRID_CLIP: tuple[float, ...] | None = None  # group ranges: None searches clip ratios; (1.0,) is min/max
+
+
 def _all_terms(w2d: Tensor, h: Tensor, choices: Sequence[Choice], damp: float) -> list[list[Term]]:
     """The terms of every quantized choice, with one sweep per term index (all first terms
     together, then all second terms, ...)."""
-    hinv_u, dead = prepare_hessian(h, damp=damp)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if ACT_ORDER else None
+    hinv_u, dead = prepare_hessian(h if order is None else h[order][:, order], damp=damp)
     w = w2d.detach().float()
     passes: list[list[Term]] = [[] for _ in choices]
     residual = [w for _ in choices]
@@ -197,7 +256,8 @@ def _all_terms(w2d: Tensor, h: Tensor, choices: Sequence[Choice], damp: float) -
         # Passes of the same grid over the same matrix are one (the first terms of int3 and int3x2).
         distinct = {(_grid(choices[i]), id(residual[i])): i for i in reversed(live)}
         swept = list(distinct.values())
-        terms = gptq_sweep([residual[i] for i in swept], [_grid(choices[i]) for i in swept], hinv_u, dead)
+        terms = gptq_sweep([residual[i] for i in swept], [_grid(choices[i]) for i in swept], hinv_u, dead,
+                           order=order, clip=GRID_CLIP)  # fmt: skip
         term_of = dict(zip(distinct, terms, strict=True))
         for i in live:
             term = term_of[_grid(choices[i]), id(residual[i])]

@@ -69,10 +69,11 @@ def test_evaluate_refuses_bad_input_in_one_line(tiny_encoder_dir, tiny_causal_di
 def test_causal_lm_folder_goes_through_profile_solve_apply_evaluate_with_perplexity(
     tiny_causal_dir, tmp_path, cli, fast
 ):
+    from allocator.sources import LLM_EVALUATION
     from allocator.sources.text import lee_documents
 
     prof, plan_file, packed = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "lm.safetensors"
-    text = tmp_path / "news.txt"  # 48 documents: 16 windows of 32 tokens to calibrate on, 32 held out
+    text = tmp_path / "news.txt"  # 48 documents: windows of 32 tokens to calibrate on, LLM_EVALUATION held out
     text.write_text("\n".join(lee_documents()[:48]))
     res = cli("profile", str(tiny_causal_dir), "-o", str(prof), "--data", str(text), *fast)
     assert res.returncode == 0, res.stderr
@@ -86,7 +87,8 @@ def test_causal_lm_folder_goes_through_profile_solve_apply_evaluate_with_perplex
     res = cli("evaluate", str(plan_file), "--json", "--peers", "hqq", "--no-progress")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["metric"] == "perplexity" and doc["held_out"] == {"items": 32, "unit": "windows", "source": str(text)}
+    assert doc["metric"] == "perplexity" and doc["held_out"] == {"items": LLM_EVALUATION, "unit": "windows",
+                                                                "source": str(text)}
     fp, planned = doc["rows"][0], doc["rows"][1]
     assert math.isfinite(fp["perplexity"]) and fp["perplexity"] > 1
     # 5 bits per weight on a random model: the next-token distribution barely moves
