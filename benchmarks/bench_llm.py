@@ -13,6 +13,7 @@ Prints, from one run on this machine:
    scales and zero points).
 
 Usage: .venv/bin/python benchmarks/bench_llm.py [--budgets 3.0,3.5,4.25] [--out DIR] [--skip-plans]
+       [--method gptq|gptq-act|rtn] [--profile PROFILE.json]
 """
 
 from __future__ import annotations
@@ -89,13 +90,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the profile, plans and JSON here")
     parser.add_argument("--profile", type=Path, default=None, help="reuse this profile (skips step 1)")
     parser.add_argument("--skip-plans", action="store_true", help="only steps 1 and 2")
+    parser.add_argument("--method", default="gptq", help="rounding: rtn, gptq or gptq-act")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
     out.mkdir(parents=True, exist_ok=True)
 
     profile = args.profile or out / "profile.json"
     if args.profile is None:
-        _, seconds = allocator("profile", "smollm2", "-o", str(profile))
+        _, seconds = allocator("profile", "smollm2", "--method", args.method, "-o", str(profile))
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the profile is the first child
         fb, tokens = forward_backward_seconds()
         table = json.loads(profile.read_text())

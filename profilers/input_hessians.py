@@ -55,12 +55,21 @@ def streamed_hessians(
     task: Task,
     targets: Sequence[QuantTarget],
     *,
+    sequential: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Iterator[dict[int, Tensor]]:
     """`input_hessians` one block at a time (`profilers.blocks`): first the layers outside the
     blocks, from one forward pass that also records every block's input, then each block's
-    layers, from that block run again on its recorded inputs. Only one block's `H` is held
-    at a time; a model without a chain of blocks gets every `H` at once."""
+    layers. Only one block's `H` is held at a time; a model without a chain of blocks gets
+    every `H` at once.
+
+    The caller may quantize the layers of each group it receives before asking for the next.
+    With `sequential`, that is what the next `H` sees: each block runs on the output of the
+    (quantized) blocks before it, and its layers come in groups in call order, the layers fed
+    one input together (q/k/v, then o, then gate/up, then down), each group's `H` taken after
+    the groups before it were quantized (GPTQ's sequential calibration). Otherwise every block
+    runs on its recorded full-precision input and its layers come as one group.
+    """
     report = progress or (lambda stage, done, total: None)
     blocks = find_blocks(model, targets)
     if not blocks:
@@ -68,29 +77,57 @@ def streamed_hessians(
         return
     chain = Chain(blocks)
     inside = {id(m) for block in blocks for m in block.modules()}
+    in_blocks = {i for i, t in enumerate(targets) if all(id(m) in inside for m in t.modules)}
     outside: dict[int, Tensor] = {}
+    total = len(batches) + len(blocks)
     try:
         with torch.no_grad():
             for b, batch in enumerate(batches):
-                report("hessians", b, len(batches) + len(blocks))
-                with chain.recording(), capture_calls(targets, batch, isolate=False) as calls:
+                report("hessians", b, total)
+                with chain.recording(), capture_calls(targets, batch, isolate=False, shapes_only=in_blocks) as calls:
                     task.forward(model, batch)
-                _accumulate(outside, [c for c in calls if id(c.module) not in inside], batch)
+                _accumulate(outside, [c for c in calls if c.target not in in_blocks], batch)
     except NotAChain:
         yield input_hessians(model, batches, task, targets, progress=progress)
         return
     yield {i: h.float() for i, h in outside.items()}
+    hidden = [h[0] for h in chain.hidden]
     for k, block in enumerate(blocks):
-        report("hessians", len(batches) + k, len(batches) + len(blocks))
-        sums: dict[int, Tensor] = {}
-        with torch.no_grad():
-            for b, batch in enumerate(batches):
-                with capture_calls(targets, batch, isolate=False) as calls:
-                    chain.calls[b][k].call(block, chain.hidden[b][k])  # type: ignore[arg-type]
-                _accumulate(sums, calls, batch)
+        report("hessians", len(batches) + k, total)
+        if not sequential:
+            sums: dict[int, Tensor] = {}
+            with torch.no_grad():
+                for b, batch in enumerate(batches):
+                    with capture_calls(targets, batch, isolate=False) as calls:
+                        chain.calls[b][k].call(block, chain.hidden[b][k])  # type: ignore[arg-type]
+                    _accumulate(sums, calls, batch)
+            chain.free(k)
+            yield {i: h.float() for i, h in sums.items()}
+            continue
+        done: set[int] = set()
+        while True:  # one run of the block per group of layers, and a last one for its output
+            sums, group, outs = {}, None, []
+            with torch.no_grad():
+                for b, batch in enumerate(batches):
+                    with capture_calls(targets, batch, isolate=False) as calls:
+                        outs.append(chain.calls[b][k].call(block, hidden[b]))  # type: ignore[arg-type]
+                    group = _next_group(calls, done) if group is None else group
+                    _accumulate(sums, [c for c in calls if c.target in group], batch)
+            if not group:
+                hidden = outs
+                break
+            done |= group
+            yield {i: h.float() for i, h in sums.items()}
         chain.free(k)
-        yield {i: h.float() for i, h in sums.items()}
-    report("hessians", len(batches) + len(blocks), len(batches) + len(blocks))
+    report("hessians", total, total)
+
+
+def _next_group(calls: Sequence[Call], done: set[int]) -> set[int]:
+    """The layers of the first call not yet done, with every other layer fed the same input."""
+    first = next((c for c in calls if c.target not in done), None)
+    if first is None:
+        return set()
+    return {c.target for c in calls if c.target not in done and c.inp is first.inp}
 
 
 def _accumulate(sums: dict[int, Tensor], calls: Sequence[Call], batch: Any) -> None:

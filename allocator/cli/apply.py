@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from profilers.quant.options import needs_hessian
+
 from ..errors import AllocatorError
 from .app import app, report
 from .options import PlanArg, PlanModelArg, RecordedDataOptions, with_options
@@ -45,14 +47,14 @@ def apply(
     plan = Plan.load(plan_file)
     name = model or plan.model_name or DEFAULT_MODEL
     setup = None
-    if plan.method == "gptq" or check:  # GPTQ rounds on the plan's calibration data; the check runs held-out data
+    if needs_hessian(plan.method) or check:  # GPTQ rounds on the plan's calibration data; the check runs held-out data
         setup = load_setup(name, data.resolve(plan.data))
         loaded = setup.loaded
     else:
         loaded = load_model(name)
     check_weights(plan.model_fingerprint, loaded, plan_file, "solve again for this model")
     calibration = None
-    if plan.method == "gptq":
+    if needs_hessian(plan.method):
         assert setup is not None
         if fingerprint_batches(setup.calib) != plan.data_fingerprint:
             raise AllocatorError(

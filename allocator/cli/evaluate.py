@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from profilers.quant.options import needs_hessian
+
 from .app import app, report
 from .options import Metric, PlanArg, PlanModelArg, Progress, RecordedDataOptions, with_options
 from .setup import Setup, check_outputs, check_weights, load_setup, model_and_plan
@@ -53,7 +55,7 @@ def run_evaluation(
     variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
     labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
     with report.progress(progress) as update:
-        hessians = layer_hessians(loaded.model, setup.calib, loaded.task) if plan.method == "gptq" else None
+        hessians = layer_hessians(loaded.model, setup.calib, loaded.task) if needs_hessian(plan.method) else None
         cmp = compare(loaded.model, plan, setup.data.evals, loaded.task, uniform=uniform, words=words,
                       fp_bytes=fp16_bytes, progress=lambda label: update("measuring", labels.index(label), len(labels)),
                       hessians=hessians, peers=variants, skipped=skipped, metric=metric)  # fmt: skip
@@ -95,7 +97,7 @@ def evaluate(
         setup = load_setup(model or plan.model_name or None, data.resolve(plan.data))
         check_weights(plan.model_fingerprint, setup.loaded, plan_path, "solve again for this model")
         loading = time.perf_counter() - t0
-        if plan.method == "gptq" and plan.data is None and data.data is None:
+        if needs_hessian(plan.method) and plan.data is None and data.data is None:
             report.warn("the plan does not record its calibration data; GPTQ rounding uses the default split")
         cmp, seconds = run_evaluation(setup, plan, fp16_bytes(setup.loaded.model), progress, metric=metric,
                                       peers=peer_names, top_uniform=uniform)  # fmt: skip

@@ -183,7 +183,8 @@ class GridOptions:
     method: Annotated[
         str,
         typer.Option(help=f"Rounding under every term: {', '.join(METHODS)} (rtn: round to nearest;"
-                          " gptq: second-order error feedback)."),
+                          " gptq: second-order error feedback; gptq-act: GPTQ in activation order with static"
+                          " groups, best on LLMs)."),
     ] = DEFAULT_METHOD  # fmt: skip
     bits: Annotated[
         str | None,

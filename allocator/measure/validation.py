@@ -28,6 +28,7 @@ from profilers.estimators.base import ProgressFn
 from profilers.estimators.measured import OutputMeter
 from profilers.input_hessians import input_hessians
 from profilers.layers import find_targets
+from profilers.quant.options import needs_hessian
 from profilers.quant.rounding import reconstruct
 from profilers.tasks import Task
 from profilers.types import ProfileError, ProfileTable, Validation
@@ -96,7 +97,7 @@ def validate_profile(
     targets = [by_name[n] for n in table.names]
     meter = OutputMeter(model, targets, batches, task)
     method = str(table.settings.get("method", "rtn"))
-    hessians = input_hessians(model, batches, task, targets) if method == "gptq" else {}
+    hessians = input_hessians(model, batches, task, targets) if needs_hessian(method) else {}
 
     def quantized(i: int, j: int) -> torch.Tensor:
         layer = table.layers[i]

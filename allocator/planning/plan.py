@@ -131,7 +131,7 @@ class Plan(BaseModel):
     data_fingerprint: str
     data: DataSplit | None = Field(default=None, description="calibration split the plan was profiled on")
     profiler: str
-    method: Literal["rtn", "gptq"] = Field(default="rtn", description="rounding the plan was scored for")
+    method: Literal["rtn", "gptq", "gptq-act"] = Field(default="rtn", description="rounding the plan was scored for")
     loss_units: str
     budgets: tuple[Budget, ...]
     limits: dict[str, int] = Field(description="per resource, the limit on the planned weights")

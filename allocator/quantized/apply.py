@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from profilers.input_hessians import input_hessians, streamed_hessians
 from profilers.layers import find_targets, resolve_modules
+from profilers.quant.options import needs_hessian
 from profilers.quant.rounding import reconstruct
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileError, ProfileTable
@@ -202,7 +203,7 @@ def plan_hessian_groups(
     (`streamed_hessians`: one block's `H` held at a time); layers no input reaches come last,
     without `H` (rounded to nearest)."""
     names = list(plan.layers)
-    if plan.method != "gptq" or hessians is not None:
+    if not needs_hessian(plan.method) or hessians is not None:
         yield names, hessians or {}
         return
     batches = _calibration(calibration)
@@ -234,7 +235,7 @@ def plan_hessians(
     task: Task | None,
 ) -> dict[str, Tensor] | None:
     """The `H` a plan's rounding needs: none for RTN; given, or computed from calibration, for GPTQ."""
-    if plan.method != "gptq" or hessians is not None:
+    if not needs_hessian(plan.method) or hessians is not None:
         return hessians
     batches = _calibration(calibration)
     return layer_hessians(model, batches, task or infer_task(model, batches[0]))

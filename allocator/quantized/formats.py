@@ -75,6 +75,9 @@ def gptqmodel_dynamic(plan: Plan) -> tuple[dict[str, Any], list[str]]:
     }
     if plan.method == "gptq":
         notes.append("the plan was scored for GPTQ rounding, which GPTQModel also applies")
+    elif plan.method == "gptq-act":
+        config["desc_act"] = True
+        notes.append("the plan was scored for GPTQ in activation order (desc_act), which GPTQModel also applies")
     return config, notes
 
 

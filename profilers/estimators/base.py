@@ -23,7 +23,7 @@ from ..capture import Call, call_macs, capture_calls, check_batch_first
 from ..input_hessians import input_hessians
 from ..layers import QuantTarget, find_targets, fingerprint_model, fixed_bytes, fp16_bytes
 from ..quant.cost import layer_bops, layer_bytes
-from ..quant.options import OptionLayout, expand_choices, layout_options
+from ..quant.options import OptionLayout, expand_choices, layout_options, needs_hessian
 from ..quant.rounding import METHODS, Quantizer
 from ..tasks import Task, infer_task
 from ..types import Choice, ChoiceProfile, LayerProfile, ProfileError, ProfileTable, encode_indices
@@ -240,7 +240,7 @@ class Profiler(ABC):
         model.eval()
         try:
             quantizer = Quantizer(method)  # type: ignore[arg-type]
-            if method == "gptq" and self._hessians_up_front:
+            if needs_hessian(method) and self._hessians_up_front:
                 quantizer.hessians = input_hessians(model, batches, task, targets, progress=report)
             est = self._estimate(ProfileRun(model, batches, targets, options, layouts, task, quantizer, report))
         finally:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..capture import Call, batch_size, conv_patches
 from ..input_hessians import call_hessian
-from ..quant.options import OptionLayout
+from ..quant.options import OptionLayout, needs_hessian
 from ..quant.quantize import as_matrix
 from ..quant.rounding import error_stack
 from ..types import Choice, ProfileError
@@ -344,7 +344,7 @@ class FisherProfiler(Profiler):
     def _hessian(run: ProfileRun, i: int, segment: Segment, passes: SegmentPasses) -> Tensor | None:
         """GPTQ's `H` of target `i`: from its calls in `segment`, or from the whole forward pass
         for a weight called in several segments."""
-        if run.quantizer.method != "gptq":
+        if not needs_hessian(run.quantizer.method):
             return None
         if passes.segments_of[i] > 1:
             return passes.hessians.get(i)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..types import Choice
 from .gptq import gptq_reconstructions, gptq_terms
-from .options import DEFAULT_METHOD, METHODS
+from .options import DEFAULT_METHOD, METHODS, needs_hessian
 from .quantize import Term, as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
 
 __all__ = [
@@ -33,15 +33,15 @@ __all__ = [
     "reconstruct",
 ]
 
-Method = Literal["rtn", "gptq"]
+Method = Literal["rtn", "gptq", "gptq-act"]
 
 
 def layer_terms(w2d: Tensor, choice: Choice, *, method: Method = "rtn", hessian: Tensor | None = None) -> list[Term]:
     """The whole terms of `choice` for a matrix, by `method` (GPTQ only where `hessian` is given)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "gptq" and hessian is not None:
-        return gptq_terms(w2d, hessian, choice)
+    if needs_hessian(method) and hessian is not None:
+        return gptq_terms(w2d, hessian, choice, act_order=method == "gptq-act")
     return quantize_terms(w2d, choice)
 
 
@@ -117,8 +117,9 @@ def error_stack(
     for c in stack:
         if c.extra:
             raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
-    if method == "gptq" and hessian is not None:
-        return torch.stack([r - w for r in gptq_reconstructions(w, hessian, list(stack))])
+    if needs_hessian(method) and hessian is not None:
+        recs = gptq_reconstructions(w, hessian, list(stack), act_order=method == "gptq-act")
+        return torch.stack([r - w for r in recs])
     out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
     runs: dict[tuple[int, int | None, bool], list[int]] = {}
     for k, c in enumerate(stack):

@@ -28,14 +28,15 @@ def layer():
     return torch.randn(24, 48), x.T @ x
 
 
-def test_profiler_stack_is_the_applier_reconstruction_minus_the_weight(layer):
+@pytest.mark.parametrize("method", ["gptq", "gptq-act"])
+def test_profiler_stack_is_the_applier_reconstruction_minus_the_weight(layer, method):
     w, h = layer
     options = expand_choices(CHOICES, 4, max_bits=8, max_terms=3)
     assert sum(c.extra > 0 for c in options) > 20  # fractions of residual choices are among them
     layout = layout_options(options, w.shape[0])
-    stack = Quantizer("gptq", {0: h}).stack(0, w, layout.stack)
+    stack = Quantizer(method, {0: h}).stack(0, w, layout.stack)
     for k, choice in enumerate(layout.stack):  # whole-term choices
-        applied = reconstruct(w, choice, method="gptq", hessian=h)
+        applied = reconstruct(w, choice, method=method, hessian=h)
         torch.testing.assert_close(stack[k], applied - w, rtol=0, atol=1e-5, msg=choice.label)
     for j, choice in enumerate(options):  # fractions: the base with the next term on the chosen rows
         if not choice.extra:
@@ -44,7 +45,7 @@ def test_profiler_stack_is_the_applier_reconstruction_minus_the_weight(layer):
         rows = torch.randperm(w.shape[0])[: choice.extra_rows(w.shape[0])].sort().values
         scored = stack[pair.base].clone()
         scored[rows] = stack[pair.next][rows]
-        applied = reconstruct(w, choice, method="gptq", hessian=h, extra_rows=rows)
+        applied = reconstruct(w, choice, method=method, hessian=h, extra_rows=rows)
         torch.testing.assert_close(scored, applied - w, rtol=0, atol=1e-5, msg=choice.label)
 
 
@@ -58,3 +59,56 @@ def test_a_batched_sweep_quantizes_each_matrix_as_alone(layer):
         (alone,) = gptq_sweep([target], [grid], hinv, dead)
         assert torch.equal(term.codes, alone.codes)
         torch.testing.assert_close(dequantize(term), dequantize(alone), rtol=0, atol=1e-6)
+
+
+def _reference_gptq(w, h, bits, group, *, act_order, damp=0.01):
+    """GPTQ as published (Frantar et al. 2022, Algorithm 1), written plainly: one column at a
+    time, its error fed to every later column at once, no lazy blocks; float64. The grid is the
+    project's: per row and group, fp16 scale `(max - min) / (2^bits - 1)` and fp16 offset `min`.
+    With `act_order`, columns go by `H`'s diagonal, largest first, and the group parameters are
+    static (from the weights before the sweep, per group of the original columns)."""
+    w, h = w.double().clone(), h.double().clone()
+    cols = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    qmax = 2**bits - 1
+
+    def params(block):
+        lo, hi = block.min(dim=1).values, block.max(dim=1).values
+        scale = ((hi - lo) / qmax).clamp(-65504, 65504).half().double().clamp_min(2.0**-24)
+        return scale, lo.clamp(-65504, 65504).half().double()
+
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
+    static = [params(w[:, g : g + group]) for g in range(0, cols, group)]
+    w, h = w[:, perm], h[perm][:, perm]
+    h += torch.eye(cols, dtype=h.dtype) * damp * torch.diag(h).mean()
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.zeros_like(w)
+    for i in range(cols):
+        if act_order:
+            scale, offset = static[int(perm[i]) // group]
+        elif i % group == 0:
+            scale, offset = params(w[:, i : i + group])
+        q = ((w[:, i] - offset) / scale).round().clamp(0, qmax) * scale + offset
+        out[:, i] = q
+        err = (w[:, i] - q) / hinv[i, i]
+        w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+    result = torch.empty_like(out)
+    result[:, perm] = out
+    return result
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(("bits", "group"), [(3, 16), (4, 48), (2, 16)])
+def test_the_sweep_is_the_published_algorithm(layer, monkeypatch, act_order, bits, group):
+    import profilers.quant.gptq as gptq
+
+    w, h = layer
+    h = h.clone()
+    h[5] = h[:, 5] = 0.0  # a column no input reaches
+    monkeypatch.setattr(gptq, "GRID_CLIP", (1.0,))
+    choice = Choice(bits=bits, group_size=group)
+    ours = reconstruct(w, choice, method="gptq-act" if act_order else "gptq", hessian=h)
+    torch.testing.assert_close(ours.double(), _reference_gptq(w, h, bits, group, act_order=act_order),
+                               rtol=0, atol=1e-5)  # fmt: skip

@@ -144,3 +144,30 @@ def test_profile_streams_within_a_memory_limit_all_stacks_together_exceed():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["layers"] == 8 * 7 and result["blocks"] == 8
     assert result["every_stack"] > 2 * room and not result["fits_all"]
+
+
+def test_sequential_hessians_come_per_input_group_and_see_the_quantized_layers_before():
+    from profilers.input_hessians import input_hessians, streamed_hessians
+    from profilers.quant.rounding import fake_quantize
+    from profilers.types import Choice
+
+    model, data, task = tiny_llama(layers=2, tied=False), batches(), LogitsTask(causal=True)
+    targets = find_targets(model)
+    name = [t.spec.name.rsplit(".", 1)[-1] for t in targets]
+    fp = input_hessians(model, data, task, targets)
+    groups = list(streamed_hessians(model, data, task, targets, sequential=True))
+    order = [sorted(name[i] for i in g) for g in groups]
+    block = [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert order == [["lm_head"], *block, *block]  # the embedding is a lookup: no H
+    for g in groups:  # nothing quantized: the full-precision H
+        for i, h in g.items():
+            torch.testing.assert_close(h, fp[i], rtol=1e-5, atol=1e-4)
+
+    seen = {}
+    for g in streamed_hessians(model, data, task, targets, sequential=True):
+        seen.update(g)
+        with torch.no_grad():  # quantize each group before asking for the next
+            for i in g:
+                targets[i].weight.copy_(fake_quantize(targets[i].weight, Choice(bits=2, group_size=32)))
+    o_proj = name.index("o_proj")
+    assert not torch.allclose(seen[o_proj], fp[o_proj], rtol=1e-3)  # its input came through 2-bit q, k, v
