@@ -2,7 +2,8 @@
 speed, and plans at 3.0 / 3.5 / 4.25 bits per weight against the best uniform setting and HQQ.
 
 Prints, from one run on this machine:
-1. `allocator profile smollm2` (default grid, GPTQ rounding, fisher, block-streamed): wall time,
+1. `allocator profile smollm2` (default grid and rounding: gptq-act for causal LMs; fisher,
+   block-streamed): wall time,
    peak resident memory of the process, and the ratio of its time to one forward+backward
    pass over the same calibration windows;
 2. one layer's GPTQ error stack, default grid (28 stack rows), one thread, for the three
@@ -90,14 +91,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the profile, plans and JSON here")
     parser.add_argument("--profile", type=Path, default=None, help="reuse this profile (skips step 1)")
     parser.add_argument("--skip-plans", action="store_true", help="only steps 1 and 2")
-    parser.add_argument("--method", default="gptq", help="rounding: rtn, gptq or gptq-act")
+    parser.add_argument("--method", default=None, help="rounding: rtn, gptq or gptq-act (default: the CLI's, gptq-act)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
     out.mkdir(parents=True, exist_ok=True)
 
     profile = args.profile or out / "profile.json"
     if args.profile is None:
-        _, seconds = allocator("profile", "smollm2", "--method", args.method, "-o", str(profile))
+        method = ["--method", args.method] if args.method else []
+        _, seconds = allocator("profile", "smollm2", *method, "-o", str(profile))
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the profile is the first child
         fb, tokens = forward_backward_seconds()
         table = json.loads(profile.read_text())

@@ -24,6 +24,7 @@ from profilers.quant.options import (
     DEFAULT_METHOD,
     DEFAULT_TERMS,
     KINDS,
+    LLM_METHOD,
     METHODS,
     choice_grid,
 )
@@ -181,11 +182,11 @@ class GridOptions:
         str, typer.Option(help=f"Sensitivity estimator: {', '.join(PROFILER_NAMES)}.")
     ] = DEFAULT_PROFILER
     method: Annotated[
-        str,
+        str | None,
         typer.Option(help=f"Rounding under every term: {', '.join(METHODS)} (rtn: round to nearest;"
                           " gptq: second-order error feedback; gptq-act: GPTQ in activation order with static"
-                          " groups, best on LLMs)."),
-    ] = DEFAULT_METHOD  # fmt: skip
+                          f" groups, best on LLMs). [default: {DEFAULT_METHOD}; causal LMs: {LLM_METHOD}]"),
+    ] = None  # fmt: skip
     bits: Annotated[
         str | None,
         typer.Option(help=f"Bit widths to consider, comma-separated ({min(QUANT_BITS)}-{max(QUANT_BITS)})."
@@ -242,7 +243,7 @@ class GridOptions:
         option checked, so a bad one is refused before any model is loaded)."""
         if self.profiler not in PROFILER_NAMES:
             raise AllocatorError(f"unknown profiler {self.profiler!r}; choose one of {', '.join(PROFILER_NAMES)}")
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise AllocatorError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.max_memory is not None:
             parse_size(self.max_memory)  # refused here, before any model is loaded

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from profilers.quant.options import DEFAULT_METHOD, LLM_METHOD
 from profilers.types import ProfileTable
 
 from .app import app, report
@@ -38,7 +39,7 @@ def run_profile(
             seed=seed,
             model_name=setup.loaded.name,
             progress=update,
-            method=grid.method,
+            method=grid.method or (LLM_METHOD if setup.loaded.kind == "causal-lm" else DEFAULT_METHOD),
             **limits,
         )
     table = table.model_copy(update={"data": setup.data.split()})

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "DEFAULT_TERMS",
     "KINDS",
+    "LLM_METHOD",
     "METHODS",
     "FractionPair",
     "OptionLayout",
@@ -44,6 +45,7 @@ KINDS: tuple[str, ...] = ("residual", "tied", "joint")
 # plan cosine 0.9929 (gptq) against 0.9923 (gptq-act).
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq-act")
 DEFAULT_METHOD = "gptq"  # what `allocator.profile` and the CLI round with unless told otherwise
+LLM_METHOD = "gptq-act"  # what the CLI rounds causal LMs with unless told otherwise
 MAX_BITS_PER_WEIGHT = 8  # multi-term settings above 8 bits per weight are never worth their bytes
 
 

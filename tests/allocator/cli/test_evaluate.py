@@ -80,6 +80,7 @@ def test_causal_lm_folder_goes_through_profile_solve_apply_evaluate_with_perplex
     assert f"model {tiny_causal_dir} (causal-lm)" in res.stdout
     res = cli("solve", "-p", str(prof), "--budget", "5bpw", "-o", str(plan_file), "--no-progress")
     assert res.returncode == 0, res.stderr
+    assert Plan.load(plan_file).method == "gptq-act"  # causal LMs round in activation order by default
     res = cli("apply", str(plan_file), "-o", str(packed))  # model and calibration split from the plan
     assert res.returncode == 0, res.stderr
     assert packed.stat().st_size > 0 and "reloaded model vs fake-quantized model" in res.stdout
