@@ -23,7 +23,7 @@ whole-model pass (same graph, cut at the blocks), so the scores are the same to 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,22 +208,11 @@ class SegmentPasses:
                 if b == 0 and leaf is not None and not _same(_probe(out), self.reference):
                     raise NotAChain("the head does not reproduce the model's output from the last block's")
                 self.reference = None
-                calls = [c for c in calls if c.target in wanted]
-                inputs = ([leaf] if leaf is not None else []) + [c.out for c in calls]
-                seen = [Seen(_kept(c), []) for c in calls]
-                dh = []
-                for d in range(self.draws):
-                    v = run.task.pseudo_gradient(out, batch, self.generator)
-                    grads = torch.autograd.grad(out, inputs, grad_outputs=v, retain_graph=d < self.draws - 1,
-                                                allow_unused=True)  # fmt: skip
-                    if leaf is not None:
-                        dh.append(_or_zeros(grads[0], leaf))
-                        grads = grads[1:]
-                    for s, g, c in zip(seen, grads, calls, strict=True):
-                        s.grads.append(_or_zeros(g, c.out))
+                draw = lambda d, out=out, batch=batch: run.task.pseudo_gradient(out, batch, self.generator)  # noqa: E731
+                seen, dh = self._carry_back(out, leaf, [c for c in calls if c.target in wanted], draw)
                 self.dh.append(dh)
                 seg.seen.append(seen)
-                del calls, inputs, out
+                del calls, out
         return seg
 
     def _block(self, k: int) -> Segment:
@@ -235,16 +224,8 @@ class SegmentPasses:
             leaf = chain.hidden[b][k].detach().requires_grad_(True)  # type: ignore[union-attr]
             with capture_calls(run.targets, batch) as calls, torch.enable_grad():
                 h = chain.calls[b][k].call(block, leaf)
-            calls = [c for c in calls if c.target in wanted]
-            seen = [Seen(_kept(c), []) for c in calls]
-            dh = []
-            for d in range(self.draws):
-                grads = torch.autograd.grad(h, [leaf] + [c.out for c in calls], grad_outputs=self.dh[b][d],
-                                            retain_graph=d < self.draws - 1, allow_unused=True)  # fmt: skip
-                dh.append(_or_zeros(grads[0], leaf))
-                for s, g, c in zip(seen, grads[1:], calls, strict=True):
-                    s.grads.append(_or_zeros(g, c.out))
-            self.dh[b] = dh
+            mine = [c for c in calls if c.target in wanted]
+            seen, self.dh[b] = self._carry_back(h, leaf, mine, self.dh[b].__getitem__)
             seg.seen.append(seen)
             del calls, h
         return seg
@@ -257,22 +238,36 @@ class SegmentPasses:
             for b, batch in enumerate(run.batches):
                 with capture_calls(run.targets, batch) as calls, torch.enable_grad():
                     h0 = chain.stem_output(lambda batch=batch: run.task.forward(run.model, batch))
-                calls = [c for c in calls if c.target in wanted]
-                seen = [Seen(_kept(c), []) for c in calls]
-                for d in range(self.draws):
-                    grads = torch.autograd.grad(h0, [c.out for c in calls], grad_outputs=self.dh[b][d],
-                                                retain_graph=d < self.draws - 1, allow_unused=True)  # fmt: skip
-                    for s, g, c in zip(seen, grads, calls, strict=True):
-                        s.grads.append(_or_zeros(g, c.out))
+                seen, _ = self._carry_back(h0, None, [c for c in calls if c.target in wanted], self.dh[b].__getitem__)
                 seg.seen.append(seen)
                 del calls, h0
         self.dh = []
         return seg
 
+    def _carry_back(
+        self, out: Tensor, leaf: Tensor | None, calls: list[Call], grad_out: Callable[[int], Tensor]
+    ) -> tuple[list[Seen], list[Tensor]]:
+        """For each draw `d`, the gradient `grad_out(d)` at `out` carried back to every call's
+        output and, when given, to `leaf` (the segment's input): the calls as `Seen`, and the
+        gradient at `leaf` per draw."""
+        seen = [Seen(_kept(c), []) for c in calls]
+        inputs = ([leaf] if leaf is not None else []) + [c.out for c in calls]
+        at_leaf = []
+        for d in range(self.draws):
+            grads = torch.autograd.grad(out, inputs, grad_outputs=grad_out(d), retain_graph=d < self.draws - 1,
+                                        allow_unused=True)  # fmt: skip
+            if leaf is not None:
+                at_leaf.append(_or_zeros(grads[0], leaf))
+                grads = grads[1:]
+            for s, g, c in zip(seen, grads, calls, strict=True):
+                s.grads.append(_or_zeros(g, c.out))
+        return seen, at_leaf
+
 
 def _kept(call: Call) -> Call:
-    """The call with its input detached and its output dropped (only its shape matters later)."""
-    return Call(call.target, call.module, call.inp.detach(), call.out.detach()[:0])
+    """The call with its input detached and its output dropped: a shape on the meta device, not
+    a view that would keep the output's memory alive."""
+    return Call(call.target, call.module, call.inp.detach(), call.out.detach().to("meta"))
 
 
 def _nbytes(t: Tensor) -> int:
