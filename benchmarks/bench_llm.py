@@ -22,22 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def allocator(*args: str) -> tuple[str, float]:
-    """Run the CLI; its stdout and wall seconds."""
-    start = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, "-m", "allocator.cli", *args, "--no-progress"], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        sys.exit(f"allocator {' '.join(args)} failed:\n{res.stderr}")
-    return res.stdout, time.perf_counter() - start
+from cli_runs import allocator, best  # benchmarks/ (scripts run from their folder)
 
 
 def forward_backward_seconds() -> tuple[float, int]:
@@ -75,14 +64,6 @@ def gptq_stack_seconds() -> list[tuple[str, float]]:
         out.append((f"{rows}x{cols}, {len(stack)} stack rows", time.perf_counter() - start))
     torch.set_num_threads(2)
     return out
-
-
-def best(rows: list[dict], kind: str, prefix: str = "") -> str:
-    found = [r for r in rows if r["kind"] == kind and r["fits"] and r["label"].startswith(prefix)]
-    if not found:
-        return "skipped"
-    r = min(found, key=lambda r: r["perplexity"])
-    return f"{r['perplexity']:.2f} {r['label'].split()[-1]} @{r['bpw']:.2f}"
 
 
 def main() -> None:
@@ -127,7 +108,8 @@ def main() -> None:
         planned = next(r for r in rows if r["kind"] == "plan")
         lines.append(
             f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |"
-            f" {best(rows, 'uniform'):>24} | {best(rows, 'peer', 'HQQ'):>24} | {seconds:.0f}s"
+            f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'HQQ'):>24}"
+            f" | {seconds:.0f}s"
         )
         print(lines[-1], flush=True)
     print("\n".join(lines))

@@ -12,29 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def allocator(*args: str) -> str:
-    res = subprocess.run(
-        [sys.executable, "-m", "allocator.cli", *args, "--no-progress"], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        sys.exit(f"allocator {' '.join(args)} failed:\n{res.stderr}")
-    return res.stdout
-
-
-def best(rows: list[dict], kind: str, prefix: str = "") -> str:
-    """The fitting row of `kind` (label starting with `prefix`) with the highest cosine."""
-    found = [r for r in rows if r["kind"] == kind and r["fits"] and r["label"].startswith(prefix)]
-    if not found:
-        return "skipped"
-    r = max(found, key=lambda r: r["cosine"])
-    return f"{r['cosine']:.4f} {r['label'].split()[-1]} @{r['bpw']:.2f}"
+from cli_runs import allocator, best  # benchmarks/ (scripts run from their folder)
 
 
 def main() -> None:
@@ -56,13 +38,13 @@ def main() -> None:
         plan = out / f"plan-{bpw}bpw.json"
         allocator("solve", "-p", str(profile), "--budget", f"{bpw}bpw", "-o", str(plan))
         t0 = time.perf_counter()
-        doc = json.loads(allocator("evaluate", str(plan), "--json", "--plot", str(out / f"evaluate-{bpw}bpw.png")))
+        doc = json.loads(allocator("evaluate", str(plan), "--json", "--plot", str(out / f"evaluate-{bpw}bpw.png"))[0])
         (out / f"evaluate-{bpw}bpw.json").write_text(json.dumps(doc, indent=1))
         rows = doc["rows"]
         planned = next(r for r in rows if r["kind"] == "plan")
         lines.append(
-            f"{float(bpw):>5.2f} | {planned['cosine']:.4f} | {best(rows, 'uniform'):>24} |"
-            f" {best(rows, 'peer', 'HQQ'):>24} | {best(rows, 'peer', 'ModelOpt'):>22}"
+            f"{float(bpw):>5.2f} | {planned['cosine']:.4f} | {best(rows, 'uniform', 'cosine'):>24} |"
+            f" {best(rows, 'peer', 'cosine', 'HQQ'):>24} | {best(rows, 'peer', 'cosine', 'ModelOpt'):>22}"
         )
         print(f"{bpw} bpw: evaluate {time.perf_counter() - t0:.0f}s; skipped peers: {doc['skipped'] or 'none'}")
     print("\n".join(lines))

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from profilers.blocks import find_blocks
 from profilers.estimators.fisher import FisherProfiler
@@ -17,6 +16,7 @@ from profilers.layers import find_targets
 from profilers.quant.options import choice_grid
 from profilers.tasks import LogitsTask
 from profilers.types import ProfileError
+from tests.profilers.test_estimators import Blocks
 
 CHOICES = choice_grid((2, 4), (1, 2), (32, None))
 
@@ -74,25 +74,9 @@ def test_a_memory_bound_builds_stacks_in_row_chunks_with_the_same_scores():
     assert_same(whole_layers, chunked, rel=1e-5)
 
 
-class Residual(nn.Module):
-    """Blocks whose residual is added outside them: not a chain, so profiled as a whole."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(40, 16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3))
-        self.head = nn.Linear(16, 6)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x.mean(1))
-
-
 def test_a_model_that_is_not_a_chain_of_blocks_is_profiled_whole_with_a_warning():
     torch.manual_seed(2)
-    model = Residual()
+    model = Blocks()  # its residual is added outside the blocks: not a chain
     data = [torch.randint(0, 40, (4, 5)) for _ in range(2)]
     with pytest.warns(UserWarning, match="not block by block: block 1 is not fed the output of block 0"):
         table = FisherProfiler().profile(model, data, choices=CHOICES)
