@@ -50,7 +50,7 @@ MAX_TOTAL = 10**18  # largest sum of bytes (or BOPs) a profile may describe: exa
 LayerKind = Literal["linear", "conv2d", "embedding"]
 
 _LABEL_RE = re.compile(
-    r"^int(?P<bits>\d+)(?P<sym>s?)(?:x(?P<terms>\d+)(?P<kind>[tj]?))?(?:\+(?P<num>\d+)/(?P<den>\d+))?-(?P<group>g\d+|ch)$"
+    r"^int(?P<bits>\d+)(?P<sym>s?)(?:x(?P<terms>\d+)(?P<kind>[tj]?))?(?:\+(?P<num>\d+)/(?P<den>\d+))?-(?P<group>g\d+|ch)(?P<rot>-had)?$"
 )
 TermKind = Literal["residual", "tied", "joint"]
 _KIND_SUFFIX = {"residual": "", "tied": "t", "joint": "j"}
@@ -80,11 +80,15 @@ class Choice(BaseModel):
     - `joint` (`int2x2j-g64`): independent scales refined jointly (alternating least-squares
       updates of every term's scale and re-rounding of its codes).
 
+    With `rotated` (`int3-g64-had`), the terms store `W R` for a fixed randomized Hadamard
+    rotation `R` of the input space (`profilers.quant.rotation`), and the weight is `Q(W R) Rᵀ`:
+    outliers spread over many columns round far better at 2-4 bits.
+
     Examples:
         >>> Choice(bits=4, group_size=64).label
         'int4-g64'
         >>> Choice.parse("int2x2-ch")
-        Choice(bits=2, terms=2, group_size=None, symmetric=False, extra=0, extra_of=1)
+        Choice(bits=2, terms=2, group_size=None, symmetric=False, kind='residual', extra=0, extra_of=1, rotated=False)
         >>> Choice(bits=3, extra=2, extra_of=8, group_size=64).label  # a quarter of rows: 2 terms
         'int3+1/4-g64'
     """
@@ -100,6 +104,7 @@ class Choice(BaseModel):
     kind: TermKind = Field(default="residual", description="how several terms relate (see above)")
     extra: int = Field(default=0, ge=0, description="numerator of the share of rows with one more term")
     extra_of: int = Field(default=1, ge=1, description="denominator of that share")
+    rotated: bool = Field(default=False, description="terms store W R, R a randomized Hadamard rotation")
 
     @model_validator(mode="before")
     @classmethod
@@ -129,8 +134,10 @@ class Choice(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Choice:
-        if self.bits == FP_BITS and (self.terms != 1 or self.group_size is not None or self.symmetric or self.extra):
-            raise ValueError("the fp16 choice takes no terms, group size, symmetry or extra fraction")
+        if self.bits == FP_BITS and (
+            self.terms != 1 or self.group_size is not None or self.symmetric or self.extra or self.rotated
+        ):
+            raise ValueError("the fp16 choice takes no terms, group size, symmetry, extra fraction or rotation")
         if self.extra >= self.extra_of:
             raise ValueError(f"the extra share {self.extra}/{self.extra_of} must be below 1; add a whole term instead")
         if self.extra and self.terms + 1 > MAX_TERMS:
@@ -170,13 +177,14 @@ class Choice(BaseModel):
 
     @property
     def label(self) -> str:
-        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int4x2t-g64`, `int3+3/8-g64`, `fp16`."""
+        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int4x2t-g64`, `int3+3/8-g64`, `int3-g64-had`, `fp16`."""
         if not self.quantized:
             return "fp16"
         terms = f"x{self.terms}{_KIND_SUFFIX[self.kind]}" if self.terms > 1 else ""
         extra = f"+{self.extra}/{self.extra_of}" if self.extra else ""
         group = f"g{self.group_size}" if self.group_size is not None else "ch"
-        return f"int{self.bits}{'s' if self.symmetric else ''}{terms}{extra}-{group}"
+        rotated = "-had" if self.rotated else ""
+        return f"int{self.bits}{'s' if self.symmetric else ''}{terms}{extra}-{group}{rotated}"
 
     @classmethod
     def parse(cls, label: str) -> Choice:
@@ -187,7 +195,8 @@ class Choice(BaseModel):
         m = _LABEL_RE.match(text)
         if not m:
             raise ValueError(
-                f"cannot read choice {label!r}: write it like int4-g64, int2x2-g128, int4x2t-g64, int3+1/4-ch or fp16"
+                f"cannot read choice {label!r}: write it like int4-g64, int2x2-g128, int4x2t-g64, int3+1/4-ch,"
+                " int3-g64-had or fp16"
             )
         group = m["group"]
         return cls(
@@ -198,6 +207,7 @@ class Choice(BaseModel):
             kind={"": "residual", "t": "tied", "j": "joint"}[m["kind"] or ""],
             extra=int(m["num"] or 0),
             extra_of=int(m["den"] or 1),
+            rotated=bool(m["rot"]),
         )
 
     def __str__(self) -> str:

@@ -7,6 +7,8 @@ Layout (format `allocator.quantized`, version 2):
   store scale and zero for term 0 only;
 - a fractional extra term: `L::x.codes`, `L::x.scale`, `L::x.zero` for its rows, and
   `L::x.rows` (bit mask of the rows, packed one bit per row);
+- a rotated choice (`int3-g64-had`): `L::r.signs`, the rotation's column signs, one bit per
+  column (1 = +1); the terms hold `W R` (`profilers.quant.rotation`);
 - an fp16 layer: `L::weight`;
 - every other tensor of the model's state dict under its own name, floats in fp16;
 - metadata: the format and version, the plan (`{layer: choice}`), how to rebuild the
@@ -20,6 +22,7 @@ covered by `ProfileTable.file_overhead`, reserved from the byte budget.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import zlib
@@ -31,13 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from profilers.files import atomic_write_bytes
+from profilers.quant.options import needs_hessian
 from profilers.quant.quantize import Term, as_matrix
-from profilers.quant.rounding import layer_terms
+from profilers.quant.rotation import rotation_signs
+from profilers.quant.rounding import assemble, stored_terms
 from profilers.tasks import Task
 from profilers.types import ProfileTable
 
 from ..planning.plan import LayerPlan, Plan
-from .apply import check_plan_fits_model, plan_hessian_groups
+from .apply import check_plan_fits_model, hessian_groups
 from .packing import pack_bits
 
 __all__ = ["FILE_FORMAT", "FILE_VERSION", "export_quantized", "header_allowance", "tensor_checksum"]
@@ -94,7 +99,8 @@ def export_quantized(
         rebuild: how to rebuild the architecture (`LoadedModel.rebuild`); without it,
             `load_quantized` needs the skeleton passed in.
         hessians: every layer's `H`, for a plan scored for GPTQ (`apply.layer_hessians`).
-        calibration, task: or the calibration batches to compute them from, as `apply_plan_`.
+        calibration, task: or the calibration batches to compute them from, as `apply_plan_`
+            (block by block; sequentially when `plan.sequential`).
 
     Raises:
         PlanError: the plan does not fit the model.
@@ -102,10 +108,20 @@ def export_quantized(
     modules = check_plan_fits_model(model, plan)
     per_layer: dict[str, dict[str, Tensor]] = {}
     planned = {id(modules[name].weight) for name in plan.layers}
-    for names, group in plan_hessian_groups(model, plan, hessians, calibration, task):  # block by block
+    # Sequential calibration takes each block's H on the blocks before it as quantized: a copy
+    # of the model takes each layer's reconstruction as soon as it is packed.
+    sequential = plan.sequential and hessians is None and needs_hessian(plan.method)
+    work = copy.deepcopy(model) if sequential else model
+    weights = {name: m.weight for name, m in check_plan_fits_model(work, plan).items()} if sequential else {}
+    groups = hessian_groups(work, list(plan.layers), plan.method, hessians, calibration, task, sequential=sequential)
+    for names, group in groups:  # block by block
         for name in names:
-            per_layer[name] = _layer_tensors(name, plan.layers[name], modules[name].weight.detach(), plan.method,
-                                             group.get(name))  # fmt: skip
+            per_layer[name], rebuilt = _layer_tensors(name, plan.layers[name], modules[name].weight.detach(),
+                                                      plan.method, group.get(name))  # fmt: skip
+            if sequential:
+                with torch.no_grad():
+                    weights[name].copy_(rebuilt.reshape(weights[name].shape))
+    del work, weights
     tensors = {k: v for name in plan.layers for k, v in per_layer[name].items()}  # the plan's order
     for key, value in _unplanned_tensors(model, planned).items():
         tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
@@ -128,24 +144,29 @@ def export_quantized(
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-def _layer_tensors(name: str, lp: LayerPlan, weight: Tensor, method: str, h: Tensor | None) -> dict[str, Tensor]:
-    """The stored tensors of one planned layer: packed codes, scales and zero points per term
-    (and its extra term's rows), or its fp16 weight."""
+def _layer_tensors(
+    name: str, lp: LayerPlan, weight: Tensor, method: str, h: Tensor | None
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The stored tensors of one planned layer (packed codes, scales and zero points per term,
+    and its extra term's rows; or its fp16 weight), and the weight they rebuild."""
     c = lp.choice
     if not c.quantized:
-        return {f"{name}::weight": weight.half().contiguous()}
+        return {f"{name}::weight": weight.half().contiguous()}, weight.half().to(weight.dtype)
     out: dict[str, Tensor] = {}
     w2d = as_matrix(weight).float()
-    for t, term in enumerate(layer_terms(w2d, c.base, method=method, hessian=h)):
+    rows = torch.as_tensor(lp.rows_with_extra_term(), dtype=torch.long) if c.extra else None
+    terms, richer = stored_terms(w2d, c, method=method, hessian=h, extra_rows=rows)  # type: ignore[arg-type]
+    for t, term in enumerate(terms):
         out[f"{name}::t{t}.codes"] = _pack_term(term, c.bits, c.symmetric)
         if c.kind == "tied" and t:
             continue  # tied terms share term 0's scale and zero point
         out[f"{name}::t{t}.scale"] = term.scale.contiguous()
         if term.offset is not None:
             out[f"{name}::t{t}.zero"] = term.offset.contiguous()
-    if c.extra:
-        rows = torch.as_tensor(lp.rows_with_extra_term(), dtype=torch.long)
-        extra = layer_terms(w2d[rows], c.next_term, method=method, hessian=h)[-1]
+    if c.rotated:  # the terms hold W R; loading brings them back with the same signs
+        out[f"{name}::r.signs"] = pack_bits((rotation_signs(w2d.shape[1]) > 0).to(torch.int64), 1)
+    if richer is not None:
+        extra = richer[-1]
         mask = torch.zeros(w2d.shape[0], dtype=torch.int64)
         mask[rows] = 1
         out[f"{name}::x.codes"] = _pack_term(extra, c.bits, c.symmetric)
@@ -153,7 +174,7 @@ def _layer_tensors(name: str, lp: LayerPlan, weight: Tensor, method: str, h: Ten
         if extra.offset is not None:
             out[f"{name}::x.zero"] = extra.offset.contiguous()
         out[f"{name}::x.rows"] = pack_bits(mask, 1)
-    return out
+    return out, assemble(w2d.shape, c, terms, richer, rows)
 
 
 def tensor_checksum(t: Tensor) -> int:
@@ -170,5 +191,3 @@ def _unplanned_tensors(model: nn.Module, planned: set[int]) -> dict[str, Tensor]
             seen.add(id(t))
             out[key] = t.detach()
     return out
-
-

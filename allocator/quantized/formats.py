@@ -31,6 +31,8 @@ _GGML = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 7: "q8_0", 8: "q
 def _single_term(choice: Choice, notes: list[str], name: str) -> tuple[int, int | None]:
     """(bits, group) of the one-term quantizer closest to `choice`, with a note where it differs."""
     bits, group = choice.bits, choice.group_size
+    if choice.rotated:
+        notes.append(f"{name}: Hadamard rotation dropped (the target format has none; rounding differs)")
     if choice.extra:
         notes.append(
             f"{name}: extra term on {choice.extra}/{choice.extra_of} of the rows dropped ({choice.base.label})"

@@ -207,7 +207,10 @@ def _packed(
             _take(tensors, f"{name}::x.scale", used, path),
             _take(tensors, zero_key, used, path) if zero_key in tensors else None,
         )
-    return PackedWeight(shape, choice, codes, scales, zeros, extra, cache=cache)
+    signs = None
+    if choice.rotated:
+        signs = unpack_bits(_take(tensors, f"{name}::r.signs", used, path), 1, cols).float() * 2 - 1
+    return PackedWeight(shape, choice, codes, scales, zeros, extra, signs=signs, cache=cache)
 
 
 def _quantized_module(module: nn.Module, packed: PackedWeight, path: Path) -> nn.Module:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from profilers.quant.rotation import unrotate
 from profilers.types import Choice
 
 from .packing import unpack_at, unpack_bits
@@ -41,6 +42,8 @@ class PackedWeight(nn.Module):
         scales: per stored term, `[rows, groups]` fp16 (tied: one, for term 1).
         zeros: per stored term, `[rows, groups]` fp16 or None.
         extra: for a fractional choice, `(rows, codes, scale, zero)` of the extra term.
+        signs: for a rotated choice, the rotation's `[cols]` ±1 column signs; the terms hold
+            `W R` and the weight is brought back with `Rᵀ` (`profilers.quant.rotation`).
         cache: keep the dequantized weight after the first use.
     """
 
@@ -53,6 +56,7 @@ class PackedWeight(nn.Module):
         zeros: list[Tensor | None],
         extra: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None,
         *,
+        signs: Tensor | None = None,
         cache: bool = False,
     ) -> None:
         super().__init__()
@@ -78,6 +82,10 @@ class PackedWeight(nn.Module):
             self.register_buffer("extra_scale", s)
             if z is not None:
                 self.register_buffer("extra_zero", z)
+        if choice.rotated != (signs is not None):
+            raise ValueError(f"{choice.label} needs rotation signs exactly when it is rotated")
+        if signs is not None:
+            self.register_buffer("signs", signs.float())
         self.cache = cache
         self._cached: Tensor | None = None
 
@@ -121,6 +129,8 @@ class PackedWeight(nn.Module):
             total[self.extra_rows] = total[self.extra_rows] + self._term(
                 codes, self.extra_scale, getattr(self, "extra_zero", None)
             )
+        if self.choice.rotated:
+            total = unrotate(total, self.signs)
         weight = total.reshape(self.shape)
         if self.cache:
             self._cached = weight
@@ -150,7 +160,7 @@ class PackedWeight(nn.Module):
                 codes = unpack_at(self.extra_codes, self.choice.bits, where.unsqueeze(1) * self.cols + cols)
                 zero = getattr(self, "extra_zero", None)
                 total[hit] += self._term(codes, self.extra_scale[where], None if zero is None else zero[where])
-        return total
+        return unrotate(total, self.signs) if self.choice.rotated else total
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, choice={self.choice.label}"

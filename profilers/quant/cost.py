@@ -7,10 +7,14 @@ bit-packed into `ceil(rows * cols * bits / 8)` bytes, plus per group an fp16 sca
 offset when asymmetric). Tied terms store their scale and zero point once; joint terms a scale
 each and one zero point. A fractional extra
 term stores its `k` rows the same way, plus a one-bit-per-row mask saying which rows they are.
-Unquantized tensors cost 2 bytes per element (fp16).
+Unquantized tensors cost 2 bytes per element (fp16). A rotated choice stores its column signs,
+one bit per column.
 
 BOPs (bit operations) = MACs x weight bits x activation bits x terms, per sample; an extra
-term on `k` of `rows` rows adds `k / rows` of a term.
+term on `k` of `rows` rows adds `k / rows` of a term. A rotated choice adds the online rotation
+of its inputs: `log2(b)` additions of activation-bit numbers per input element (`b` the
+Hadamard block, `profilers.quant.rotation`), counted for each layer even where layers share
+an input and a runtime would rotate it once.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ def weight_bytes(rows: int, cols: int, choice: Choice) -> int:
         return rows * cols * FP_BYTES_PER_ELEMENT
     meta = _meta_bytes(rows, cols, choice)
     codes = choice.terms * _code_bytes(rows, cols, choice.bits)
+    signs = math.ceil(cols / 8) if choice.rotated else 0
     if choice.kind == "tied":  # one scale and zero point per group for all terms
-        return codes + meta
+        return codes + meta + signs
     if choice.kind == "joint":  # a scale per term, one (summed) zero point per group
         scale = rows * n_groups(cols, choice.group_size) * 2
-        return codes + choice.terms * scale + (meta - scale)
-    total = codes + choice.terms * meta
+        return codes + choice.terms * scale + (meta - scale) + signs
+    total = codes + choice.terms * meta + signs
     if choice.extra:
         k = choice.extra_rows(rows)
         total += _code_bytes(k, cols, choice.bits) + _meta_bytes(k, cols, choice) + math.ceil(rows / 8)
@@ -72,4 +77,5 @@ def layer_bops(spec: LayerSpec, choice: Choice, act_bits: int) -> int:
         return spec.macs * FP_BITS * act_bits
     per_term = spec.macs * choice.bits * act_bits
     extra = (per_term * choice.extra_rows(spec.rows)) // spec.rows if choice.extra else 0
-    return per_term * choice.terms + extra
+    rotation = (spec.macs // spec.rows) * int(math.log2(spec.cols & -spec.cols)) * act_bits if choice.rotated else 0
+    return per_term * choice.terms + extra + rotation

@@ -24,13 +24,16 @@ __all__ = [
     "DEFAULT_TERMS",
     "KINDS",
     "LLM_METHOD",
+    "LLM_ROTATION",
     "METHODS",
+    "ROTATIONS",
     "FractionPair",
     "OptionLayout",
     "choice_grid",
     "expand_choices",
     "layout_options",
     "needs_hessian",
+    "with_rotation",
 ]
 
 DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
@@ -46,12 +49,31 @@ KINDS: tuple[str, ...] = ("residual", "tied", "joint")
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq-act")
 DEFAULT_METHOD = "gptq"  # what `allocator.profile` and the CLI round with unless told otherwise
 LLM_METHOD = "gptq-act"  # what the CLI rounds causal LMs with unless told otherwise
+# Which choices rotate their input space first (`profilers.quant.rotation`): none; every
+# quantized choice (`hadamard`); or each choice both ways, the solver picking per layer (`both`).
+ROTATIONS: tuple[str, ...] = ("none", "hadamard", "both")
+LLM_ROTATION = "hadamard"  # what the CLI offers causal LMs unless told otherwise (others: none)
 MAX_BITS_PER_WEIGHT = 8  # multi-term settings above 8 bits per weight are never worth their bytes
 
 
 def needs_hessian(method: str) -> bool:
     """Whether a rounding method needs each layer's input second moment `H` (the GPTQ ones)."""
     return method in ("gptq", "gptq-act")
+
+
+def with_rotation(choices: Sequence[Choice], rotation: str) -> list[Choice]:
+    """`choices` with every quantized one offered as `rotation` says (a `ROTATIONS` name):
+    unrotated, rotated, or both ways; fp16 stays as it is.
+
+    Example:
+        >>> [c.label for c in with_rotation([Choice.fp16(), Choice(bits=3, group_size=64)], "both")]
+        ['fp16', 'int3-g64', 'int3-g64-had']
+    """
+    if rotation not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
+    flags = {"none": (False,), "hadamard": (True,), "both": (False, True)}[rotation]
+    out = [c.model_copy(update={"rotated": r}) if c.quantized else c for c in choices for r in flags]
+    return list(dict.fromkeys(out))
 
 
 def choice_grid(
@@ -62,16 +84,20 @@ def choice_grid(
     kinds: Sequence[str] = DEFAULT_KINDS,
     max_bits: int = MAX_BITS_PER_WEIGHT,
     symmetric: bool = False,
+    rotation: str = "none",
 ) -> list[Choice]:
     """All (bits, terms, group) combinations with `bits x terms <= max_bits` (single terms are
     always kept), multi-term ones in every requested `kind` that applies (`tied` needs an
-    asymmetric grid of at most 16 bits), plus fp16 (leave the layer unquantized).
+    asymmetric grid of at most 16 bits), each quantized one offered as `rotation` says
+    (`with_rotation`), plus fp16 (leave the layer unquantized).
 
     Example:
         >>> [c.label for c in choice_grid((2, 4), (1, 2), (64,))]
         ['fp16', 'int2-g64', 'int2x2-g64', 'int4-g64', 'int4x2-g64']
         >>> [c.label for c in choice_grid((4,), (2,), (64,), kinds=("residual", "tied"))]
         ['fp16', 'int4x2-g64', 'int4x2t-g64']
+        >>> [c.label for c in choice_grid((3,), (1,), (64,), rotation="hadamard")]
+        ['fp16', 'int3-g64-had']
     """
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -89,7 +115,7 @@ def choice_grid(
                     if kind == "tied" and (symmetric or b * t > 16):
                         continue
                     out.append(Choice(bits=b, terms=t, group_size=g, symmetric=symmetric, kind=kind))
-    return list(dict.fromkeys(out))
+    return with_rotation(list(dict.fromkeys(out)), rotation)
 
 
 def expand_choices(

@@ -21,25 +21,32 @@ from ..types import Choice
 from .gptq import gptq_reconstructions, gptq_terms
 from .options import DEFAULT_METHOD, METHODS, needs_hessian
 from .quantize import Term, as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
+from .rotation import rotate, rotate_hessian, rotation_signs, unrotate
 
 __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
     "Method",
     "Quantizer",
+    "assemble",
     "error_stack",
     "fake_quantize",
     "layer_terms",
     "reconstruct",
+    "stored_terms",
 ]
 
 Method = Literal["rtn", "gptq", "gptq-act"]
 
 
 def layer_terms(w2d: Tensor, choice: Choice, *, method: Method = "rtn", hessian: Tensor | None = None) -> list[Term]:
-    """The whole terms of `choice` for a matrix, by `method` (GPTQ only where `hessian` is given)."""
+    """The whole terms of `choice` for a matrix, by `method` (GPTQ only where `hessian` is given).
+    A rotated choice's terms hold `W R` (`profilers.quant.rotation`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if choice.rotated:
+        w2d, hessian = _rotated(w2d, hessian)
+        choice = choice.model_copy(update={"rotated": False})
     if needs_hessian(method) and hessian is not None:
         return gptq_terms(w2d, hessian, choice, act_order=method == "gptq-act")
     return quantize_terms(w2d, choice)
@@ -58,19 +65,54 @@ def reconstruct(
     if not choice.quantized:
         return w.detach().half().to(w.dtype)
     w2d = as_matrix(w).float()
-    out = dequantize_terms(layer_terms(w2d, choice.base, method=method, hessian=hessian))
-    if choice.extra:
-        if extra_rows is None or len(extra_rows) != choice.extra_rows(w2d.shape[0]):
-            got = None if extra_rows is None else len(extra_rows)
-            raise ValueError(
-                f"{choice.label} needs the {choice.extra_rows(w2d.shape[0])} rows that carry the extra term, got {got}"
-            )
-        rows = torch.as_tensor(extra_rows, dtype=torch.long)
-        # Rows are quantized independently (GPTQ too: H acts along columns), so the extra term of
-        # these rows is the last term of their (T+1)-term quantization.
-        richer = layer_terms(w2d[rows], choice.next_term, method=method, hessian=hessian)
-        out[rows] = dequantize_terms(richer)
-    return out.reshape(w.shape).to(w.dtype)
+    terms, extra = stored_terms(w2d, choice, method=method, hessian=hessian, extra_rows=extra_rows)
+    return assemble(w2d.shape, choice, terms, extra, extra_rows).reshape(w.shape).to(w.dtype)
+
+
+def stored_terms(
+    w2d: Tensor,
+    choice: Choice,
+    *,
+    method: Method = "rtn",
+    hessian: Tensor | None = None,
+    extra_rows: Tensor | None = None,
+) -> tuple[list[Term], list[Term] | None]:
+    """What a quantized choice stores for a matrix: its whole terms, and for a fractional
+    choice the `(T+1)`-term quantization of `extra_rows` (whose last term is stored)."""
+    terms = layer_terms(w2d, choice.base, method=method, hessian=hessian)
+    if not choice.extra:
+        return terms, None
+    if extra_rows is None or len(extra_rows) != choice.extra_rows(w2d.shape[0]):
+        got = None if extra_rows is None else len(extra_rows)
+        raise ValueError(
+            f"{choice.label} needs the {choice.extra_rows(w2d.shape[0])} rows that carry the extra term, got {got}"
+        )
+    rows = torch.as_tensor(extra_rows, dtype=torch.long)
+    # Rows are quantized independently (GPTQ too: H acts along columns), so the extra term of
+    # these rows is the last term of their (T+1)-term quantization.
+    return terms, layer_terms(w2d[rows], choice.next_term, method=method, hessian=hessian)
+
+
+def assemble(
+    shape: torch.Size | tuple[int, int],
+    choice: Choice,
+    terms: list[Term],
+    extra: list[Term] | None = None,
+    extra_rows: Tensor | None = None,
+) -> Tensor:
+    """The `[rows, cols]` float32 matrix `stored_terms` describe, in the original basis."""
+    out = dequantize_terms(terms)
+    if extra is not None:
+        out[torch.as_tensor(extra_rows, dtype=torch.long)] = dequantize_terms(extra)
+    if choice.rotated:
+        out = unrotate(out, rotation_signs(shape[1]))
+    return out
+
+
+def _rotated(w2d: Tensor, hessian: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """`W R` and `Rᵀ H R` for the rotation of `w2d`'s width."""
+    signs = rotation_signs(w2d.shape[1])
+    return rotate(w2d, signs), None if hessian is None else rotate_hessian(hessian, signs)
 
 
 def fake_quantize(w: Tensor, choice: Choice, *, extra_rows: Tensor | None = None) -> Tensor:
@@ -111,22 +153,42 @@ def error_stack(
 
     Round to nearest: one residual run per (bits, group, symmetry) serves every term count of
     that setting. GPTQ (given the layer's `hessian`): one column sweep per term index for all
-    choices together.
+    choices together. Rotated choices are rounded together in the rotated basis and their errors
+    brought back (`ΔW = ΔW' Rᵀ`).
     """
     w = as_matrix(weight.detach()).float()
     for c in stack:
         if c.extra:
             raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
-    if needs_hessian(method) and hessian is not None:
-        recs = gptq_reconstructions(w, hessian, list(stack), act_order=method == "gptq-act")
-        return torch.stack([r - w for r in recs])
     out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
+    plain = [k for k, c in enumerate(stack) if not c.rotated]
+    turned = [k for k, c in enumerate(stack) if c.rotated]
+    if plain:
+        _reconstructions(w, [stack[k] for k in plain], method, hessian, out, plain)
+    if turned:
+        wr, hr = _rotated(w, hessian)
+        _reconstructions(wr, [stack[k].model_copy(update={"rotated": False}) for k in turned], method, hr, out, turned)
+        signs = rotation_signs(w.shape[1])
+        for k in turned:
+            out[k] = unrotate(out[k], signs)
+    return out.sub_(w)
+
+
+def _reconstructions(
+    w: Tensor, stack: Sequence[Choice], method: str, hessian: Tensor | None, out: Tensor, slots: Sequence[int]
+) -> None:
+    """`out[slots[k]]` = the reconstruction of `w` under `stack[k]` (unrotated choices)."""
+    if needs_hessian(method) and hessian is not None:
+        for k, r in zip(slots, gptq_reconstructions(w, hessian, list(stack), act_order=method == "gptq-act"),
+                        strict=True):  # fmt: skip
+            out[k] = r
+        return
     runs: dict[tuple[int, int | None, bool], list[int]] = {}
     for k, c in enumerate(stack):
         if not c.quantized:
-            out[k] = w.half().float() - w
+            out[slots[k]] = w.half().float()
         elif c.kind != "residual":
-            torch.sub(dequantize_terms(quantize_terms(w, c)), w, out=out[k])
+            out[slots[k]] = dequantize_terms(quantize_terms(w, c))
         else:
             runs.setdefault((c.bits, c.group_size, c.symmetric), []).append(k)
     for (bits, group, sym), ks in runs.items():
@@ -134,5 +196,4 @@ def error_stack(
             w, bits=bits, terms=max(stack[k].terms for k in ks), group_size=group, symmetric=sym
         )
         for k in ks:
-            torch.sub(recs[stack[k].terms - 1], w, out=out[k])
-    return out
+            out[slots[k]] = recs[stack[k].terms - 1]

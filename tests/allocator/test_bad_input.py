@@ -155,6 +155,8 @@ CLI_CASES = [
     ("profiler-unknown", ["profile", "tinynet:make", "--data", "data.pt", "--profiler", "exact"], 2,
      "unknown profiler 'exact'"),
     ("method-unknown", ["profile", "tinynet:make", "--data", "data.pt", "--method", "awq"], 2, "unknown --method"),
+    ("rotation-unknown", ["profile", "tinynet:make", "--data", "data.pt", "--rotation", "givens"], 2,
+     "unknown --rotation 'givens'; choose one of none, hadamard, both"),
     ("max-memory-not-a-size", ["profile", "tinynet:make", "--data", "data.pt", "--max-memory", "4 lots"], 2,
      "--max-memory '4 lots' is not a size"),
     ("max-memory-below-one-block", ["profile", "tinynet:make", "--data", "data.pt", "--calibration", "8",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from profilers.quant.gptq import Grid, gptq_sweep, prepare_hessian
-from profilers.quant.options import expand_choices, layout_options
+from profilers.quant.options import expand_choices, layout_options, with_rotation
 from profilers.quant.quantize import dequantize
 from profilers.quant.rounding import Quantizer, reconstruct
 from profilers.types import Choice
@@ -31,8 +31,9 @@ def layer():
 @pytest.mark.parametrize("method", ["gptq", "gptq-act"])
 def test_profiler_stack_is_the_applier_reconstruction_minus_the_weight(layer, method):
     w, h = layer
-    options = expand_choices(CHOICES, 4, max_bits=8, max_terms=3)
+    options = expand_choices(with_rotation(CHOICES, "both"), 4, max_bits=8, max_terms=3)
     assert sum(c.extra > 0 for c in options) > 20  # fractions of residual choices are among them
+    assert sum(c.extra > 0 and c.rotated for c in options) > 10  # rotated ones too
     layout = layout_options(options, w.shape[0])
     stack = Quantizer(method, {0: h}).stack(0, w, layout.stack)
     for k, choice in enumerate(layout.stack):  # whole-term choices

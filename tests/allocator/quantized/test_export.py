@@ -14,7 +14,8 @@ from allocator.quantized.export import export_quantized
 from allocator.quantized.load import load_quantized
 from allocator.quantized.modules import PackedWeight, QuantEmbedding, QuantLinear
 from profilers.quant.quantize import dequantize_terms, quantize_terms
-from profilers.quant.rounding import fake_quantize
+from profilers.quant.rotation import rotation_signs
+from profilers.quant.rounding import fake_quantize, layer_terms
 from profilers.types import Choice
 
 
@@ -40,13 +41,15 @@ class Net(nn.Module):
         return self.head(h) + self.tied(self.out(h))
 
 
-@pytest.fixture(scope="module", params=["rtn", "gptq"])
+@pytest.fixture(scope="module", params=["rtn", "gptq", "gptq-act+hadamard"])
 def profiled(request):
     model = Net()
     data = [torch.randint(0, 300, (8, 6)) for _ in range(3)]
-    grid = allocator.choice_grid((2, 3, 4, 8), (1, 2), (32, None), kinds=("residual", "tied", "joint"))
-    table = allocator.profile(model, data, choices=grid, fractions=4, method=request.param)
-    hessians = layer_hessians(model, data, allocator.LogitsTask()) if request.param == "gptq" else None
+    method, _, rotation = request.param.partition("+")
+    grid = allocator.choice_grid((2, 3, 4, 8), (1, 2), (32, None), kinds=("residual", "tied", "joint"),
+                                 rotation=rotation or "none")  # fmt: skip
+    table = allocator.profile(model, data, choices=grid, fractions=4, method=method)
+    hessians = layer_hessians(model, data, allocator.LogitsTask()) if method != "rtn" else None
     return model, data, table, hessians
 
 
@@ -63,6 +66,8 @@ def test_round_trip_is_exact_and_the_file_is_as_large_as_predicted(profiled, tmp
     loaded = load_quantized(path, model=Net())
     for x in data:
         assert torch.equal(loaded(x), fake(x))
+    if table.settings["method"] == "gptq-act":  # rotated: the file holds W R and its signs, and loads back exactly
+        assert all(lp.choice.rotated for lp in plan.layers.values() if lp.choice.quantized)
     assert all(isinstance(getattr(loaded, name), QuantLinear) == plan.layers[name].choice.quantized
                for name in ("mix", "head", "out"))  # fmt: skip
     assert isinstance(loaded.embed, QuantEmbedding) == plan.layers["embed"].choice.quantized
@@ -75,7 +80,8 @@ def test_round_trip_is_exact_and_the_file_is_as_large_as_predicted(profiled, tmp
 def test_every_kind_and_fraction_reconstructs_exactly():
     torch.manual_seed(1)
     w = torch.randn(40, 70)
-    for label in ["int3-g32", "int5s-ch", "int2x2-g32", "int2x3j-g32", "int4x2t-g32", "int3+3/8-g32", "int2x2+1/4-ch"]:
+    for label in ["int3-g32", "int5s-ch", "int2x2-g32", "int2x3j-g32", "int4x2t-g32", "int3+3/8-g32", "int2x2+1/4-ch",
+                  "int3+3/8-g32-had", "int4x2t-g32-had"]:  # fmt: skip
         if Choice.parse(label).extra:  # the extra term's rows keep the base terms
             c = Choice.parse(label)
             assert torch.equal(
@@ -83,7 +89,7 @@ def test_every_kind_and_fraction_reconstructs_exactly():
                 dequantize_terms(quantize_terms(w[:5], c.base)),
             )
         c = Choice.parse(label)
-        terms = quantize_terms(w, c.base)
+        terms = layer_terms(w, c.base)  # rotated choices: terms of W R
         rows = torch.arange(0, 40, 2)[: c.extra_rows(40)] if c.extra else None
         reference = fake_quantize(w, c, extra_rows=rows)
         from allocator.quantized.export import _pack_term
@@ -93,13 +99,14 @@ def test_every_kind_and_fraction_reconstructs_exactly():
         zeros = [t.offset for i, t in enumerate(terms) if c.kind != "tied" or i == 0]
         extra = None
         if c.extra:
-            x = quantize_terms(w[rows], c.next_term)[-1]
+            x = layer_terms(w[rows], c.next_term)[-1]
             extra = (rows, _pack_term(x, c.bits, c.symmetric), x.scale, x.offset)
-        packed = PackedWeight(tuple(w.shape), c, codes, scales, zeros, extra)
+        signs = rotation_signs(70) if c.rotated else None
+        packed = PackedWeight(tuple(w.shape), c, codes, scales, zeros, extra, signs=signs)
         assert torch.equal(packed.dequantize(), reference), label
         ids = torch.tensor([5, 0, 39, 3, 3])
         assert torch.equal(packed.rows_of(ids), reference[ids]), label
-        if not c.extra:
+        if not c.extra and not c.rotated:
             assert torch.equal(dequantize_terms(terms), reference)
 
 
