@@ -22,7 +22,7 @@ from profilers.estimators import DEFAULT_PROFILER
 from profilers.estimators.base import ProgressFn
 from profilers.estimators.registry import make_profiler
 from profilers.layers import find_targets
-from profilers.quant.options import DEFAULT_FRACTIONS, DEFAULT_METHOD, choice_grid
+from profilers.quant.options import DEFAULT_FRACTIONS, DEFAULT_METHOD, choice_grid, needs_hessian
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileTable
 
@@ -56,6 +56,7 @@ def profile(
     model_name: str = "",
     progress: ProgressFn | None = None,
     max_memory: int | str | None = None,
+    sequential: bool = False,
 ) -> ProfileTable:
     """Measure, once, the cost and estimated sensitivity of every (layer, choice).
 
@@ -81,6 +82,8 @@ def profile(
         max_memory: memory the profile may use, model included (`"4GB"` or bytes; fisher):
             error stacks are built in row chunks that fit, and a bound too small for one block
             is refused naming the smallest that works. None: 80% of this machine's memory.
+        sequential: record that the applier calibrates GPTQ sequentially (each block on the
+            quantized blocks before it, as published); the scores stay those of FP inputs.
     """
     limit = None if max_memory is None else parse_size(max_memory)
     with terminal_progress(progress) as update:
@@ -99,8 +102,9 @@ def profile(
             model_name=model_name,
             progress=update,
         )
+    settings = {**table.settings, "sequential": sequential and needs_hessian(method)}
     # Reserve the packed file's header, so a byte budget holds for the file on disk.
-    return table.model_copy(update={"file_overhead": header_allowance(model, table)})
+    return table.model_copy(update={"file_overhead": header_allowance(model, table), "settings": settings})
 
 
 def solve(

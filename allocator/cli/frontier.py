@@ -73,11 +73,13 @@ def _measure(result: list[Any], table: ProfileTable, profile_file: Path, model: 
     check_profile(table, setup.loaded, profile_file)
     loaded, evals = setup.loaded, setup.data.evals
     reference = model_outputs(loaded.model, evals, loaded.task)
-    hessians = plan_hessians(loaded.model, result[0].plan, None, setup.calib, loaded.task)
+    first = result[0].plan  # sequential plans take their own H per point, on their own quantized blocks
+    hessians = None if first.sequential else plan_hessians(loaded.model, first, None, setup.calib, loaded.task)
     with report.progress(progress) as update:
         for k, point in enumerate(result):
             update("measuring", k, len(result))
-            quantized = apply_plan_(copy.deepcopy(loaded.model), point.plan, hessians=hessians)
+            quantized = apply_plan_(copy.deepcopy(loaded.model), point.plan, hessians=hessians, calibration=setup.calib,
+                                    task=loaded.task)  # fmt: skip
             outs = model_outputs(quantized, evals, loaded.task)
             div = [loaded.task.divergence(r, o, b).mean() for r, o, b in zip(reference, outs, evals, strict=True)]
             point.measured_loss = float(sum(float(d) for d in div) / len(div))

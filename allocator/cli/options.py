@@ -25,7 +25,9 @@ from profilers.quant.options import (
     DEFAULT_TERMS,
     KINDS,
     LLM_METHOD,
+    LLM_ROTATION,
     METHODS,
+    ROTATIONS,
     choice_grid,
 )
 from profilers.types import MAX_TERMS, QUANT_BITS, Choice
@@ -228,6 +230,18 @@ class GridOptions:
         ),
     ] = None
     draws: Annotated[int | None, typer.Option(min=1, help=f"Pseudo-label draws per batch ({_draws}).")] = None
+    rotation: Annotated[
+        str | None,
+        typer.Option(help=f"Rotate each layer's input space by a randomized Hadamard transform before rounding:"
+                          f" {', '.join(ROTATIONS)} (hadamard: every quantized choice; both: each choice both ways,"
+                          f" the solver picks per layer). [default: none; causal LMs: {LLM_ROTATION}]"),
+    ] = None  # fmt: skip
+    sequential: Annotated[
+        bool | None,
+        typer.Option("--sequential/--no-sequential",
+                     help="GPTQ rounding: calibrate each block on the quantized blocks before it, as published (apply,"
+                          " export and evaluate; the profile scores FP inputs). [default: on for causal LMs]"),
+    ] = None  # fmt: skip
     max_memory: Annotated[
         str | None,
         typer.Option(
@@ -245,6 +259,8 @@ class GridOptions:
             raise AllocatorError(f"unknown profiler {self.profiler!r}; choose one of {', '.join(PROFILER_NAMES)}")
         if self.method is not None and self.method not in METHODS:
             raise AllocatorError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            raise AllocatorError(f"unknown --rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
         if self.max_memory is not None:
             parse_size(self.max_memory)  # refused here, before any model is loaded
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()] if self.kinds else None

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from profilers.quant.options import DEFAULT_METHOD, LLM_METHOD
+from profilers.quant.options import DEFAULT_METHOD, LLM_METHOD, LLM_ROTATION, with_rotation
 from profilers.types import ProfileTable
 
 from .app import app, report
@@ -24,6 +24,8 @@ def run_profile(
     from .. import api
 
     choices, limits = choices
+    llm = setup.loaded.kind == "causal-lm"
+    choices = with_rotation(choices, grid.rotation or (LLM_ROTATION if llm else "none"))
     started = time.perf_counter()
     with report.progress(progress) as update:
         table = api.profile(
@@ -39,7 +41,8 @@ def run_profile(
             seed=seed,
             model_name=setup.loaded.name,
             progress=update,
-            method=grid.method or (LLM_METHOD if setup.loaded.kind == "causal-lm" else DEFAULT_METHOD),
+            method=grid.method or (LLM_METHOD if llm else DEFAULT_METHOD),
+            sequential=llm if grid.sequential is None else grid.sequential,
             **limits,
         )
     table = table.model_copy(update={"data": setup.data.split()})

@@ -84,6 +84,7 @@ def compare(
     fp_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
     hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
     peers: Sequence[PeerVariant] = (),
     skipped: Sequence[str] = (),
     metric: str | None = None,
@@ -101,6 +102,8 @@ def compare(
         fp_bytes: size of the FP reference to print (default: the fp32 parameter bytes).
         progress: optional callback receiving the label being measured.
         hessians: every layer's `H`, for a GPTQ plan; uniform settings are rounded the same way.
+        calibration: or the calibration batches to take them from, block by block (sequentially
+            for a `plan.sequential` plan, which needs them), for the plan and the uniform settings.
         peers: other quantizers' settings (`allocator.peers.peer_variants`), built one at a time.
         skipped: why peers that were asked for are missing, carried into the result.
         metric: a name of `METRICS` to rank by (default: `default_metric`).
@@ -120,12 +123,16 @@ def compare(
         return bench.measure(label, made, time.perf_counter() - t0, **kw)
 
     predicted = plan.predicted
-    plan_row = variant("plan", lambda: apply_plan_(copy.deepcopy(model), plan, hessians=hessians),
+    if plan.sequential and calibration is not None:
+        hessians = None  # each variant takes its own, on its own quantized blocks
+    rounding = {"hessians": hessians, "calibration": calibration, "task": task}
+    plan_row = variant("plan", lambda: apply_plan_(copy.deepcopy(model), plan, **rounding),
                        size=predicted.bytes, bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
         make = lambda u=u: apply_choices_(  # noqa: E731
-            copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, hessians=hessians
+            copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, sequential=plan.sequential,
+            **rounding,
         )
         label = f"uniform {u.choice.label}"
         rows.append(variant(label, make, size=u.bytes, bpw=u.bpw, predicted=u.loss, fits=u.fits, kind="uniform"))

@@ -201,6 +201,7 @@ def _decode(
         data=profile.data,
         profiler=profile.profiler,
         method=str(profile.settings.get("method", "rtn")),
+        sequential=bool(profile.settings.get("sequential", False)),
         loss_units=profile.loss_units,
         budgets=tuple(budgets),
         limits=binding,

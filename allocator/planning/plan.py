@@ -132,6 +132,10 @@ class Plan(BaseModel):
     data: DataSplit | None = Field(default=None, description="calibration split the plan was profiled on")
     profiler: str
     method: Literal["rtn", "gptq", "gptq-act"] = Field(default="rtn", description="rounding the plan was scored for")
+    sequential: bool = Field(
+        default=False,
+        description="GPTQ calibrates each block on the quantized blocks before it (the profile priced FP inputs)",
+    )
     loss_units: str
     budgets: tuple[Budget, ...]
     limits: dict[str, int] = Field(description="per resource, the limit on the planned weights")

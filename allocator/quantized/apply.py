@@ -29,8 +29,8 @@ __all__ = [
     "apply_plan_",
     "check_plan_fits_model",
     "check_profile_fits_model",
+    "hessian_groups",
     "layer_hessians",
-    "plan_hessian_groups",
     "plan_hessians",
 ]
 
@@ -49,6 +49,9 @@ def apply_choices_(
     extra_rows: dict[str, np.ndarray] | None = None,
     method: str = "rtn",
     hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
+    task: Task | None = None,
+    sequential: bool = False,
     round_rest_to_fp16: bool = True,
 ) -> nn.Module:
     """Quantize the named layers' weights in place with the given choices.
@@ -60,8 +63,11 @@ def apply_choices_(
         model: the model to change.
         choices: layer name -> choice.
         extra_rows: layer name -> rows carrying the extra term, for fractional choices.
-        method: `rtn` or `gptq` (GPTQ where `hessians` has the layer's `H`).
-        hessians: layer name -> `H` (`layer_hessians`).
+        method: `rtn`, `gptq` or `gptq-act` (GPTQ where the layer has an `H`).
+        hessians: layer name -> `H` (`layer_hessians`), or
+        calibration, task: the batches to take each `H` from, block by block (`hessian_groups`).
+        sequential: from calibration, each block's `H` comes from the outputs of the blocks
+            already quantized (GPTQ's sequential calibration), not from the FP model.
         round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
             precision (how the plan stores them).
 
@@ -70,7 +76,9 @@ def apply_choices_(
     """
     weights = _checked_weights(model, choices, extra_rows)
     with torch.no_grad():
-        _quantize(weights, choices, extra_rows, method, hessians or {})
+        groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential)
+        for names, group in groups:
+            _quantize({n: weights[n] for n in names}, choices, extra_rows, method, group)
         if round_rest_to_fp16:
             _round_rest_to_fp16(model, weights)
     return model
@@ -112,8 +120,10 @@ def _quantize(
 
 
 def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> None:
+    """Round what the packed file stores in fp16: the state dict's other floating tensors.
+    Non-persistent buffers (e.g. rotary frequencies) are not stored, so they stay as they are."""
     done = {id(w) for w in planned.values()}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.state_dict(keep_vars=True).values():
         if id(t) in done or not t.is_floating_point():
             continue
         done.add(id(t))
@@ -166,10 +176,11 @@ def apply_plan_(
 ) -> nn.Module:
     """Quantize `model` in place as `plan` says and return it.
 
-    A plan scored for GPTQ (`plan.method == "gptq"`, the default) needs every layer's `H`: pass
+    A plan scored for GPTQ (`plan.method` `gptq` or `gptq-act`) needs every layer's `H`: pass
     the `calibration` batches it was profiled with (and its `task`, else inferred), or `hessians`
     (`layer_hessians`). From calibration, the model is quantized block by block, holding one
-    block's `H` at a time (`plan_hessian_groups`).
+    block's `H` at a time (`hessian_groups`), each block calibrated on the quantized blocks
+    before it when `plan.sequential`.
 
     Raises:
         PlanError: the plan names layers the model lacks, a weight's shape differs from the one
@@ -182,34 +193,39 @@ def apply_plan_(
     check_plan_fits_model(model, plan)
     choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
-    weights = _checked_weights(model, choices, rows)
-    with torch.no_grad():
-        for names, group in plan_hessian_groups(model, plan, hessians, calibration, task):
-            _quantize({n: weights[n] for n in names}, choices, rows, plan.method, group)
-        if round_rest_to_fp16:
-            _round_rest_to_fp16(model, weights)
-    return model
+    return apply_choices_(model, choices, extra_rows=rows, method=plan.method, hessians=hessians,
+                          calibration=calibration, task=task, sequential=plan.sequential,
+                          round_rest_to_fp16=round_rest_to_fp16)  # fmt: skip
 
 
-def plan_hessian_groups(
+def hessian_groups(
     model: nn.Module,
-    plan: Plan,
+    names: Sequence[str],
+    method: str,
     hessians: dict[str, Tensor] | None,
     calibration: Sequence[Any] | None,
     task: Task | None,
+    *,
+    sequential: bool = False,
 ) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
-    """The plan's layers in groups, each with the `H` its rounding needs (none for RTN), every
-    layer in exactly one group. From calibration data the groups are the model's blocks
-    (`streamed_hessians`: one block's `H` held at a time); layers no input reaches come last,
-    without `H` (rounded to nearest)."""
-    names = list(plan.layers)
-    if not needs_hessian(plan.method) or hessians is not None:
-        yield names, hessians or {}
+    """The named layers in groups, each with the `H` its rounding needs (none for RTN), every
+    layer in exactly one group. Given `hessians`, one group. From calibration data the groups
+    are the model's blocks (`streamed_hessians`: one block's `H` held at a time); layers no
+    input reaches come last, without `H` (rounded to nearest).
+
+    With `sequential`, the caller must write each group's quantized weights into `model`
+    before asking for the next: the next `H` is taken on the model as it then is.
+    """
+    names = list(names)
+    if not needs_hessian(method) or hessians is not None:
+        wanted = set(names)
+        yield names, {n: h for n, h in (hessians or {}).items() if n in wanted}
         return
     batches = _calibration(calibration)
     targets = find_targets(model)
     left = set(names)
-    for group in streamed_hessians(model, batches, task or infer_task(model, batches[0]), targets):
+    task = task or infer_task(model, batches[0])
+    for group in streamed_hessians(model, batches, task, targets, sequential=sequential):
         by_name = {targets[i].spec.name: h for i, h in group.items()}
         mine = [n for n in names if n in left and n in by_name]
         left -= set(mine)

@@ -170,7 +170,7 @@ def test_gptq_lowers_the_output_error_rtn_leaves():
 def test_gptq_from_calibration_streams_block_by_block_with_the_same_result(tmp_path):
     """From calibration data the applier and the export hold one block's `H` at a time; the
     result is the one every layer's `H` computed at once gives, to the bit."""
-    from allocator.quantized.apply import layer_hessians, plan_hessian_groups
+    from allocator.quantized.apply import hessian_groups, layer_hessians
     from allocator.quantized.export import export_quantized
     from tests.profilers.test_streaming import batches, tiny_llama
 
@@ -178,7 +178,7 @@ def test_gptq_from_calibration_streams_block_by_block_with_the_same_result(tmp_p
     task = allocator.LogitsTask(causal=True)
     plan = allocator.solve(model, data, task=task, budget="4bpw", choices=allocator.choice_grid((2, 4), (1,), (32,)),
                            fractions=4, exclude=["lm_head", "model.embed_tokens"])  # fmt: skip
-    groups = list(plan_hessian_groups(model, plan, None, data, task))
+    groups = list(hessian_groups(model, list(plan.layers), plan.method, None, data, task))
     assert [len(names) for names, _ in groups] == [0, 7, 7, 7, 0]  # outside the blocks, each block, no-H layers
     hessians = layer_hessians(model, data, task)
     for names, group in groups:
@@ -198,3 +198,34 @@ def test_gptq_from_calibration_streams_block_by_block_with_the_same_result(tmp_p
         assert a.metadata() == b.metadata() and list(a.keys()) == list(b.keys())
         for key in a.keys():  # noqa: SIM118 (safe_open is not iterable)
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_a_sequential_plan_is_applied_and_exported_alike_on_the_quantized_blocks(tmp_path):
+    """A sequential GPTQ plan takes each block's `H` on the blocks before it as quantized: the
+    applier and the packed file agree to the bit, and both differ from FP-input calibration."""
+    import copy
+
+    from allocator.quantized.export import export_quantized
+    from allocator.quantized.load import load_quantized
+    from tests.profilers.test_streaming import batches, tiny_llama
+
+    model, data = tiny_llama(layers=3, tied=False), batches()
+    task = allocator.LogitsTask(causal=True)
+    plan = allocator.solve(model, data, task=task, budget="3bpw", choices=allocator.choice_grid((2, 3, 4), (1,), (32,)),
+                           method="gptq-act", sequential=True, fractions=0,
+                           exclude=["lm_head", "model.embed_tokens"])  # fmt: skip
+    assert plan.sequential and plan.method == "gptq-act"
+    fake = apply_plan_(copy.deepcopy(model), plan, calibration=data, task=task)
+    fp_inputs = apply_plan_(copy.deepcopy(model), plan.model_copy(update={"sequential": False}), calibration=data,
+                            task=task)  # fmt: skip
+    path = export_quantized(model, plan, tmp_path / "seq.safetensors", calibration=data, task=task)
+    loaded = load_quantized(path, model=tiny_llama(layers=3, tied=False))
+    first, last = "model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight"
+    weights = dict(fake.named_parameters())
+    assert torch.equal(weights[first], dict(fp_inputs.named_parameters())[first])  # block 0 sees FP inputs either way
+    assert not torch.equal(weights[last], dict(fp_inputs.named_parameters())[last])
+    with torch.no_grad():  # (rotary frequencies, not stored, stay fp32 in both)
+        for batch in data:
+            assert torch.equal(task.forward(loaded, batch), task.forward(fake, batch))
+    untouched = dict(tiny_llama(layers=3, tied=False).named_parameters())[last]
+    assert torch.equal(dict(model.named_parameters())[last], untouched)  # the FP model is left as it was
