@@ -55,10 +55,13 @@ def run_evaluation(
     variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
     labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
     with report.progress(progress) as update:
-        hessians = layer_hessians(loaded.model, setup.calib, loaded.task) if needs_hessian(plan.method) else None
+        # Every H at once, shared by the variants; a sequential plan's variants take their own.
+        shared = needs_hessian(plan.method) and not plan.sequential
+        hessians = layer_hessians(loaded.model, setup.calib, loaded.task) if shared else None
         cmp = compare(loaded.model, plan, setup.data.evals, loaded.task, uniform=uniform, words=words,
                       fp_bytes=fp16_bytes, progress=lambda label: update("measuring", labels.index(label), len(labels)),
-                      hessians=hessians, peers=variants, skipped=skipped, metric=metric)  # fmt: skip
+                      hessians=hessians, calibration=setup.calib, peers=variants, skipped=skipped,
+                      metric=metric)  # fmt: skip
     report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", fp16_bytes, plan)
     return cmp, time.perf_counter() - started
 
@@ -73,8 +76,9 @@ def evaluate(
     metric: Metric = None,
     peers: Annotated[
         str,
-        typer.Option(help="Other quantizers at the plan's size, comma-separated: hqq, modelopt, or none."),
-    ] = "hqq,modelopt",
+        typer.Option(help="Other quantizers at the plan's size, comma-separated: minmax (plain round-to-nearest),"
+                     " hqq, modelopt, or none."),
+    ] = "minmax,hqq,modelopt",
     uniform: Annotated[int, typer.Option(min=0, help="Fitting uniform settings to measure, best predicted first.")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON (for machines) instead.")] = False,
     plot: Annotated[Path | None, typer.Option(metavar="PLOT.png", help="Also draw the comparison as a PNG.")] = None,

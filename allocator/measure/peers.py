@@ -4,6 +4,8 @@ A peer quantizes the same layers the plan covers and must fit the same bytes: it
 counted like the plan's (packed weights plus every scale and zero point, everything else
 fp16), and only settings within the plan's bits per weight are offered to it.
 
+- `minmax`: plain round-to-nearest on each group's min/max range (asymmetric, fp16 scale and
+  zero point), the baseline every LLM quantizer starts from; built in.
 - `hqq`: HQQ's half-quadratic uniform quantization (`hqq` package), one bit width and group
   size for every layer; the fitting settings closest to the plan's size are measured.
 - `modelopt`: NVIDIA ModelOpt AutoQuantize (`nvidia-modelopt`), its own per-layer search over
@@ -36,10 +38,10 @@ from profilers.types import Choice
 from ..errors import AllocatorError
 from ..planning.plan import Plan
 
-__all__ = ["PEERS", "PeerModel", "hqq_settings", "modelopt_model", "peer_variants"]
+__all__ = ["PEERS", "PeerModel", "hqq_settings", "modelopt_model", "peer_variants", "round_layers_"]
 
-PEERS = ("hqq", "modelopt")
-_PACKAGES = {"hqq": "hqq", "modelopt": "modelopt"}
+PEERS = ("minmax", "hqq", "modelopt")
+_PACKAGES = {"minmax": "torch", "hqq": "hqq", "modelopt": "modelopt"}
 _INSTALL = {"hqq": "hqq", "modelopt": "nvidia-modelopt"}
 
 
@@ -90,8 +92,9 @@ def _rows(weight: torch.Tensor) -> tuple[int, int]:
 
 
 def hqq_settings(plan: Plan, model: nn.Module, *, top: int = 2) -> list[tuple[int, int | None, int]]:
-    """The `top` largest HQQ settings `(bits, group or None for a row, planned bytes)` within
-    the plan's byte budget. HQQ keeps an fp16 scale and zero point per group."""
+    """The `top` largest one-setting peer settings `(bits, group or None for a row, planned
+    bytes)` within the plan's byte budget. HQQ and min/max rounding keep an fp16 scale and zero
+    point per group."""
     layers = _layers(model, plan)
     limit = _limit(plan)
     out = []
@@ -110,30 +113,50 @@ def hqq_settings(plan: Plan, model: nn.Module, *, top: int = 2) -> list[tuple[in
     return sorted(out, key=lambda s: -s[2])[:top]
 
 
-def _hqq_label(bits: int, group: int | None) -> str:
-    """`HQQ int3-g64`, `HQQ int4-ch`: our own label of the same setting."""
-    return f"HQQ {Choice(bits=bits, group_size=group).label}"
+_NAMES = {"hqq": "HQQ", "minmax": "RTN min/max"}
 
 
-def _hqq_model(model: nn.Module, plan: Plan, bits: int, group: int | None, size: int) -> PeerModel:
+def _group_label(peer: str, bits: int, group: int | None) -> str:
+    """`HQQ int3-g64`, `RTN min/max int4-ch`: the peer and our own label of the same setting."""
+    return f"{_NAMES[peer]} {Choice(bits=bits, group_size=group).label}"
+
+
+def _hqq_rows(flat: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     from hqq.core.quantize import Quantizer
 
-    started = time.perf_counter()
-    q = copy.deepcopy(model)
+    w_q, meta = Quantizer.quantize(
+        flat, nbits=bits, group_size=group, optimize=True, axis=1, device="cpu", compute_dtype=torch.float32
+    )
+    return Quantizer.dequantize(w_q, meta)
+
+
+def _minmax_rows(flat: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    from profilers.quant.quantize import dequantize, quantize_groups
+
+    return dequantize(quantize_groups(flat, bits=bits, group_size=group, symmetric=False, clip=(1.0,)))
+
+
+def round_layers_(model: nn.Module, names: Sequence[str], peer: str, bits: int, group: int | None) -> nn.Module:
+    """Round the named layers of `model` in place with a one-setting peer (`minmax`, `hqq`),
+    stored as fp16 as the plan's own variants are; returns `model`."""
+    rounding = _hqq_rows if peer == "hqq" else _minmax_rows
+    modules = dict(model.named_modules())
     with torch.no_grad():
-        for m in _layers(q, plan).values():
-            w = m.weight
+        for name in names:
+            w = modules[name].weight
             rows, cols = _rows(w)
-            flat = w.detach().float().reshape(rows, cols)
-            w_q, meta = Quantizer.quantize(
-                flat, nbits=bits, group_size=group or cols, optimize=True, axis=1, device="cpu",
-                compute_dtype=torch.float32,
-            )  # fmt: skip
-            # fp16 storage of the result, as the plan's own variants are measured
-            w.copy_(Quantizer.dequantize(w_q, meta).reshape(w.shape).half().to(w.dtype))
+            rebuilt = rounding(w.detach().float().reshape(rows, cols), bits, group or cols)
+            w.copy_(rebuilt.reshape(w.shape).half().to(w.dtype))
+    return model
+
+
+def _group_model(model: nn.Module, plan: Plan, peer: str, bits: int, group: int | None, size: int) -> PeerModel:
+    """A copy of `model` with every planned layer rounded by a one-setting peer."""
+    started = time.perf_counter()
+    q = round_layers_(copy.deepcopy(model), list(_layers(model, plan)), peer, bits, group)
     bpw = 8 * size / _planned_weights(plan)
     seconds = time.perf_counter() - started
-    return PeerModel(_hqq_label(bits, group), q, _whole(plan, size), bpw, seconds, size <= _limit(plan))
+    return PeerModel(_group_label(peer, bits, group), q, _whole(plan, size), bpw, seconds, size <= _limit(plan))
 
 
 def _modelopt_format(bits: int, block: int | None) -> dict[str, Any]:
@@ -223,13 +246,13 @@ def peer_variants(
         if importlib.util.find_spec(_PACKAGES[name]) is None:
             skipped.append(f"{name}: not installed (pip install {_INSTALL[name]}, or 'allocator[compare]')")
             continue
-        if name == "hqq":
+        if name in ("hqq", "minmax"):
             settings = hqq_settings(plan, model)
             if not settings:
-                skipped.append("hqq: no HQQ setting fits the plan's size")
+                skipped.append(f"{name}: no {_NAMES[name]} setting fits the plan's size")
             for bits, group, size in settings:
-                build = lambda b=bits, g=group, s=size: _hqq_model(model, plan, b, g, s)  # noqa: E731
-                variants.append(PeerVariant(_hqq_label(bits, group), build))
+                build = lambda p=name, b=bits, g=group, s=size: _group_model(model, plan, p, b, g, s)  # noqa: E731
+                variants.append(PeerVariant(_group_label(name, bits, group), build))
         else:
             layers = _layers(model, plan)
             if not all(isinstance(m, nn.Linear) for m in layers.values()):

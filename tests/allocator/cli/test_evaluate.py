@@ -30,6 +30,7 @@ def test_evaluate_measures_plan_uniform_and_peers_on_the_recorded_split(tiny_enc
     assert kinds[:2] == ["fp", "plan"] and kinds.count("uniform") >= 1
     peers = {r["label"]: r for r in doc["rows"] if r["kind"] == "peer"}
     assert "ModelOpt AutoQuantize" in peers and any(label.startswith("HQQ int") for label in peers)
+    assert any(label.startswith("RTN min/max int") for label in peers)
     limit = plan.fixed_bytes + plan.predicted.file_overhead + plan.limits["bytes"]
     for row in peers.values():
         assert row["fits"] and row["bytes"] <= limit and 0 < row["bpw"] <= 4.0
