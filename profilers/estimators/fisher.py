@@ -15,12 +15,14 @@ estimates the expected divergence of the output when only layer `l` takes option
 task's units (`Task.loss_units`). Cross terms between tokens, and between rows, are kept (sums
 are taken before squaring): that is what makes the ranking of layers right.
 
-Fractional options (`k` rows carry one more term): `a` is a sum over rows, so swapping the next
-term in for a set of rows changes it by the sum of those rows' differences `δ[s, o]`; the
-options' scores are exact for the nested row sets. Rows are ordered by how much of their own
-share of the score the extra term removes, `Σ r_base,o² − r_next,o²` with `r_c,o = ⟨ΔW_c[o], G_s[o]⟩`,
-measured on the first `warmup_samples` samples; the fractions are scored on the other samples,
-so the rows are not chosen for the noise of the samples that score them.
+Fractional options (`k` rows carry one more term): rows are ordered by how much of their own
+share of the score the extra term removes, `gain_o = Σ r_base,o² − r_next,o²` with
+`r_c,o = ⟨ΔW_c[o], G_s[o]⟩`, measured on the first `warmup_samples` samples. The option's score
+lies between its two whole options, `s_base − share · (s_base − s_next)`, where `share` is the
+part of the summed `gain_o` that its first `k` rows carry on the other samples (so the rows
+are not chosen for the noise of the samples that score them). Scoring a fraction by its own
+squared sum instead, as the whole options are, needs far more samples than a profile has: on
+SmolLM2-135M with 8 windows it swung tenfold between seeds and the solver chose by the noise.
 
 Cost: one forward pass and `draws` backward passes to the layer outputs per batch (no
 parameter gradients); every option is then scored from `G_s` by one product with the stack
@@ -142,10 +144,10 @@ class _RowErrors:
 class _LayerState:
     """Running sums of one weight's first-order terms over samples and draws.
 
-    Fractional options need an order of rows. It is taken from the first `warmup` samples
-    and those samples do not score the fractions: rows chosen and scored on the same noisy
-    estimates would look better than they are (the winner's curse), so fractions are scored
-    on the remaining samples only. Whole-term options use every sample.
+    Fractional options need an order of rows. It is taken from the first `warmup` samples;
+    the share of the base-to-next gain that the first `k` rows of that order carry is measured
+    on the other samples, so the rows are not chosen for the noise of the samples that score
+    them (the winner's curse). Whole-term options use every sample.
     """
 
     layout: OptionLayout
@@ -153,33 +155,20 @@ class _LayerState:
     warmup: int
     sum2: Tensor = field(init=False)
     sum4: Tensor = field(init=False)
-    frac2: Tensor = field(init=False)
-    frac4: Tensor = field(init=False)
     marginal: Tensor = field(init=False)
+    held: Tensor = field(init=False)
     count: int = 0
-    frac_count: int = 0
     rank: Tensor | None = None
     orders: list[Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        k, n_opt, p = len(self.layout.stack), len(self.layout.whole), len(self.layout.pairs)
+        k, p = len(self.layout.stack), len(self.layout.pairs)
         self.sum2 = torch.zeros(k, dtype=torch.float64)
         self.sum4 = torch.zeros(k, dtype=torch.float64)
-        self.frac2 = torch.zeros(n_opt, dtype=torch.float64)
-        self.frac4 = torch.zeros(n_opt, dtype=torch.float64)
         self.marginal = torch.zeros(p, self.n_rows, dtype=torch.float64)
-        base = [pair.base for pair in self.layout.pairs]
-        nxt = [pair.next for pair in self.layout.pairs]
-        self._base = torch.tensor(base, dtype=torch.long)
-        self._next = torch.tensor(nxt, dtype=torch.long)
-        # Per pair, its fractional options (padded with -1) and their extra-row counts.
-        per_pair = [[j for j, q in enumerate(self.layout.pair) if q == p] for p in range(p)]
-        width = max((len(o) for o in per_pair), default=0)
-        self._opts = torch.full((p, width), -1, dtype=torch.long)
-        self._ks = torch.zeros((p, width), dtype=torch.long)
-        for q, opts in enumerate(per_pair):
-            self._opts[q, : len(opts)] = torch.tensor(opts, dtype=torch.long)
-            self._ks[q, : len(opts)] = torch.tensor([self.layout.rows[j] for j in opts], dtype=torch.long)
+        self.held = torch.zeros(p, self.n_rows, dtype=torch.float64)
+        self._base = torch.tensor([pair.base for pair in self.layout.pairs], dtype=torch.long)
+        self._next = torch.tensor([pair.next for pair in self.layout.pairs], dtype=torch.long)
 
     @property
     def fractional(self) -> bool:
@@ -195,18 +184,14 @@ class _LayerState:
         if not self.fractional:
             return
         assert per_row is not None
+        # Each row's own share of the score, before minus after the extra term: the diagonal
+        # of the score in rows (the signed cross terms are too noisy to rank or split by).
+        gain = (per_row[:, self._base].square() - per_row[:, self._next].square()).double()  # [n, P, U]
         split = min(a.shape[0], max(0, self.warmup - first_sample))
         if split:
-            # Each row's own share of the score, before minus after the extra term: the
-            # diagonal of the score in rows (the signed cross terms are too noisy to rank by).
-            head = per_row[:split]  # per-row products of the paired stack rows
-            gain = (head[:, self._base].square() - head[:, self._next].square()).sum(dim=0).double()
-            self.marginal.index_add_(1, rows, -gain)
+            self.marginal.index_add_(1, rows, -gain[:split].sum(dim=0))
         if split < a.shape[0]:
-            if self.rank is None:
-                self._fix_order()
-            tail = per_row[split:]
-            self._add_fractions(a[split:, self._base], tail[:, self._next] - tail[:, self._base], rows)
+            self.held.index_add_(1, rows, gain[split:].sum(dim=0))
 
     def _fix_order(self) -> None:
         rank = torch.empty_like(self.marginal, dtype=torch.long)
@@ -216,37 +201,46 @@ class _LayerState:
             rank[p, order] = torch.arange(self.n_rows)
         self.rank = rank
 
-    def _add_fractions(self, a_base: Tensor, delta: Tensor, rows: Tensor) -> None:
-        """Score every fractional option on these samples: its `a` is `a_base` plus the
-        differences of the rows in its set (the first `k` of the pair's order)."""
-        assert self.rank is not None
-        m, n_pairs, n_rows = delta.shape
-        pos = self.rank[:, rows]  # [P, U] position of each row in its pair's order
-        pos_sorted, idx = torch.sort(pos, dim=1)
-        cums = delta.gather(2, idx.unsqueeze(0).expand(m, n_pairs, n_rows)).cumsum(dim=-1)  # [m, P, U]
-        counts = torch.searchsorted(pos_sorted, self._ks)  # [P, W] rows of this batch in each set
-        picked = cums.gather(2, (counts - 1).clamp_min(0).unsqueeze(0).expand(m, -1, -1)) * (counts > 0)
-        values = (a_base.unsqueeze(-1) + picked).double().square()  # [m, P, W]
-        valid = self._opts >= 0
-        opts = self._opts[valid]
-        self.frac2.index_add_(0, opts, values.sum(dim=0)[valid])
-        self.frac4.index_add_(0, opts, values.square().sum(dim=0)[valid])
-        self.frac_count += m
+    def _shares(self) -> Tensor:
+        """Per option, the share of its pair's base-to-next gain its extra rows carry (0 for
+        whole options): the held-out diagonal gains of the first `k` rows of the pair's order
+        over all rows', clipped to [0, 1]."""
+        shares = torch.zeros(len(self.layout.whole), dtype=torch.float64)
+        if not self.fractional:
+            return shares
+        self._fix_order()
+        for j, (p, k) in enumerate(zip(self.layout.pair, self.layout.rows, strict=True)):
+            if p < 0 or k == 0:
+                continue
+            ordered = self.held[p][self.orders[p]]
+            total = float(ordered.sum())
+            shares[j] = min(1.0, max(0.0, float(ordered[:k].sum()) / total)) if total > 0 else 0.0
+        return shares
 
     def finish(self) -> LayerEstimate:
-        if self.fractional and self.rank is None:
-            self._fix_order()
         layout = self.layout
-        is_whole = torch.tensor([k >= 0 for k in layout.whole])
-        whole = torch.tensor([max(0, k) for k in layout.whole])
-        n = torch.where(is_whole, float(max(1, self.count)), float(max(1, self.frac_count))).double()
-        mean2 = torch.where(is_whole, self.sum2[whole], self.frac2) / n
-        mean4 = torch.where(is_whole, self.sum4[whole], self.frac4) / n
-        var = (mean4 - mean2.square()).clamp_min(0)
+        n = float(max(1, self.count))
+        mean2, mean4 = self.sum2 / n, self.sum4 / n
+        loss = 0.5 * mean2
+        stderr = 0.5 * ((mean4 - mean2.square()).clamp_min(0) / n).sqrt()
+        # A fractional option lies between its base and its next term, by the share of the gain
+        # its rows carry. (Its own first-order sum over a few samples, squared, was too noisy to
+        # choose by: on SmolLM2, seeds 0 and 1 gave 0.22 and 2.27 for a layer measured at 2.31.)
+        shares = self._shares()
+        out_loss = torch.zeros(len(layout.whole), dtype=torch.float64)
+        out_err = torch.zeros(len(layout.whole), dtype=torch.float64)
+        for j, k in enumerate(layout.whole):
+            if k >= 0:
+                out_loss[j], out_err[j] = loss[k], stderr[k]
+                continue
+            pair = layout.pairs[layout.pair[j]]
+            base, nxt, share = loss[pair.base], loss[pair.next], shares[j]
+            out_loss[j] = base - share * (base - nxt).clamp_min(0)
+            out_err[j] = (1 - share) * stderr[pair.base] + share * stderr[pair.next]
         orders = {}
         if self.fractional:
             orders = {layout.pair_label(p): self.orders[p].numpy() for p in range(len(layout.pairs))}
-        return LayerEstimate(loss=(0.5 * mean2).numpy(), stderr=(0.5 * (var / n).sqrt()).numpy(), orders=orders)
+        return LayerEstimate(loss=out_loss.numpy(), stderr=out_err.numpy(), orders=orders)
 
 
 class FisherProfiler(Profiler):

@@ -294,6 +294,25 @@ def test_rows_that_gain_most_get_the_extra_term_first():
     assert len(largest & set(rows.tolist())) >= 3
 
 
+def test_fractions_lie_between_their_two_whole_options_whatever_the_noise():
+    # A classifier on 8 samples with 2 pseudo-label draws: every score is noisy. A fraction's
+    # score is its base's minus a share of the gain of the next term, so it never leaves the
+    # interval and never rises with more rows (scored on its own, it swung far outside both).
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 10))
+    data = [torch.randn(2, 24) for _ in range(4)]
+    grid = [Choice(bits=2, group_size=8), Choice(bits=2, terms=2, group_size=8)]
+    for seed in (0, 1):
+        table = profile_fisher(model, data, choices=grid, task=LogitsTask(), fractions=8, seed=seed)
+        for layer in table.layers:
+            by = {o.choice.label: o.loss for o in layer.options}
+            base, full = by["int2-g8"], by["int2x2-g8"]
+            fractions = [by[Choice(bits=2, group_size=8, extra=k, extra_of=8).label] for k in range(1, 8)]
+            steps = [base, *fractions]
+            assert all(min(base, full) - 1e-12 <= f <= base + 1e-12 for f in fractions), layer.spec.name
+            assert all(b >= a - 1e-12 for a, b in zip(steps[1:], steps[:-1], strict=True)), layer.spec.name
+
+
 def test_fractional_costs_grow_linearly():
     model = nn.Linear(64, 64)
     table = profile_fisher(model, [torch.randn(4, 64)], choices=[Choice(bits=3, group_size=32)], fractions=8)
