@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from profilers.quant.options import DEFAULT_METHOD, LLM_METHOD, LLM_ROTATION, with_rotation
+from profilers.quant.options import DEFAULT_METHOD, DEFAULT_ROTATION, LLM_METHOD, with_rotation
 from profilers.types import ProfileTable
 
 from .app import app, report
@@ -25,7 +25,7 @@ def run_profile(
 
     choices, limits = choices
     llm = setup.loaded.kind == "causal-lm"
-    choices = with_rotation(choices, grid.rotation or (LLM_ROTATION if llm else "none"))
+    choices = with_rotation(choices, grid.rotation or DEFAULT_ROTATION)
     started = time.perf_counter()
     with report.progress(progress) as update:
         table = api.profile(
@@ -42,7 +42,7 @@ def run_profile(
             model_name=setup.loaded.name,
             progress=update,
             method=grid.method or (LLM_METHOD if llm else DEFAULT_METHOD),
-            sequential=llm if grid.sequential is None else grid.sequential,
+            sequential=grid.sequential,
             **limits,
         )
     table = table.model_copy(update={"data": setup.data.split()})
