@@ -2,19 +2,23 @@
 speed, and plans at 3.0 / 3.5 / 4.25 bits per weight against the best uniform setting and HQQ.
 
 Prints, from one run on this machine:
-1. `allocator profile smollm2` (default grid and rounding: gptq-act for causal LMs; fisher,
-   block-streamed): wall time,
+1. `allocator profile smollm2` (default grid and rounding for causal LMs: gptq-act on
+   Hadamard-rotated weights; fisher, block-streamed): wall time,
    peak resident memory of the process, and the ratio of its time to one forward+backward
    pass over the same calibration windows;
 2. one layer's GPTQ error stack, default grid (28 stack rows), one thread, for the three
    decoder shapes (rows x cols);
-3. per budget, `allocator solve` + `allocator evaluate --peers hqq`: perplexity on the
-   held-out windows of FP, the plan, the best fitting uniform setting and the best HQQ
-   setting (decoder Linear layers planned; embedding and LM head kept; bits per weight with
-   scales and zero points).
+3. per budget, `allocator solve` + `allocator evaluate --peers minmax,hqq`: perplexity on the
+   held-out windows of FP, the plan, the best fitting uniform setting, the best plain min/max
+   round-to-nearest and the best HQQ setting (decoder Linear layers planned; embedding and LM
+   head kept; bits per weight with scales and zero points);
+4. with `--uniform`: every layer at one setting (int3/int4 x g64/g128/channel), perplexity
+   of each rounding: the default (gptq-act on Hadamard-rotated weights), the same with
+   sequential calibration, without rotation, the project's RTN, plain min/max RTN and HQQ,
+   with the seconds each took to apply.
 
 Usage: .venv/bin/python benchmarks/bench_llm.py [--budgets 3.0,3.5,4.25] [--out DIR] [--skip-plans]
-       [--method gptq|gptq-act|rtn] [--profile PROFILE.json]
+       [--method gptq|gptq-act|rtn] [--rotation none|hadamard|both] [--profile PROFILE.json] [--uniform]
 """
 
 from __future__ import annotations
@@ -66,6 +70,60 @@ def gptq_stack_seconds() -> list[tuple[str, float]]:
     return out
 
 
+UNIFORM = ("int3-g64", "int3-g128", "int3-ch", "int4-g64", "int4-g128", "int4-ch")
+# label -> (method, rotated, sequential) of the project's own roundings
+ROUNDINGS = {
+    "default": ("gptq-act", True, False),
+    "sequential": ("gptq-act", True, True),
+    "no rotation": ("gptq-act", False, False),
+    "rtn": ("rtn", False, False),
+}
+
+
+def uniform_table() -> None:
+    """Perplexity of each rounding with every planned layer at one setting (step 4)."""
+    import copy
+
+    import torch
+
+    from allocator.measure.metrics import _perplexity
+    from allocator.measure.peers import round_layers_
+    from allocator.quantized.apply import apply_choices_
+    from allocator.sources import load_data, load_model
+    from profilers.layers import find_targets
+    from profilers.types import Choice
+
+    loaded = load_model("smollm2")
+    data = load_data(loaded)
+    model, task = loaded.model, loaded.task
+    names = [t.spec.name for t in find_targets(model, exclude=loaded.keep)]
+
+    def ppl(m: torch.nn.Module) -> float:
+        m.eval()
+        with torch.no_grad():
+            return float(_perplexity([task.forward(m, b) for b in data.evals], data.evals))
+
+    print(f"uniform settings on {len(names)} layers; FP perplexity {ppl(model):.2f}")
+    labels = [*ROUNDINGS, "min/max RTN", "HQQ"]
+    print(f"{'setting':>10} | " + " | ".join(f"{label:>14}" for label in labels))
+    for label in UNIFORM:
+        cells = []
+        for method, rotated, sequential in ROUNDINGS.values():
+            choice = Choice.parse(label).model_copy(update={"rotated": rotated})
+            start = time.perf_counter()
+            q = apply_choices_(copy.deepcopy(model), dict.fromkeys(names, choice), method=method,
+                               calibration=data.calib, task=task, sequential=sequential)  # fmt: skip
+            cells.append(f"{ppl(q):8.2f} {time.perf_counter() - start:4.0f}s")
+            del q
+        c = Choice.parse(label)
+        for peer in ("minmax", "hqq"):
+            start = time.perf_counter()
+            q = round_layers_(copy.deepcopy(model), names, peer, c.bits, c.group_size)
+            cells.append(f"{ppl(q):8.2f} {time.perf_counter() - start:4.0f}s")
+            del q
+        print(f"{label:>10} | " + " | ".join(f"{cell:>14}" for cell in cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="3.0,3.5,4.25", help="bits per weight, comma-separated")
@@ -73,6 +131,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, help="reuse this profile (skips step 1)")
     parser.add_argument("--skip-plans", action="store_true", help="only steps 1 and 2")
     parser.add_argument("--method", default=None, help="rounding: rtn, gptq or gptq-act (default: the CLI's, gptq-act)")
+    parser.add_argument("--rotation", default=None, help="none, hadamard or both (default: the CLI's, hadamard)")
+    parser.add_argument("--uniform", action="store_true", help="also step 4, the uniform table (about 30 min)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +140,8 @@ def main() -> None:
     profile = args.profile or out / "profile.json"
     if args.profile is None:
         method = ["--method", args.method] if args.method else []
-        _, seconds = allocator("profile", "smollm2", *method, "-o", str(profile))
+        rotation = ["--rotation", args.rotation] if args.rotation else []
+        _, seconds = allocator("profile", "smollm2", *method, *rotation, "-o", str(profile))
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the profile is the first child
         fb, tokens = forward_backward_seconds()
         table = json.loads(profile.read_text())
@@ -95,12 +156,13 @@ def main() -> None:
     if args.skip_plans:
         return
 
-    header = f"{'bpw':>5} | {'FP':>6} | {'plan':>7} | {'best uniform':>24} | {'best HQQ':>24} | evaluate"
+    header = (f"{'bpw':>5} | {'FP':>6} | {'plan':>7} | {'best uniform':>24} | {'best min/max RTN':>24}"
+              f" | {'best HQQ':>24} | evaluate")  # fmt: skip
     lines = [header, "-" * len(header)]
     for bpw in args.budgets.split(","):
         plan = out / f"plan-{bpw}bpw.json"
         allocator("solve", "-p", str(profile), "--budget", f"{bpw}bpw", "-o", str(plan))
-        text, seconds = allocator("evaluate", str(plan), "--json", "--peers", "hqq", "--uniform", "2")
+        text, seconds = allocator("evaluate", str(plan), "--json", "--peers", "minmax,hqq", "--uniform", "2")
         doc = json.loads(text)
         (out / f"evaluate-{bpw}bpw.json").write_text(json.dumps(doc, indent=1))
         rows = doc["rows"]
@@ -108,12 +170,15 @@ def main() -> None:
         planned = next(r for r in rows if r["kind"] == "plan")
         lines.append(
             f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |"
-            f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'HQQ'):>24}"
+            f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'RTN'):>24}"
+            f" | {best(rows, 'peer', 'perplexity', 'HQQ'):>24}"
             f" | {seconds:.0f}s"
         )
         print(lines[-1], flush=True)
     print("\n".join(lines))
     print(f"files in {out}")
+    if args.uniform:
+        uniform_table()
 
 
 if __name__ == "__main__":
