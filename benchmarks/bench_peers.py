@@ -30,9 +30,10 @@ def main() -> None:
     profile = out / "profile.json"
     t0 = time.perf_counter()
     allocator("profile", "--keep", "embeddings*", "-o", str(profile))
-    print(f"profile (36 Linear layers, GPTQ rounding, fisher): {time.perf_counter() - t0:.0f}s")
+    print(f"profile (36 Linear layers, GPTQ on Hadamard-rotated weights, fisher): {time.perf_counter() - t0:.0f}s")
 
-    header = f"{'bpw':>5} | {'plan':>7} | {'best uniform':>24} | {'best HQQ':>24} | {'ModelOpt AutoQuantize':>22}"
+    header = (f"{'bpw':>5} | {'plan':>7} | {'best uniform':>24} | {'best min/max RTN':>24} | {'best HQQ':>24}"
+              f" | {'ModelOpt AutoQuantize':>22}")  # fmt: skip
     lines = [header, "-" * len(header)]
     for bpw in args.budgets.split(","):
         plan = out / f"plan-{bpw}bpw.json"
@@ -44,7 +45,8 @@ def main() -> None:
         planned = next(r for r in rows if r["kind"] == "plan")
         lines.append(
             f"{float(bpw):>5.2f} | {planned['cosine']:.4f} | {best(rows, 'uniform', 'cosine'):>24} |"
-            f" {best(rows, 'peer', 'cosine', 'HQQ'):>24} | {best(rows, 'peer', 'cosine', 'ModelOpt'):>22}"
+            f" {best(rows, 'peer', 'cosine', 'RTN'):>24} | {best(rows, 'peer', 'cosine', 'HQQ'):>24}"
+            f" | {best(rows, 'peer', 'cosine', 'ModelOpt'):>22}"
         )
         print(f"{bpw} bpw: evaluate {time.perf_counter() - t0:.0f}s; skipped peers: {doc['skipped'] or 'none'}")
     print("\n".join(lines))
