@@ -158,8 +158,6 @@ class _LayerState:
     marginal: Tensor = field(init=False)
     held: Tensor = field(init=False)
     count: int = 0
-    rank: Tensor | None = None
-    orders: list[Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         k, p = len(self.layout.stack), len(self.layout.pairs)
@@ -193,26 +191,19 @@ class _LayerState:
         if split < a.shape[0]:
             self.held.index_add_(1, rows, gain[split:].sum(dim=0))
 
-    def _fix_order(self) -> None:
-        rank = torch.empty_like(self.marginal, dtype=torch.long)
-        for p in range(self.marginal.shape[0]):
-            order = torch.from_numpy(np.argsort(self.marginal[p].numpy(), kind="stable"))
-            self.orders.append(order)
-            rank[p, order] = torch.arange(self.n_rows)
-        self.rank = rank
+    def _orders(self) -> list[Tensor]:
+        """Per pair, its rows by warmup gain, largest first."""
+        return [torch.from_numpy(np.argsort(m.numpy(), kind="stable")) for m in self.marginal]
 
-    def _shares(self) -> Tensor:
+    def _shares(self, orders: list[Tensor]) -> Tensor:
         """Per option, the share of its pair's base-to-next gain its extra rows carry (0 for
         whole options): the held-out diagonal gains of the first `k` rows of the pair's order
         over all rows', clipped to [0, 1]."""
         shares = torch.zeros(len(self.layout.whole), dtype=torch.float64)
-        if not self.fractional:
-            return shares
-        self._fix_order()
         for j, (p, k) in enumerate(zip(self.layout.pair, self.layout.rows, strict=True)):
             if p < 0 or k == 0:
                 continue
-            ordered = self.held[p][self.orders[p]]
+            ordered = self.held[p][orders[p]]
             total = float(ordered.sum())
             shares[j] = min(1.0, max(0.0, float(ordered[:k].sum()) / total)) if total > 0 else 0.0
         return shares
@@ -226,7 +217,8 @@ class _LayerState:
         # A fractional option lies between its base and its next term, by the share of the gain
         # its rows carry. (Its own first-order sum over a few samples, squared, was too noisy to
         # choose by: on SmolLM2, seeds 0 and 1 gave 0.22 and 2.27 for a layer measured at 2.31.)
-        shares = self._shares()
+        orders = self._orders()
+        shares = self._shares(orders)
         out_loss = torch.zeros(len(layout.whole), dtype=torch.float64)
         out_err = torch.zeros(len(layout.whole), dtype=torch.float64)
         for j, k in enumerate(layout.whole):
@@ -237,10 +229,8 @@ class _LayerState:
             base, nxt, share = loss[pair.base], loss[pair.next], shares[j]
             out_loss[j] = base - share * (base - nxt).clamp_min(0)
             out_err[j] = (1 - share) * stderr[pair.base] + share * stderr[pair.next]
-        orders = {}
-        if self.fractional:
-            orders = {layout.pair_label(p): self.orders[p].numpy() for p in range(len(layout.pairs))}
-        return LayerEstimate(loss=out_loss.numpy(), stderr=out_err.numpy(), orders=orders)
+        labelled = {layout.pair_label(p): order.numpy() for p, order in enumerate(orders)}
+        return LayerEstimate(loss=out_loss.numpy(), stderr=out_err.numpy(), orders=labelled)
 
 
 class FisherProfiler(Profiler):
