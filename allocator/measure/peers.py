@@ -41,7 +41,7 @@ from ..planning.plan import Plan
 __all__ = ["PEERS", "PeerModel", "hqq_settings", "modelopt_model", "peer_variants", "round_layers_"]
 
 PEERS = ("minmax", "hqq", "modelopt")
-_PACKAGES = {"minmax": "torch", "hqq": "hqq", "modelopt": "modelopt"}
+_PACKAGES = {"hqq": "hqq", "modelopt": "modelopt"}  # peers from other packages (minmax is built in)
 _INSTALL = {"hqq": "hqq", "modelopt": "nvidia-modelopt"}
 
 
@@ -243,7 +243,7 @@ def peer_variants(
     for name in names:
         if name not in PEERS:
             raise AllocatorError(f"unknown peer {name!r}: choose from {', '.join(PEERS)}")
-        if importlib.util.find_spec(_PACKAGES[name]) is None:
+        if name in _PACKAGES and importlib.util.find_spec(_PACKAGES[name]) is None:
             skipped.append(f"{name}: not installed (pip install {_INSTALL[name]}, or 'allocator[compare]')")
             continue
         if name in ("hqq", "minmax"):
