@@ -86,7 +86,7 @@ def uniform_table() -> None:
 
     import torch
 
-    from allocator.measure.metrics import _perplexity
+    from allocator.measure.metrics import perplexity_of
     from allocator.measure.peers import round_layers_
     from allocator.quantized.apply import apply_choices_
     from allocator.sources import load_data, load_model
@@ -101,7 +101,7 @@ def uniform_table() -> None:
     def ppl(m: torch.nn.Module) -> float:
         m.eval()
         with torch.no_grad():
-            return float(_perplexity([task.forward(m, b) for b in data.evals], data.evals))
+            return float(perplexity_of([task.forward(m, b) for b in data.evals], data.evals))
 
     print(f"uniform settings on {len(names)} layers; FP perplexity {ppl(model):.2f}")
     labels = [*ROUNDINGS, "min/max RTN", "HQQ"]

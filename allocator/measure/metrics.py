@@ -32,6 +32,7 @@ __all__ = [
     "measure_outputs",
     "metrics_for",
     "model_outputs",
+    "perplexity_of",
     "wordsim_spearman",
 ]
 
@@ -126,7 +127,7 @@ def measure_outputs(
             right = torch.cat([(o.argmax(-1) == y).float().flatten() for o, y in zip(outs, labels, strict=True)])
             accuracy = float(right.mean())
         if getattr(task, "causal", False):
-            perplexity = _perplexity(outs, batches)
+            perplexity = perplexity_of(outs, batches)
     return Measured(
         label=label,
         bytes=size,
@@ -145,7 +146,7 @@ def measure_outputs(
     )
 
 
-def _perplexity(outs: Sequence[Tensor], batches: Sequence[Any]) -> float | None:
+def perplexity_of(outs: Sequence[Tensor], batches: Sequence[Any]) -> float | None:
     """exp(mean negative log-likelihood of each next token), over the real (unpadded) tokens."""
     nll = 0.0
     count = 0

@@ -249,10 +249,10 @@ def test_smollm2_loads_with_windows_of_the_news_corpus_and_rebuilds():
     assert data.source == f"lee_background.cor ({LLM_WINDOW}-token windows)" and data.builtin
     assert (data.unit, data.n_calib, data.n_eval, data.max_length) == ("windows", LLM_CALIBRATION, LLM_EVALUATION,
                                                                        LLM_WINDOW)  # fmt: skip
-    from allocator.measure.metrics import _perplexity, model_outputs
+    from allocator.measure.metrics import model_outputs, perplexity_of
 
     batches = data.evals[:1]
-    perplexity = _perplexity(model_outputs(loaded.model, batches, loaded.task), batches)
+    perplexity = perplexity_of(model_outputs(loaded.model, batches, loaded.task), batches)
     assert perplexity is not None and 5 < perplexity < 200  # a real LM on news text
     rebuilt = skeleton(loaded.rebuild)
     assert type(rebuilt) is type(loaded.model) and rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
