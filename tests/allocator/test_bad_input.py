@@ -279,10 +279,26 @@ def test_interrupting_apply_leaves_the_existing_output_as_it_was(ws, sig):
         leftover.unlink()
 
 
+def _wait_until_python_catches_sigint(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the child's SIGINT handler is installed (Linux: the SigCgt mask in /proc), or a
+    second elsewhere. A loaded machine can take longer than any fixed sleep to start Python."""
+    status = Path(f"/proc/{proc.pid}/status")
+    if not status.exists():
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        caught = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
+        if int(caught, 16) & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.005)
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_the_first_moments_is_one_line(ws):
     proc = _start(ws, "solve", "-p", "profile.json", "-b", "5bpw", "-o", "early.json")
-    time.sleep(0.4)  # the interpreter is up; the command is still importing
+    _wait_until_python_catches_sigint(proc)  # before that, SIGINT kills any process silently
+    time.sleep(0.1)  # the command is still importing
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:  # the machine was faster than the interrupt: then the plan is whole
