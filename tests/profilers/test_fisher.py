@@ -22,8 +22,9 @@ CHOICES = [
 ]
 
 
-def profile_fisher(model, data, *, choices, task=None, draws=2, seed=0, **kw):
-    return FisherProfiler(draws=draws, seed=seed).profile(model, data, choices=choices, task=task, **kw)
+def profile_fisher(model, data, *, choices, task=None, draws=2, seed=0, pool_rows=True, **kw):
+    profiler = FisherProfiler(draws=draws, seed=seed, pool_rows=pool_rows)
+    return profiler.profile(model, data, choices=choices, task=task, **kw)
 
 
 def _errors(weight):
@@ -102,10 +103,12 @@ def test_linear_embedding_model_score_is_half_the_squared_output_change():
 
 def test_linear_classifier_score_is_the_fisher_quadratic_form():
     # z = W x: E over pseudo-labels of the squared first-order term is Δzᵀ (diag p − p pᵀ) Δz.
+    # Option by option, that is what the whole squared sums estimate (`pool_rows=False`); the
+    # pooled scores keep only their total (next test).
     torch.manual_seed(4)
     model = nn.Linear(10, 5)
     data = [torch.randn(64, 10)]
-    table = profile_fisher(model, data, choices=CHOICES[:2], task=LogitsTask(), draws=300)
+    table = profile_fisher(model, data, choices=CHOICES[:2], task=LogitsTask(), draws=300, pool_rows=False)
     x = data[0]
     p = model(x).softmax(-1).detach()
     for opt in table.layers[0].options:
@@ -113,6 +116,30 @@ def test_linear_classifier_score_is_the_fisher_quadratic_form():
         quad = (p * dz.pow(2)).sum(-1) - (p * dz).sum(-1).pow(2)
         exact = 0.5 * quad.mean().item()
         assert abs(opt.loss - exact) <= 5 * opt.loss_stderr, (opt.choice.label, opt.loss, exact)
+
+
+def test_pooled_scores_keep_the_layer_total_and_are_far_less_noisy():
+    # Pooling rescales each option's row-diagonal score so that a layer's scores add up to the
+    # whole squared sums' total; across pseudo-label seeds each option's share of that total
+    # spreads far less than with whole squared sums (few samples, few draws: a profile's case).
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
+    data = [torch.randn(2, 32) for _ in range(4)]
+    grid = [Choice(bits=b, group_size=16) for b in (2, 3, 4, 5)]
+    spread = {}
+    for pool in (True, False):
+        runs = [profile_fisher(model, data, choices=grid, task=LogitsTask(), seed=s, pool_rows=pool) for s in range(6)]
+        # each option's share of its layer's total: the within-layer choice the solver makes
+        scores = torch.tensor([[o.loss / sum(x.loss for x in layer.options) for layer in t.layers
+                                for o in layer.options] for t in runs])  # fmt: skip
+        spread[pool] = float((scores.std(dim=0) / scores.mean(dim=0)).median())
+        if pool:
+            pooled = runs
+        else:
+            for a, b in zip(pooled, runs, strict=True):
+                for la, lb in zip(a.layers, b.layers, strict=True):
+                    assert sum(o.loss for o in la.options) == pytest.approx(sum(o.loss for o in lb.options), rel=1e-5)
+    assert spread[True] < 0.5 * spread[False], spread
 
 
 def test_scores_predict_measured_divergence_on_an_mlp():
