@@ -130,4 +130,5 @@ def _as_json(cmp: Any, setup: Setup, plan_path: Path) -> dict[str, Any]:
         "plan_beats_best_uniform": None if best_u is None else cmp.score(cmp.plan) > cmp.score(best_u),
         "plan_beats_best_peer": None if best_p is None else cmp.score(cmp.plan) > cmp.score(best_p),
         "skipped": cmp.skipped,
+        "plan_loss_on_calibration": cmp.plan_on_calibration,
     }

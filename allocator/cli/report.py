@@ -209,6 +209,13 @@ class Reporter:
             self.line("time: seconds to make the variant + seconds to measure it")
         for reason in cmp.skipped:
             self.line(f"peer skipped: {reason}")
+        if cmp.plan_on_calibration is not None and cmp.plan.predicted_loss:
+            predicted = cmp.plan.predicted_loss
+            self.line(
+                f"estimate check: the plan's predicted loss {_loss(predicted)}; measured on the calibration data it"
+                f" was scored on {_loss(cmp.plan_on_calibration)} ({cmp.plan_on_calibration / predicted:.2f}x),"
+                f" held out {_loss(cmp.plan.divergence)} ({cmp.plan.divergence / predicted:.2f}x)"
+            )
         if plan is not None and plan.constraints.max_loss is not None:
             target = plan.best_uniform()
             rows = [m for m in cmp.uniform if target is not None and m.label == f"uniform {target.choice.label}"]

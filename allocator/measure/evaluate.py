@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from profilers.tasks import Task
@@ -38,6 +39,7 @@ class Comparison:
     metric: str = "cosine"
     peers: list[Measured] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # peers not run, and why
+    plan_on_calibration: float | None = None  # the plan's measured loss on the batches it was scored on
 
     def best_uniform(self, *, fitting_only: bool = False) -> Measured | None:
         """Best measured uniform variant by the primary metric (only those within budget if asked)."""
@@ -126,8 +128,14 @@ def compare(
     if plan.sequential and calibration is not None:
         hessians = None  # each variant takes its own, on its own quantized blocks
     rounding = {"hessians": hessians, "calibration": calibration, "task": task}
-    plan_row = variant("plan", lambda: apply_plan_(copy.deepcopy(model), plan, **rounding),
-                       size=predicted.bytes, bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
+    note("plan")
+    t0 = time.perf_counter()
+    planned = apply_plan_(copy.deepcopy(model), plan, **rounding)
+    plan_row = bench.measure("plan", planned, time.perf_counter() - t0, size=predicted.bytes, bpw=predicted.bpw,
+                             predicted=predicted.loss, kind="plan")  # fmt: skip
+    # The prediction is made on the calibration batches: the plan's loss there is its check.
+    on_calibration = None if not calibration else _mean_divergence(model, planned, calibration, task)
+    del planned
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
         make = lambda u=u: apply_choices_(  # noqa: E731
@@ -144,7 +152,13 @@ def compare(
                                        predicted=None, fits=built.fits, kind="peer"))  # fmt: skip
         del built
     return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric or default_metric(task, fp), peers=peer_rows,
-                      skipped=list(skipped))  # fmt: skip
+                      skipped=list(skipped), plan_on_calibration=on_calibration)  # fmt: skip
+
+
+def _mean_divergence(reference: nn.Module, model: nn.Module, batches: Sequence[Any], task: Task) -> float:
+    """Mean per-sample divergence of `model`'s outputs from `reference`'s on `batches`."""
+    pairs = zip(model_outputs(reference, batches, task), model_outputs(model, batches, task), batches, strict=True)
+    return float(torch.cat([task.divergence(r, o, b) for r, o, b in pairs]).mean())
 
 
 class _Bench:

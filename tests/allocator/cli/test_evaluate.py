@@ -38,6 +38,7 @@ def test_evaluate_measures_plan_uniform_and_peers_on_the_recorded_split(tiny_enc
     fp, planned = doc["rows"][0], doc["rows"][1]
     assert fp["cosine"] > 0.9999 and planned["bytes"] == plan.predicted.bytes
     assert isinstance(doc["plan_beats_best_peer"], bool) and doc["best_peer"] in peers
+    assert doc["plan_loss_on_calibration"] > 0  # the prediction's own batches, measured too
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the table for people names every row and says how the plan compares
@@ -45,6 +46,7 @@ def test_evaluate_measures_plan_uniform_and_peers_on_the_recorded_split(tiny_enc
     assert res.returncode == 0, res.stderr
     assert "HQQ int" in res.stdout and "ModelOpt" not in res.stdout
     assert "the best measured uniform setting that fits" in res.stdout and "measured loss" in res.stdout
+    assert "estimate check: the plan's predicted loss" in res.stdout
 
 
 @pytest.mark.slow
