@@ -11,11 +11,12 @@ Prints, from one run on this machine:
 3. per budget, `allocator solve` + `allocator evaluate --peers minmax,hqq`: perplexity on the
    held-out windows of FP, the plan, the best fitting uniform setting, the best plain min/max
    round-to-nearest and the best HQQ setting (decoder Linear layers planned; embedding and LM
-   head kept; bits per weight with scales and zero points);
+   head kept; bits per weight with scales and zero points), and the plan's KL per window:
+   predicted, measured on the calibration windows, measured held out;
 4. with `--uniform`: every layer at one setting (int3/int4 x g64/g128/channel), perplexity
-   of each rounding: the default (gptq-act on Hadamard-rotated weights), the same with
-   sequential calibration, without rotation, the project's RTN, plain min/max RTN and HQQ,
-   with the seconds each took to apply.
+   of each rounding: the default (gptq-act on Hadamard-rotated weights), GPTQ as published
+   (activation order and sequential calibration, no rotation), the project's RTN, plain
+   min/max RTN and HQQ, with the seconds each took to apply.
 
 Usage: .venv/bin/python benchmarks/bench_llm.py [--budgets 3.0,3.5,4.25] [--out DIR] [--skip-plans]
        [--method gptq|gptq-act|rtn] [--rotation none|hadamard|both] [--profile PROFILE.json] [--uniform]
@@ -74,8 +75,7 @@ UNIFORM = ("int3-g64", "int3-g128", "int3-ch", "int4-g64", "int4-g128", "int4-ch
 # label -> (method, rotated, sequential) of the project's own roundings
 ROUNDINGS = {
     "default": ("gptq-act", True, False),
-    "sequential": ("gptq-act", True, True),
-    "no rotation": ("gptq-act", False, False),
+    "published": ("gptq-act", False, True),  # GPTQ as published: act-order + sequential, no rotation
     "rtn": ("rtn", False, False),
 }
 
@@ -157,7 +157,7 @@ def main() -> None:
         return
 
     header = (f"{'bpw':>5} | {'FP':>6} | {'plan':>7} | {'best uniform':>24} | {'best min/max RTN':>24}"
-              f" | {'best HQQ':>24} | evaluate")  # fmt: skip
+              f" | {'best HQQ':>24} | {'KL pred/calib/held-out':>22} | evaluate")  # fmt: skip
     lines = [header, "-" * len(header)]
     for bpw in args.budgets.split(","):
         plan = out / f"plan-{bpw}bpw.json"
@@ -172,6 +172,8 @@ def main() -> None:
             f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |"
             f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'RTN'):>24}"
             f" | {best(rows, 'peer', 'perplexity', 'HQQ'):>24}"
+            f" | {planned['predicted_loss']:6.1f} / {doc['plan_loss_on_calibration']:6.1f}"
+            f" / {planned['divergence']:6.1f}"
             f" | {seconds:.0f}s"
         )
         print(lines[-1], flush=True)

@@ -2,7 +2,8 @@
 
 Measured, not estimated: each variant is a copy of the FP model with the plan (or a uniform
 setting, or a peer quantizer's result) applied, run on held-out evaluation batches; the
-metrics are those of `metrics`.
+metrics are those of `metrics`. The plan is also run on its calibration batches, where its
+predicted loss was estimated, to check that estimate.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def compare(
         hessians: every layer's `H`, for a GPTQ plan; uniform settings are rounded the same way.
         calibration: or the calibration batches to take them from, block by block (sequentially
             for a `plan.sequential` plan, which needs them), for the plan and the uniform settings.
+            The plan is also measured on them (`Comparison.plan_on_calibration`): the batches
+            its predicted loss was estimated on, so the prediction's own check.
         peers: other quantizers' settings (`allocator.peers.peer_variants`), built one at a time.
         skipped: why peers that were asked for are missing, carried into the result.
         metric: a name of `METRICS` to rank by (default: `default_metric`).
