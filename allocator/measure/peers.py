@@ -124,9 +124,10 @@ def _group_label(peer: str, bits: int, group: int | None) -> str:
 def _hqq_rows(flat: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     from hqq.core.quantize import Quantizer
 
-    w_q, meta = Quantizer.quantize(
-        flat, nbits=bits, group_size=group, optimize=True, axis=1, device="cpu", compute_dtype=torch.float32
-    )
+    # Unpacked codes: HQQ's bit packing needs the group count divisible by 8 / bits (LeNet's is not),
+    # and the values are the same packed or not.
+    w_q, meta = Quantizer.quantize(flat, nbits=bits, group_size=group, optimize=True, axis=1, bitpack=False,
+                                   device="cpu", compute_dtype=torch.float32)  # fmt: skip
     return Quantizer.dequantize(w_q, meta)
 
 

@@ -1,4 +1,4 @@
-"""The built-in min/max round-to-nearest peer: plain rounding on each group's range."""
+"""The built-in min/max round-to-nearest peer, and HQQ on shapes its packing cannot split."""
 
 import torch
 from torch import nn
@@ -26,3 +26,15 @@ def test_minmax_rounds_each_group_on_its_own_range_and_the_clip_search_does_bett
     assert torch.equal(net[2].weight, other)  # layers not named stay as they were
     searched = reconstruct(w, Choice(bits=3, group_size=64))
     assert (searched - w).pow(2).sum() < (q - w).pow(2).sum()  # the project's RTN minimises weight error
+
+
+def test_hqq_rounds_a_convolution_whose_group_count_its_packing_cannot_split():
+    # LeNet's first convolution: 6 rows of 25 weights, 6 groups per channel, which HQQ's 2-bit
+    # packing (groups in fours) refused. The peer keeps HQQ's codes unpacked: same values.
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU())
+    w = net[0].weight.detach().clone()
+    round_layers_(net, ["0"], "hqq", 2, None)
+    q = net[0].weight.detach().reshape(6, 25)
+    assert all(len(torch.unique(row)) <= 4 for row in q)  # 2 bits per channel
+    assert 0 < (q - w.reshape(6, 25)).abs().mean() < w.abs().mean()
