@@ -47,6 +47,7 @@ from ..sources import (
     LLM_CALIBRATION,
     LLM_EVALUATION,
     LLM_WINDOW,
+    MNIST_CALIBRATION,
 )
 
 __all__ = [
@@ -111,7 +112,8 @@ _DATA_HELP = (
 # token windows, the other models documents, images or samples.
 _CALIBRATION_HELP = (
     f"Calibration documents, images or samples (the rest are held out); causal LMs: token windows, at most"
-    f" {LLM_EVALUATION} others held out. [default: {DEFAULT_CALIBRATION}; causal LMs: {LLM_CALIBRATION}]"
+    f" {LLM_EVALUATION} others held out. [default: {DEFAULT_CALIBRATION}; causal LMs: {LLM_CALIBRATION};"
+    f" lenet-mnist: {MNIST_CALIBRATION}]"
 )
 _MAX_LENGTH_HELP = (
     f"Tokens per document; causal LMs: tokens per window. [default: {DEFAULT_MAX_LENGTH}; causal LMs: {LLM_WINDOW}]"

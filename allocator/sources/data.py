@@ -24,6 +24,7 @@ from . import (
     LLM_CALIBRATION,
     LLM_EVALUATION,
     LLM_WINDOW,
+    MNIST_CALIBRATION,
     user,
 )
 from .models import LoadedModel
@@ -87,7 +88,8 @@ def load_data(
     `calibration`, `max_length` and `batch_size` left None take the model's defaults: for a causal
     LM reading text `LLM_CALIBRATION` windows of `LLM_WINDOW` tokens (at most its
     `max_position_embeddings`), `LLM_EVALUATION` held out; `LLM_BATCH_SIZE` for a causal LM on any
-    data; otherwise `DEFAULT_CALIBRATION`, `DEFAULT_MAX_LENGTH`, `DEFAULT_BATCH_SIZE`.
+    data; `MNIST_CALIBRATION` images for `lenet-mnist`'s own data; otherwise
+    `DEFAULT_CALIBRATION`, `DEFAULT_MAX_LENGTH`, `DEFAULT_BATCH_SIZE`.
     """
     path = Path(data) if data is not None else None
     if path is not None and not path.exists():
@@ -102,7 +104,7 @@ def load_data(
         from .zoo import mnist_5k
 
         images, labels = mnist_5k()
-        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", _given(calibration, DEFAULT_CALIBRATION),
+        found = _split_samples(images, labels, "mnist_5k.csv.gz", "images", _given(calibration, MNIST_CALIBRATION),
                                seed, batch_size, 500)  # fmt: skip
     elif loaded.tokenizer is None:
         raise ModelError(
