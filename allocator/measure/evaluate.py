@@ -12,7 +12,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +23,7 @@ from profilers.types import Choice
 from ..planning.plan import Plan, UniformPoint
 from ..quantized.apply import apply_choices_, apply_plan_
 from .metrics import METRICS, Measured, check_metric, measure_outputs, metrics_for, model_outputs
-
-if TYPE_CHECKING:
-    from .peers import PeerVariant
+from .peers import PeerSkipped, PeerVariant
 
 __all__ = ["Comparison", "compare", "default_metric", "default_uniform"]
 
@@ -110,7 +108,8 @@ def compare(
             The plan is also measured on them (`Comparison.plan_on_calibration`): the batches
             its predicted loss was estimated on, so the prediction's own check.
         peers: other quantizers' settings (`allocator.peers.peer_variants`), built one at a time.
-        skipped: why peers that were asked for are missing, carried into the result.
+        skipped: why peers that were asked for are missing, carried into the result (with the
+            peers whose build says it cannot serve this plan, `PeerSkipped`).
         metric: a name of `METRICS` to rank by (default: `default_metric`).
     """
     note = progress or (lambda label: None)
@@ -147,10 +146,14 @@ def compare(
         )
         label = f"uniform {u.choice.label}"
         rows.append(variant(label, make, size=u.bytes, bpw=u.bpw, predicted=u.loss, fits=u.fits, kind="uniform"))
-    peer_rows = []
+    peer_rows, skipped = [], list(skipped)
     for peer in peers:
         note(peer.label)
-        built = peer.build()
+        try:
+            built = peer.build()
+        except PeerSkipped as e:
+            skipped.append(str(e))
+            continue
         peer_rows.append(bench.measure(built.label, built.model, built.seconds, size=built.bytes, bpw=built.bpw,
                                        predicted=None, fits=built.fits, kind="peer"))  # fmt: skip
         del built

@@ -38,11 +38,16 @@ from profilers.types import Choice
 from ..errors import AllocatorError
 from ..planning.plan import Plan
 
-__all__ = ["PEERS", "PeerModel", "hqq_settings", "modelopt_model", "peer_variants", "round_layers_"]
+__all__ = ["PEERS", "PeerModel", "PeerSkipped", "hqq_settings", "modelopt_model", "peer_variants", "round_layers_"]
 
 PEERS = ("minmax", "hqq", "modelopt")
 _PACKAGES = {"hqq": "hqq", "modelopt": "modelopt"}  # peers from other packages (minmax is built in)
 _INSTALL = {"hqq": "hqq", "modelopt": "nvidia-modelopt"}
+
+
+class PeerSkipped(Exception):
+    """A peer cannot make a variant for this plan (e.g. no setting of its own reaches the plan's
+    size); the message says why, and `compare` lists it with the skipped peers."""
 
 
 @dataclass
@@ -199,17 +204,13 @@ def modelopt_model(model: nn.Module, plan: Plan, calib: Sequence[Any], task: Tas
         warnings.simplefilter("ignore")
         import modelopt.torch.quantization as mtq
 
-        q, state = mtq.auto_quantize(
-            q,
-            constraints={"effective_bits": max(plan.predicted.bpw - overhead, 2.0)},
-            quantization_formats=list(formats.values()),
-            data_loader=list(calib),
-            forward_step=task.forward,
-            loss_func=loss,
-            disabled_layers=others or None,
-            num_calib_steps=len(calib),
-            num_score_steps=len(calib),
-        )
+        target = max(plan.predicted.bpw - overhead, 2.0)
+        try:
+            q, state = _auto_quantize(mtq, q, target, formats, calib, task, loss, others)
+        except ValueError as e:  # its search space cannot reach the target: a fact about ModelOpt
+            if "infeasible" not in str(e):
+                raise
+            raise PeerSkipped(f"modelopt: {str(e).rstrip('.')} for this model") from None
     recipe = state["best"]["recipe"]
     size = 0
     for name, m in layers.items():
@@ -225,6 +226,21 @@ def modelopt_model(model: nn.Module, plan: Plan, calib: Sequence[Any], task: Tas
     q.eval()
     seconds = time.perf_counter() - started
     return PeerModel("ModelOpt AutoQuantize", q, _whole(plan, size), bpw, seconds, size <= _limit(plan))
+
+
+def _auto_quantize(mtq: Any, q: nn.Module, target: float, formats: dict[int, dict[str, Any]], calib: Sequence[Any],
+                   task: Task, loss: Callable[[torch.Tensor, Any], torch.Tensor], others: list[str]) -> tuple[Any, Any]:
+    return mtq.auto_quantize(
+        q,
+        constraints={"effective_bits": target},
+        quantization_formats=list(formats.values()),
+        data_loader=list(calib),
+        forward_step=task.forward,
+        loss_func=loss,
+        disabled_layers=others or None,
+        num_calib_steps=len(calib),
+        num_score_steps=len(calib),
+    )
 
 
 def _recipe_bits(recipe: Any) -> int | None:
