@@ -158,7 +158,7 @@ def compare(
                                        predicted=None, fits=built.fits, kind="peer"))  # fmt: skip
         del built
     return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric or default_metric(task, fp), peers=peer_rows,
-                      skipped=list(skipped), plan_on_calibration=on_calibration)  # fmt: skip
+                      skipped=skipped, plan_on_calibration=on_calibration)  # fmt: skip
 
 
 def _mean_divergence(reference: nn.Module, model: nn.Module, batches: Sequence[Any], task: Task) -> float:

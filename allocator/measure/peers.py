@@ -206,7 +206,17 @@ def modelopt_model(model: nn.Module, plan: Plan, calib: Sequence[Any], task: Tas
 
         target = max(plan.predicted.bpw - overhead, 2.0)
         try:
-            q, state = _auto_quantize(mtq, q, target, formats, calib, task, loss, others)
+            q, state = mtq.auto_quantize(
+                q,
+                constraints={"effective_bits": target},
+                quantization_formats=list(formats.values()),
+                data_loader=list(calib),
+                forward_step=task.forward,
+                loss_func=loss,
+                disabled_layers=others or None,
+                num_calib_steps=len(calib),
+                num_score_steps=len(calib),
+            )
         except ValueError as e:  # its search space cannot reach the target: a fact about ModelOpt
             if "infeasible" not in str(e):
                 raise
@@ -226,21 +236,6 @@ def modelopt_model(model: nn.Module, plan: Plan, calib: Sequence[Any], task: Tas
     q.eval()
     seconds = time.perf_counter() - started
     return PeerModel("ModelOpt AutoQuantize", q, _whole(plan, size), bpw, seconds, size <= _limit(plan))
-
-
-def _auto_quantize(mtq: Any, q: nn.Module, target: float, formats: dict[int, dict[str, Any]], calib: Sequence[Any],
-                   task: Task, loss: Callable[[torch.Tensor, Any], torch.Tensor], others: list[str]) -> tuple[Any, Any]:
-    return mtq.auto_quantize(
-        q,
-        constraints={"effective_bits": target},
-        quantization_formats=list(formats.values()),
-        data_loader=list(calib),
-        forward_step=task.forward,
-        loss_func=loss,
-        disabled_layers=others or None,
-        num_calib_steps=len(calib),
-        num_score_steps=len(calib),
-    )
 
 
 def _recipe_bits(recipe: Any) -> int | None:

@@ -149,6 +149,12 @@ class _RowErrors:
         return self.errors[:, self.slot[rows]]
 
 
+def _half_mean(total: Tensor, total_sq: Tensor, n: float) -> tuple[Tensor, Tensor]:
+    """Half the mean of `n` samples given their sum and sum of squares, and its standard error."""
+    mean, mean_sq = total / n, total_sq / n
+    return 0.5 * mean, 0.5 * ((mean_sq - mean.square()).clamp_min(0) / n).sqrt()
+
+
 @dataclass
 class _LayerState:
     """Running sums of one weight's first-order terms over samples and draws.
@@ -230,9 +236,7 @@ class _LayerState:
     def _pooled(self, loss: Tensor, n: float) -> tuple[Tensor, Tensor]:
         """Each option's row-diagonal score times the layer's ratio of whole to diagonal score
         summed over its options, and its standard error (the ratio taken as exact)."""
-        mean, mean2 = self.diag / n, self.diag2 / n
-        diag = 0.5 * mean
-        stderr = 0.5 * ((mean2 - mean.square()).clamp_min(0) / n).sqrt()
+        diag, stderr = _half_mean(self.diag, self.diag2, n)
         total = float(diag.sum())
         ratio = float(loss.sum()) / total if total > 0 else 1.0
         return diag * ratio, stderr * ratio
@@ -240,9 +244,7 @@ class _LayerState:
     def finish(self) -> LayerEstimate:
         layout = self.layout
         n = float(max(1, self.count))
-        mean2, mean4 = self.sum2 / n, self.sum4 / n
-        loss = 0.5 * mean2
-        stderr = 0.5 * ((mean4 - mean2.square()).clamp_min(0) / n).sqrt()
+        loss, stderr = _half_mean(self.sum2, self.sum4, n)
         if self.pool_rows:
             loss, stderr = self._pooled(loss, n)
         # A fractional option lies between its base and its next term, by the share of the gain
