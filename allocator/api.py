@@ -117,6 +117,7 @@ def solve(
     gap: float = 1e-6,
     time_limit: float = 10.0,
     task: Task | None = None,
+    refine_steps: int = 0,
     **profile_options: Any,
 ) -> Plan:
     """Plan the bits and terms of every layer for the most quality within `budget`.
@@ -131,6 +132,8 @@ def solve(
         gap: relative optimality gap `auto` accepts without an exact solve.
         time_limit: seconds for an exact solve.
         task: the model's output kind; inferred when None.
+        refine_steps: block reconstruction steps per block the applier runs after the rounding
+            (`allocator.quantized.refine`; 0: none), recorded in the plan.
         **profile_options: passed to `profile` (method, choices, include, exclude, draws, ...).
 
     Returns:
@@ -162,4 +165,7 @@ def solve(
                 exclude=profile_options.get("exclude", ()),
             )
             tie_names = profiled_ties(model_or_profile, targets, batches[0], task, table.names, ties)
-    return plan_from_profile(table, budgets, ties=tie_names, solver=solver, gap=gap, time_limit=time_limit)
+    if refine_steps < 0:
+        raise AllocatorError(f"refine_steps must be 0 (none) or more, got {refine_steps}")
+    plan = plan_from_profile(table, budgets, ties=tie_names, solver=solver, gap=gap, time_limit=time_limit)
+    return plan.model_copy(update={"refine_steps": refine_steps}) if refine_steps else plan

@@ -55,13 +55,17 @@ class BlockCall:
     slot: int | str
     rest: tuple[Any, ...] | None = None
 
-    def call(self, block: nn.Module, hidden: Tensor) -> Tensor:
-        """Run `block` on `hidden` with the recorded arguments; its hidden-state output."""
+    def call(self, block: nn.Module, hidden: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
+        """Run `block` on `hidden` with the recorded arguments; its hidden-state output. With
+        `weights` (parameter name inside the block -> tensor), those tensors stand in for the
+        block's own parameters for this call (`torch.func.functional_call`)."""
         args, kwargs = list(self.args), dict(self.kwargs)
         if isinstance(self.slot, int):
             args[self.slot] = hidden
         else:
             kwargs[self.slot] = hidden
+        if weights:
+            return _hidden_of(torch.func.functional_call(block, weights, tuple(args), kwargs))
         return _hidden_of(block(*args, **kwargs))
 
     def output(self, hidden: Tensor) -> Any:

@@ -18,10 +18,12 @@ from .capture import Call, capture_calls, conv_patches
 from .layers import QuantTarget
 from .tasks import Task
 
-__all__ = ["call_hessian", "input_hessians", "streamed_hessians"]
+__all__ = ["call_hessian", "input_hessians", "positions_mask", "streamed_hessians"]
 
 
-def _positions_mask(batch: Any, inp: Tensor) -> Tensor | None:
+def positions_mask(batch: Any, inp: Tensor) -> Tensor | None:
+    """1 at each real position of a `[batch, positions, width]` input, 0 at padding, flattened
+    (float32); None when the batch has no attention mask of that shape."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     if isinstance(mask, Tensor) and inp.dim() == 3 and tuple(mask.shape) == tuple(inp.shape[:2]):
         return mask.reshape(-1).to(torch.float32)
@@ -148,7 +150,7 @@ def call_hessian(call: Call, batch: Any) -> Tensor | None:
     mod = call.module
     if isinstance(mod, nn.Linear):
         x = call.inp.detach().reshape(-1, call.inp.shape[-1]).double()
-        mask = _positions_mask(batch, call.inp)
+        mask = positions_mask(batch, call.inp)
         if mask is not None:
             x = x * mask.double().unsqueeze(1)
     elif isinstance(mod, nn.Conv2d) and mod.groups == 1:

@@ -136,6 +136,11 @@ class Plan(BaseModel):
         default=False,
         description="GPTQ calibrates each block on the quantized blocks before it (the profile priced FP inputs)",
     )
+    refine_steps: int = Field(
+        default=0,
+        ge=0,
+        description="block reconstruction after the rounding: tuning steps per block (0: none; not in the profile)",
+    )
     loss_units: str
     budgets: tuple[Budget, ...]
     limits: dict[str, int] = Field(description="per resource, the limit on the planned weights")

@@ -7,24 +7,30 @@ would be stored, so measured quality is the quality of the model the plan descri
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from profilers.blocks import NotAChain, find_blocks
 from profilers.input_hessians import input_hessians, streamed_hessians
 from profilers.layers import find_targets, resolve_modules
 from profilers.quant.options import needs_hessian
-from profilers.quant.rounding import reconstruct
+from profilers.quant.quantize import as_matrix
+from profilers.quant.rounding import stored_terms
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileError, ProfileTable
 
 from ..errors import PlanError
 from ..planning.plan import Plan
+from .refine import BlockRefinement, record_chain, refine_blocks_
+from .stored import StoredLayer
 
 __all__ = [
+    "Quantized",
     "apply_choices_",
     "apply_plan_",
     "check_plan_fits_model",
@@ -32,7 +38,18 @@ __all__ = [
     "hessian_groups",
     "layer_hessians",
     "plan_hessians",
+    "quantize_layers_",
+    "quantize_plan_",
 ]
+
+
+@dataclass
+class Quantized:
+    """What quantizing a model stored per planned layer, and each block's reconstruction
+    (empty without `refine_steps`)."""
+
+    layers: dict[str, StoredLayer]
+    refined: list[BlockRefinement] = field(default_factory=list)
 
 
 def layer_hessians(model: nn.Module, batches: Sequence[Any], task: Task) -> dict[str, Tensor]:
@@ -52,9 +69,31 @@ def apply_choices_(
     calibration: Sequence[Any] | None = None,
     task: Task | None = None,
     sequential: bool = False,
+    refine_steps: int = 0,
     round_rest_to_fp16: bool = True,
 ) -> nn.Module:
-    """Quantize the named layers' weights in place with the given choices.
+    """Quantize the named layers' weights in place with the given choices (`quantize_layers_`)."""
+    quantize_layers_(model, choices, extra_rows=extra_rows, method=method, hessians=hessians, calibration=calibration,
+                     task=task, sequential=sequential, refine_steps=refine_steps,
+                     round_rest_to_fp16=round_rest_to_fp16)  # fmt: skip
+    return model
+
+
+def quantize_layers_(
+    model: nn.Module,
+    choices: dict[str, Choice],
+    *,
+    extra_rows: dict[str, np.ndarray] | None = None,
+    method: str = "rtn",
+    hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
+    task: Task | None = None,
+    sequential: bool = False,
+    refine_steps: int = 0,
+    round_rest_to_fp16: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Quantized:
+    """Quantize the named layers' weights in place with the given choices; what each stores.
 
     Validates every name and weight before changing anything, so a failure leaves the model
     as it was.
@@ -68,20 +107,61 @@ def apply_choices_(
         calibration, task: the batches to take each `H` from, block by block (`hessian_groups`).
         sequential: from calibration, each block's `H` comes from the outputs of the blocks
             already quantized (GPTQ's sequential calibration), not from the FP model.
+        refine_steps: then tune each block's stored terms for this many steps on `calibration`
+            to reproduce the FP block outputs (`refine.refine_blocks_`); 0: no reconstruction.
         round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
             precision (how the plan stores them).
+        progress: `(stage, done, total)` callback.
 
     Raises:
-        PlanError: an unknown layer name or a weight with NaN/inf values.
+        PlanError: an unknown layer name, a weight with NaN/inf values, or a reconstruction
+            asked for without calibration batches or on a model without a chain of blocks.
     """
     weights = _checked_weights(model, choices, extra_rows)
+    chain = None
+    if refine_steps:
+        batches = _calibration(calibration, "block reconstruction (--refine) tunes each block on")
+        task = task or infer_task(model, batches[0])
+        chain = _fp_chain(model, batches, task)
+    stored: dict[str, StoredLayer] = {}
     with torch.no_grad():
         groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential)
         for names, group in groups:
-            _quantize({n: weights[n] for n in names}, choices, extra_rows, method, group)
+            for name in names:
+                stored[name] = _stored_layer(weights[name], choices[name], extra_rows, name, method, group.get(name))
+                weights[name].copy_(stored[name].weight())
         if round_rest_to_fp16:
             _round_rest_to_fp16(model, weights)
-    return model
+    refined = []
+    if chain is not None:
+        assert calibration is not None and task is not None
+        refined = refine_blocks_(model, chain, stored, list(calibration), task, refine_steps, progress=progress)
+    return Quantized(stored, refined)
+
+
+def _fp_chain(model: nn.Module, batches: Sequence[Any], task: Task):
+    blocks = find_blocks(model, find_targets(model))
+    try:
+        if not blocks:
+            raise NotAChain("no repeated blocks")
+        return record_chain(model, batches, task, blocks)
+    except NotAChain as e:
+        raise PlanError(
+            f"block reconstruction (--refine) needs a model made of a chain of repeated blocks ({e});"
+            " use --refine 0 for this model"
+        ) from None
+
+
+def _stored_layer(
+    weight: Tensor, choice: Choice, extra_rows: dict[str, np.ndarray] | None, name: str, method: str, h: Tensor | None
+) -> StoredLayer:
+    shape = tuple(weight.shape)
+    if not choice.quantized:
+        return StoredLayer(choice, shape, [], fp16=weight.detach().half())
+    rows = torch.as_tensor(extra_rows[name], dtype=torch.long) if choice.extra and extra_rows else None
+    w2d = as_matrix(weight.detach()).float()
+    terms, extra = stored_terms(w2d, choice, method=method, hessian=h, extra_rows=rows)  # type: ignore[arg-type]
+    return StoredLayer(choice, shape, terms, extra, rows)
 
 
 def _checked_weights(
@@ -104,19 +184,6 @@ def _checked_weights(
         if choices[name].extra and (extra_rows is None or name not in extra_rows):
             raise PlanError(f"layer {name!r} takes {choices[name].label} but no rows were given for its extra term")
     return weights
-
-
-def _quantize(
-    weights: dict[str, nn.Parameter],
-    choices: dict[str, Choice],
-    extra_rows: dict[str, np.ndarray] | None,
-    method: str,
-    hessians: dict[str, Tensor],
-) -> None:
-    for name, weight in weights.items():
-        rows = torch.as_tensor(extra_rows[name]) if choices[name].extra and extra_rows else None
-        h = hessians.get(name)
-        weight.copy_(reconstruct(weight.detach(), choices[name], method=method, hessian=h, extra_rows=rows))
 
 
 def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> None:
@@ -190,12 +257,30 @@ def apply_plan_(
         >>> plan = Plan.load("plan.json")  # doctest: +SKIP
         >>> apply_plan_(model, plan)  # doctest: +SKIP
     """
+    quantize_plan_(model, plan, hessians=hessians, calibration=calibration, task=task,
+                   round_rest_to_fp16=round_rest_to_fp16)  # fmt: skip
+    return model
+
+
+def quantize_plan_(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    hessians: dict[str, Tensor] | None = None,
+    calibration: Sequence[Any] | None = None,
+    task: Task | None = None,
+    round_rest_to_fp16: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Quantized:
+    """`apply_plan_`, returning what each planned layer stores (`export_quantized` packs it) and
+    the block reconstruction's report when the plan asks for one (`plan.refine_steps`)."""
     check_plan_fits_model(model, plan)
     choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
-    return apply_choices_(model, choices, extra_rows=rows, method=plan.method, hessians=hessians,
-                          calibration=calibration, task=task, sequential=plan.sequential,
-                          round_rest_to_fp16=round_rest_to_fp16)  # fmt: skip
+    return quantize_layers_(model, choices, extra_rows=rows, method=plan.method, hessians=hessians,
+                            calibration=calibration, task=task, sequential=plan.sequential,
+                            refine_steps=plan.refine_steps, round_rest_to_fp16=round_rest_to_fp16,
+                            progress=progress)  # fmt: skip
 
 
 def hessian_groups(
@@ -234,8 +319,10 @@ def hessian_groups(
     yield [n for n in names if n in left], {}
 
 
-def _calibration(calibration: Sequence[Any] | None) -> list[Any]:
+def _calibration(calibration: Sequence[Any] | None, need: str = "") -> list[Any]:
     if not calibration:
+        if need:
+            raise PlanError(f"{need} calibration data: pass the batches the plan was profiled with (calibration=...)")
         raise PlanError(
             "this plan was scored for GPTQ rounding: pass the calibration batches it was profiled with"
             " (apply_plan_(model, plan, calibration=batches)) or hessians=layer_hessians(...)"

@@ -34,16 +34,16 @@ import torch
 from torch import Tensor, nn
 
 from profilers.files import atomic_write_bytes
-from profilers.quant.options import needs_hessian
-from profilers.quant.quantize import Term, as_matrix
+from profilers.quant.quantize import Term
 from profilers.quant.rotation import rotation_signs
-from profilers.quant.rounding import assemble, stored_terms
 from profilers.tasks import Task
 from profilers.types import ProfileTable
 
-from ..planning.plan import LayerPlan, Plan
-from .apply import check_plan_fits_model, hessian_groups
+from ..errors import PlanError
+from ..planning.plan import Plan
+from .apply import check_plan_fits_model, quantize_plan_
 from .packing import pack_bits
+from .stored import StoredLayer
 
 __all__ = ["FILE_FORMAT", "FILE_VERSION", "export_quantized", "header_allowance", "tensor_checksum"]
 
@@ -88,6 +88,7 @@ def export_quantized(
     hessians: dict[str, Tensor] | None = None,
     calibration: Sequence[Any] | None = None,
     task: Task | None = None,
+    stored: dict[str, StoredLayer] | None = None,
 ) -> Path:
     """Quantize `model` as `plan` says and write the packed file (atomically). The model is
     not changed.
@@ -100,28 +101,24 @@ def export_quantized(
             `load_quantized` needs the skeleton passed in.
         hessians: every layer's `H`, for a plan scored for GPTQ (`apply.layer_hessians`).
         calibration, task: or the calibration batches to compute them from, as `apply_plan_`
-            (block by block; sequentially when `plan.sequential`).
+            (block by block; sequentially when `plan.sequential`; then block reconstruction when
+            `plan.refine_steps`).
+        stored: what `quantize_plan_` already made for this plan (nothing is quantized again).
 
     Raises:
         PlanError: the plan does not fit the model.
     """
     modules = check_plan_fits_model(model, plan)
-    per_layer: dict[str, dict[str, Tensor]] = {}
     planned = {id(modules[name].weight) for name in plan.layers}
-    # Sequential calibration takes each block's H on the blocks before it as quantized: a copy
-    # of the model takes each layer's reconstruction as soon as it is packed.
-    sequential = plan.sequential and hessians is None and needs_hessian(plan.method)
-    work = copy.deepcopy(model) if sequential else model
-    weights = {name: m.weight for name, m in check_plan_fits_model(work, plan).items()} if sequential else {}
-    groups = hessian_groups(work, list(plan.layers), plan.method, hessians, calibration, task, sequential=sequential)
-    for names, group in groups:  # block by block
-        for name in names:
-            per_layer[name], rebuilt = _layer_tensors(name, plan.layers[name], modules[name].weight.detach(),
-                                                      plan.method, group.get(name))  # fmt: skip
-            if sequential:
-                with torch.no_grad():
-                    weights[name].copy_(rebuilt.reshape(weights[name].shape))
-    del work, weights
+    if stored is None:
+        # Quantizing writes each layer as it goes (sequential calibration and block reconstruction
+        # read the blocks before as quantized), so it runs on a copy: the model is not changed.
+        work = copy.deepcopy(model)
+        stored = quantize_plan_(work, plan, hessians=hessians, calibration=calibration, task=task).layers
+        del work
+    elif set(stored) != set(plan.layers):
+        raise PlanError("the stored layers given to export_quantized are not the plan's layers")
+    per_layer = {name: _layer_tensors(name, stored[name]) for name in plan.layers}
     tensors = {k: v for name in plan.layers for k, v in per_layer[name].items()}  # the plan's order
     for key, value in _unplanned_tensors(model, planned).items():
         tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
@@ -144,19 +141,14 @@ def export_quantized(
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-def _layer_tensors(
-    name: str, lp: LayerPlan, weight: Tensor, method: str, h: Tensor | None
-) -> tuple[dict[str, Tensor], Tensor]:
-    """The stored tensors of one planned layer (packed codes, scales and zero points per term,
-    and its extra term's rows; or its fp16 weight), and the weight they rebuild."""
-    c = lp.choice
-    if not c.quantized:
-        return {f"{name}::weight": weight.half().contiguous()}, weight.half().to(weight.dtype)
+def _layer_tensors(name: str, layer: StoredLayer) -> dict[str, Tensor]:
+    """The stored tensors of one planned layer: packed codes, scales and zero points per term,
+    and its extra term's rows; or its fp16 weight."""
+    c = layer.choice
+    if layer.fp16 is not None:
+        return {f"{name}::weight": layer.fp16.contiguous()}
     out: dict[str, Tensor] = {}
-    w2d = as_matrix(weight).float()
-    rows = torch.as_tensor(lp.rows_with_extra_term(), dtype=torch.long) if c.extra else None
-    terms, richer = stored_terms(w2d, c, method=method, hessian=h, extra_rows=rows)  # type: ignore[arg-type]
-    for t, term in enumerate(terms):
+    for t, term in enumerate(layer.terms):
         out[f"{name}::t{t}.codes"] = _pack_term(term, c.bits, c.symmetric)
         if c.kind == "tied" and t:
             continue  # tied terms share term 0's scale and zero point
@@ -164,17 +156,17 @@ def _layer_tensors(
         if term.offset is not None:
             out[f"{name}::t{t}.zero"] = term.offset.contiguous()
     if c.rotated:  # the terms hold W R; loading brings them back with the same signs
-        out[f"{name}::r.signs"] = pack_bits((rotation_signs(w2d.shape[1]) > 0).to(torch.int64), 1)
-    if richer is not None:
-        extra = richer[-1]
-        mask = torch.zeros(w2d.shape[0], dtype=torch.int64)
-        mask[rows] = 1
+        out[f"{name}::r.signs"] = pack_bits((rotation_signs(layer.matrix_shape[1]) > 0).to(torch.int64), 1)
+    if layer.extra is not None:
+        extra = layer.extra[-1]
+        mask = torch.zeros(layer.shape[0], dtype=torch.int64)
+        mask[layer.rows] = 1
         out[f"{name}::x.codes"] = _pack_term(extra, c.bits, c.symmetric)
         out[f"{name}::x.scale"] = extra.scale.contiguous()
         if extra.offset is not None:
             out[f"{name}::x.zero"] = extra.offset.contiguous()
         out[f"{name}::x.rows"] = pack_bits(mask, 1)
-    return out, assemble(w2d.shape, c, terms, richer, rows)
+    return out
 
 
 def tensor_checksum(t: Tensor) -> int:
