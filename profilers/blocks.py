@@ -81,6 +81,15 @@ def _hidden_of(out: Any) -> Tensor:
     raise NotAChain(f"a block returned {type(out).__name__}, not a tensor or a tuple starting with one")
 
 
+def _stateless(value: Any) -> Any:
+    """None for a key/value cache (a transformers `Cache`), which a replayed block would append
+    to, attending over the keys of every earlier call; anything else as it is."""
+    kind = type(value)
+    if kind.__module__.startswith("transformers") and "Cache" in kind.__name__:
+        return None
+    return value
+
+
 class NotAChain(Exception):
     """The model does not split into stem, chain of blocks and head as `Chain` needs."""
 
@@ -127,8 +136,10 @@ class Chain:
                 last = state["last"]
                 if k > 0 and h is not last and not (h.shape == last.shape and torch.equal(h, last)):
                     raise NotAChain(f"block {k} is not fed the output of block {k - 1}")
-                kept = tuple(None if i == slot else a for i, a in enumerate(args))
-                kw = {key: v for key, v in kwargs.items() if key != slot}
+                kept = tuple(None if i == slot else _stateless(a) for i, a in enumerate(args))
+                kw = {key: _stateless(v) for key, v in kwargs.items() if key != slot}
+                if "use_cache" in kw:
+                    kw["use_cache"] = False
                 state["calls"].append(BlockCall(kept, kw, slot))
                 state["hidden"].append(h.detach())
 

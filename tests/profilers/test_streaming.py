@@ -155,3 +155,31 @@ def test_sequential_hessians_come_per_input_group_and_see_the_quantized_layers_b
                 targets[i].weight.copy_(fake_quantize(targets[i].weight, Choice(bits=2, group_size=32)))
     o_proj = name.index("o_proj")
     assert not torch.allclose(seen[o_proj], fp[o_proj], rtol=1e-3)  # its input came through 2-bit q, k, v
+
+
+def test_a_replayed_block_attends_only_to_its_own_input_with_a_kv_cache_model():
+    """A model left with `use_cache=True` passes its blocks a key/value cache. The recording
+    drops it, so a block replayed on another input gives what a fresh forward pass gives, every
+    time, instead of attending over the keys of the recorded call too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from profilers.blocks import Chain
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (2, 16))
+    other = torch.randint(0, 300, (2, 16))
+    chain, fresh = Chain(list(model.model.layers)), Chain(list(model.model.layers))
+    with torch.no_grad():
+        with chain.recording():
+            model(input_ids=ids)
+        with fresh.recording():
+            model(input_ids=other)
+        moved = fresh.hidden[0][0]
+        first = chain.calls[0][0].call(model.model.layers[0], moved)
+        again = chain.calls[0][0].call(model.model.layers[0], moved)
+    assert all("Cache" not in type(v).__name__ for v in chain.calls[0][0].kwargs.values())
+    torch.testing.assert_close(first, fresh.hidden[0][1])
+    assert torch.equal(first, again)
