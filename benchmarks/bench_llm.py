@@ -18,8 +18,13 @@ Prints, from one run on this machine:
    (activation order and sequential calibration, no rotation), the project's RTN, plain
    min/max RTN and HQQ, with the seconds each took to apply.
 
+With `--refine STEPS` every plan takes block reconstruction (`allocator solve --refine`), and the
+table also shows the plan without it, measured in the same run; `--calibration N` profiles (and
+rounds) on N calibration windows instead of the default 8 (the held-out windows change with it).
+
 Usage: .venv/bin/python benchmarks/bench_llm.py [--budgets 3.0,3.5,4.25] [--out DIR] [--skip-plans]
        [--method gptq|gptq-act|rtn] [--rotation none|hadamard|both] [--profile PROFILE.json] [--uniform]
+       [--calibration N] [--refine STEPS]
 """
 
 from __future__ import annotations
@@ -34,14 +39,14 @@ from pathlib import Path
 from cli_runs import allocator, best  # benchmarks/ (scripts run from their folder)
 
 
-def forward_backward_seconds() -> tuple[float, int]:
+def forward_backward_seconds(calibration: int | None = None) -> tuple[float, int]:
     """One forward+backward pass of smollm2 over its calibration windows, and the tokens."""
     import torch
 
     from allocator.sources import load_data, load_model
 
     loaded = load_model("smollm2")
-    data = load_data(loaded)
+    data = load_data(loaded, calibration=calibration)
     model = loaded.model
     start = time.perf_counter()
     for batch in data.calib:
@@ -135,6 +140,8 @@ def main() -> None:
     parser.add_argument("--method", default=None, help="rounding: rtn, gptq or gptq-act (default: the CLI's, gptq-act)")
     parser.add_argument("--rotation", default=None, help="none, hadamard or both (default: the CLI's, hadamard)")
     parser.add_argument("--uniform", action="store_true", help="also step 4, the uniform table (about 30 min)")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration windows (default: the CLI's, 8)")
+    parser.add_argument("--refine", type=int, default=0, help="block reconstruction steps per block (default 0)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -143,9 +150,10 @@ def main() -> None:
     if args.profile is None:
         method = ["--method", args.method] if args.method else []
         rotation = ["--rotation", args.rotation] if args.rotation else []
-        _, seconds = allocator("profile", "smollm2", *method, *rotation, "-o", str(profile))
+        calibration = ["--calibration", str(args.calibration)] if args.calibration else []
+        _, seconds = allocator("profile", "smollm2", *method, *rotation, *calibration, "-o", str(profile))
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the profile is the first child
-        fb, tokens = forward_backward_seconds()
+        fb, tokens = forward_backward_seconds(args.calibration)
         table = json.loads(profile.read_text())
         print(
             f"profile smollm2: {seconds:.0f}s ({seconds / 60:.1f} min), peak RSS {peak / 1e9:.2f} GB;"
@@ -158,20 +166,22 @@ def main() -> None:
     if args.skip_plans:
         return
 
-    header = (f"{'bpw':>5} | {'FP':>6} | {'plan':>7} | {'best uniform':>24} | {'best min/max RTN':>24}"
+    header = (f"{'bpw':>5} | {'FP':>6} | {'plan':>7} |{' w/o refine |' if args.refine else ''}"
+              f" {'best uniform':>24} | {'best min/max RTN':>24}"
               f" | {'best HQQ':>24} | {'KL pred/calib/held-out':>22} | evaluate")  # fmt: skip
     lines = [header, "-" * len(header)]
     for bpw in args.budgets.split(","):
         plan = out / f"plan-{bpw}bpw.json"
-        allocator("solve", "-p", str(profile), "--budget", f"{bpw}bpw", "-o", str(plan))
+        allocator("solve", "-p", str(profile), "--budget", f"{bpw}bpw", "--refine", str(args.refine), "-o", str(plan))
         text, seconds = allocator("evaluate", str(plan), "--json", "--peers", "minmax,hqq", "--uniform", "2")
         doc = json.loads(text)
         (out / f"evaluate-{bpw}bpw.json").write_text(json.dumps(doc, indent=1))
         rows = doc["rows"]
         fp = next(r for r in rows if r["kind"] == "fp")
         planned = next(r for r in rows if r["kind"] == "plan")
+        bare = next((f" {r['perplexity']:10.2f} |" for r in rows if r["label"] == "plan without --refine"), "")
         lines.append(
-            f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |"
+            f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |{bare}"
             f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'RTN'):>24}"
             f" | {best(rows, 'peer', 'perplexity', 'HQQ'):>24}"
             f" | {planned['predicted_loss']:6.1f} / {doc['plan_loss_on_calibration']:6.1f}"

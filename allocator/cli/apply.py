@@ -11,7 +11,7 @@ from profilers.quant.options import needs_hessian
 
 from ..errors import AllocatorError
 from .app import app, report
-from .options import PlanArg, PlanModelArg, RecordedDataOptions, with_options
+from .options import PlanArg, PlanModelArg, Progress, RecordedDataOptions, with_options
 from .setup import check_outputs, check_weights, load_setup, model_and_plan
 
 __all__ = ["apply"]
@@ -30,13 +30,14 @@ def apply(
         bool, typer.Option("--check/--no-check", help="Reload the file and compare it with the fake-quantized model.")
     ] = True,
     data: RecordedDataOptions,
+    progress: Progress = True,
 ) -> None:
     """Quantize the model by the plan and write it packed (safetensors; reload with allocator.load_quantized)."""
     from profilers.estimators.base import fingerprint_batches
 
     from ..planning.budget import format_bytes
     from ..planning.plan import Plan
-    from ..quantized.apply import apply_plan_
+    from ..quantized.apply import quantize_plan_
     from ..quantized.export import export_quantized
     from ..quantized.load import load_quantized
     from ..sources import DEFAULT_MODEL
@@ -47,23 +48,29 @@ def apply(
     plan = Plan.load(plan_file)
     name = model or plan.model_name or DEFAULT_MODEL
     setup = None
-    if needs_hessian(plan.method) or check:  # GPTQ rounds on the plan's calibration data; the check runs held-out data
+    calibrated = needs_hessian(plan.method) or plan.refine_steps > 0
+    if calibrated or check:  # GPTQ and --refine run on the plan's calibration data; the check on held-out data
         setup = load_setup(name, data.resolve(plan.data))
         loaded = setup.loaded
     else:
         loaded = load_model(name)
     check_weights(plan.model_fingerprint, loaded, plan_file, "solve again for this model")
     calibration = None
-    if needs_hessian(plan.method):
+    if calibrated:
         assert setup is not None
         if fingerprint_batches(setup.calib) != plan.data_fingerprint:
             raise AllocatorError(
-                "this GPTQ plan was profiled on other calibration data; pass the same --data, --calibration,"
+                "this plan was profiled on other calibration data; pass the same --data, --calibration,"
                 " --seed, --max-length and --batch-size as when profiling"
             )
         calibration = setup.calib  # GPTQ's `H`, block by block as the layers are written
     t0 = time.perf_counter()
-    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, calibration=calibration, task=loaded.task)
+    fake = copy.deepcopy(loaded.model)  # quantized by the plan; the packed file stores exactly its weights
+    with report.progress(progress) as update:
+        made = quantize_plan_(fake, plan, calibration=calibration, task=loaded.task, progress=update)
+    if made.refined:
+        report.refinement(made.refined, plan.refine_steps)
+    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, stored=made.layers)
     seconds = time.perf_counter() - t0
     report.written.append(str(output))
     size = output.stat().st_size
@@ -80,7 +87,6 @@ def apply(
 
         assert setup is not None and loaded.task is not None
         reloaded = load_quantized(output)
-        fake = apply_plan_(copy.deepcopy(loaded.model), plan, calibration=calibration, task=loaded.task)
         batch = setup.data.evals[0]
         with torch.no_grad():
             a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)

@@ -53,7 +53,8 @@ def run_evaluation(
     check_metric_fits(setup, metric)
     uniform = default_uniform(plan, top=top_uniform)
     variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
-    labels = ["FP", "plan", *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
+    bare = ["plan without --refine"] if plan.refine_steps else []
+    labels = ["FP", "plan", *bare, *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
     with report.progress(progress) as update:
         # Every H at once, shared by the variants; a sequential plan's variants take their own.
         shared = needs_hessian(plan.method) and not plan.sequential
@@ -61,7 +62,9 @@ def run_evaluation(
         cmp = compare(loaded.model, plan, setup.data.evals, loaded.task, uniform=uniform, words=words,
                       fp_bytes=fp16_bytes, progress=lambda label: update("measuring", labels.index(label), len(labels)),
                       hessians=hessians, calibration=setup.calib, peers=variants, skipped=skipped,
-                      metric=metric)  # fmt: skip
+                      metric=metric, block_progress=update)  # fmt: skip
+    if cmp.refined:
+        report.refinement(cmp.refined, plan.refine_steps)
     report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", fp16_bytes, plan)
     return cmp, time.perf_counter() - started
 
@@ -84,7 +87,8 @@ def evaluate(
     plot: Annotated[Path | None, typer.Option(metavar="PLOT.png", help="Also draw the comparison as a PNG.")] = None,
     progress: Progress = True,
 ) -> None:
-    """Measure the plan against FP, the best uniform settings and other quantizers at the same size."""
+    """Measure the plan against FP, the best uniform settings and other quantizers at the same size (a plan made
+    with --refine also without its block reconstruction)."""
     from profilers.layers import fp16_bytes
 
     from ..planning.plan import Plan
@@ -131,4 +135,5 @@ def _as_json(cmp: Any, setup: Setup, plan_path: Path) -> dict[str, Any]:
         "plan_beats_best_peer": None if best_p is None else cmp.score(cmp.plan) > cmp.score(best_p),
         "skipped": cmp.skipped,
         "plan_loss_on_calibration": cmp.plan_on_calibration,
+        "refined_blocks": [asdict(r) for r in cmp.refined],
     }

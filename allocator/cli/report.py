@@ -5,9 +5,9 @@ Rendering only: every number comes from a `Plan`, `ProfileTable` or `Comparison`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -67,6 +67,17 @@ class Reporter:
 
     def warn(self, text: str) -> None:
         self.err.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+    def refinement(self, refined: Sequence[Any], steps: int) -> None:
+        """One line on a block reconstruction (`refine.BlockRefinement` per block)."""
+        seconds = sum(r.seconds for r in refined)
+        kept = [r for r in refined if r.kept]
+        fell = sum(1 - r.loss_after / r.loss_before for r in kept if r.loss_before > 0) / max(len(kept), 1)
+        self.line(
+            f"block reconstruction: {len(refined)} blocks x {steps} steps in {seconds:.0f}s"
+            f" ({seconds / max(len(refined), 1):.1f}s per block); {len(kept)} kept their tuned terms,"
+            f" their output error fell {100 * fell:.1f}% on average"
+        )
 
     @contextmanager
     def progress(self, enabled: bool) -> Iterator[Callable[[str, int, int], None]]:

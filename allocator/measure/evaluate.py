@@ -21,7 +21,8 @@ from profilers.tasks import Task
 from profilers.types import Choice
 
 from ..planning.plan import Plan, UniformPoint
-from ..quantized.apply import apply_choices_, apply_plan_
+from ..quantized.apply import apply_choices_, apply_plan_, quantize_plan_
+from ..quantized.refine import BlockRefinement
 from .metrics import METRICS, Measured, check_metric, measure_outputs, metrics_for, model_outputs
 from .peers import PeerSkipped, PeerVariant
 
@@ -39,6 +40,8 @@ class Comparison:
     peers: list[Measured] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # peers not run, and why
     plan_on_calibration: float | None = None  # the plan's measured loss on the batches it was scored on
+    unrefined: Measured | None = None  # the plan without its block reconstruction (`plan.refine_steps`)
+    refined: list[BlockRefinement] = field(default_factory=list)  # the plan's block reconstruction, per block
 
     def best_uniform(self, *, fitting_only: bool = False) -> Measured | None:
         """Best measured uniform variant by the primary metric (only those within budget if asked)."""
@@ -61,7 +64,7 @@ class Comparison:
 
     @property
     def rows(self) -> list[Measured]:
-        return [self.fp, self.plan, *self.uniform, *self.peers]
+        return [self.fp, self.plan, *([self.unrefined] if self.unrefined else []), *self.uniform, *self.peers]
 
 
 def default_metric(task: Task, fp: Measured) -> str:
@@ -89,6 +92,7 @@ def compare(
     peers: Sequence[PeerVariant] = (),
     skipped: Sequence[str] = (),
     metric: str | None = None,
+    block_progress: Callable[[str, int, int], None] | None = None,
 ) -> Comparison:
     """Measure FP, the plan, uniform settings and peers on `batches`.
 
@@ -111,6 +115,10 @@ def compare(
         skipped: why peers that were asked for are missing, carried into the result (with the
             peers whose build says it cannot serve this plan, `PeerSkipped`).
         metric: a name of `METRICS` to rank by (default: `default_metric`).
+        block_progress: `(stage, done, total)` callback for the plan's block reconstruction.
+
+    A plan with block reconstruction (`plan.refine_steps`) is also measured without it
+    (`Comparison.unrefined`); uniform settings are rounded without it.
     """
     note = progress or (lambda label: None)
     check_metric(metric, metrics_for(task, batches, words=words is not None))
@@ -132,12 +140,18 @@ def compare(
     rounding = {"hessians": hessians, "calibration": calibration, "task": task}
     note("plan")
     t0 = time.perf_counter()
-    planned = apply_plan_(copy.deepcopy(model), plan, **rounding)
+    planned = copy.deepcopy(model)
+    refined = quantize_plan_(planned, plan, **rounding, progress=block_progress).refined
     plan_row = bench.measure("plan", planned, time.perf_counter() - t0, size=predicted.bytes, bpw=predicted.bpw,
                              predicted=predicted.loss, kind="plan")  # fmt: skip
     # The prediction is made on the calibration batches: the plan's loss there is its check.
     on_calibration = None if not calibration else _mean_divergence(model, planned, calibration, task)
     del planned
+    unrefined = None
+    if plan.refine_steps:  # what the reconstruction bought, in the same run
+        bare = plan.model_copy(update={"refine_steps": 0})
+        unrefined = variant("plan without --refine", lambda: apply_plan_(copy.deepcopy(model), bare, **rounding),
+                            size=predicted.bytes, bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
         make = lambda u=u: apply_choices_(  # noqa: E731
@@ -158,7 +172,8 @@ def compare(
                                        predicted=None, fits=built.fits, kind="peer"))  # fmt: skip
         del built
     return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric or default_metric(task, fp), peers=peer_rows,
-                      skipped=skipped, plan_on_calibration=on_calibration)  # fmt: skip
+                      skipped=skipped, plan_on_calibration=on_calibration, unrefined=unrefined,
+                      refined=refined)  # fmt: skip
 
 
 def _mean_divergence(reference: nn.Module, model: nn.Module, batches: Sequence[Any], task: Task) -> float:
