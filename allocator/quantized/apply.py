@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from profilers.blocks import NotAChain, find_blocks
+from profilers.blocks import Chain, NotAChain, find_blocks
 from profilers.input_hessians import input_hessians, streamed_hessians
 from profilers.layers import find_targets, resolve_modules
 from profilers.quant.options import needs_hessian
@@ -139,7 +139,8 @@ def quantize_layers_(
     return Quantized(stored, refined)
 
 
-def _fp_chain(model: nn.Module, batches: Sequence[Any], task: Task):
+def _fp_chain(model: nn.Module, batches: Sequence[Any], task: Task) -> Chain:
+    """The FP model's block inputs and outputs on `batches`, before any weight changes."""
     blocks = find_blocks(model, find_targets(model))
     try:
         if not blocks:
