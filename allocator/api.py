@@ -140,6 +140,8 @@ def solve(
         The `Plan`: per-layer choice, predicted bytes/BOPs/loss, solver status and gap, and
         every uniform setting priced on the same profile.
     """
+    if refine_steps < 0:
+        raise AllocatorError(f"refine_steps must be 0 (none) or more, got {refine_steps}")
     budgets = [budget] if isinstance(budget, (str, Budget)) else list(budget)
     tie_names: list[list[str]] = []
     if isinstance(model_or_profile, ProfileTable):
@@ -165,7 +167,5 @@ def solve(
                 exclude=profile_options.get("exclude", ()),
             )
             tie_names = profiled_ties(model_or_profile, targets, batches[0], task, table.names, ties)
-    if refine_steps < 0:
-        raise AllocatorError(f"refine_steps must be 0 (none) or more, got {refine_steps}")
     plan = plan_from_profile(table, budgets, ties=tie_names, solver=solver, gap=gap, time_limit=time_limit)
     return plan.model_copy(update={"refine_steps": refine_steps}) if refine_steps else plan

@@ -179,13 +179,15 @@ def main() -> None:
         rows = doc["rows"]
         fp = next(r for r in rows if r["kind"] == "fp")
         planned = next(r for r in rows if r["kind"] == "plan")
-        bare = next((f" {r['perplexity']:10.2f} |" for r in rows if r["label"] == "plan without --refine"), "")
+        unrefined = next((r for r in rows if r["label"] == "plan without --refine"), None)
+        bare = "" if unrefined is None else f" {unrefined['perplexity']:10.2f} |"
+        checked = unrefined or planned  # the prediction is the rounding's, without --refine
         lines.append(
             f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |{bare}"
             f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'RTN'):>24}"
             f" | {best(rows, 'peer', 'perplexity', 'HQQ'):>24}"
             f" | {planned['predicted_loss']:6.1f} / {doc['plan_loss_on_calibration']:6.1f}"
-            f" / {planned['divergence']:6.1f}"
+            f" / {checked['divergence']:6.1f}"
             f" | {seconds:.0f}s"
         )
         print(lines[-1], flush=True)

@@ -65,7 +65,9 @@ def apply(
             )
         calibration = setup.calib  # GPTQ's `H`, block by block as the layers are written
     t0 = time.perf_counter()
-    fake = copy.deepcopy(loaded.model)  # quantized by the plan; the packed file stores exactly its weights
+    # Quantized by the plan (the packed file stores exactly its weights); a copy only when the check needs it,
+    # since the export reads the tensors the plan does not quantize from the model (fp16 either way).
+    fake = copy.deepcopy(loaded.model) if check else loaded.model
     with report.progress(progress) as update:
         made = quantize_plan_(fake, plan, calibration=calibration, task=loaded.task, progress=update)
     if made.refined:

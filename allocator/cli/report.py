@@ -222,10 +222,12 @@ class Reporter:
             self.line(f"peer skipped: {reason}")
         if cmp.plan_on_calibration is not None and cmp.plan.predicted_loss:
             predicted = cmp.plan.predicted_loss
+            checked = cmp.unrefined or cmp.plan  # the prediction is the rounding's, without --refine
             self.line(
-                f"estimate check: the plan's predicted loss {_loss(predicted)}; measured on the calibration data it"
-                f" was scored on {_loss(cmp.plan_on_calibration)} ({cmp.plan_on_calibration / predicted:.2f}x),"
-                f" held out {_loss(cmp.plan.divergence)} ({cmp.plan.divergence / predicted:.2f}x)"
+                f"estimate check: the plan's predicted loss {_loss(predicted)}; measured"
+                f"{' without --refine' if cmp.unrefined else ''} on the calibration data it was scored on"
+                f" {_loss(cmp.plan_on_calibration)} ({cmp.plan_on_calibration / predicted:.2f}x),"
+                f" held out {_loss(checked.divergence)} ({checked.divergence / predicted:.2f}x)"
             )
         if plan is not None and plan.constraints.max_loss is not None:
             target = plan.best_uniform()

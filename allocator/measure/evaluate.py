@@ -118,7 +118,8 @@ def compare(
         block_progress: `(stage, done, total)` callback for the plan's block reconstruction.
 
     A plan with block reconstruction (`plan.refine_steps`) is also measured without it
-    (`Comparison.unrefined`); uniform settings are rounded without it.
+    (`Comparison.unrefined`), and that is the model its prediction is checked on
+    (`plan_on_calibration`); uniform settings are rounded without it.
     """
     note = progress or (lambda label: None)
     check_metric(metric, metrics_for(task, batches, words=words is not None))
@@ -144,14 +145,17 @@ def compare(
     refined = quantize_plan_(planned, plan, **rounding, progress=block_progress).refined
     plan_row = bench.measure("plan", planned, time.perf_counter() - t0, size=predicted.bytes, bpw=predicted.bpw,
                              predicted=predicted.loss, kind="plan")  # fmt: skip
-    # The prediction is made on the calibration batches: the plan's loss there is its check.
+    unrefined = None
+    if plan.refine_steps:  # what the reconstruction bought, in the same run; the prediction is the rounding's
+        del planned
+        note("plan without --refine")
+        t0 = time.perf_counter()
+        planned = apply_plan_(copy.deepcopy(model), plan.model_copy(update={"refine_steps": 0}), **rounding)
+        unrefined = bench.measure("plan without --refine", planned, time.perf_counter() - t0, size=predicted.bytes,
+                                  bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
+    # The prediction is made on the calibration batches: the rounded plan's loss there is its check.
     on_calibration = None if not calibration else _mean_divergence(model, planned, calibration, task)
     del planned
-    unrefined = None
-    if plan.refine_steps:  # what the reconstruction bought, in the same run
-        bare = plan.model_copy(update={"refine_steps": 0})
-        unrefined = variant("plan without --refine", lambda: apply_plan_(copy.deepcopy(model), bare, **rounding),
-                            size=predicted.bytes, bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
         make = lambda u=u: apply_choices_(  # noqa: E731

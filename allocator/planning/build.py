@@ -202,7 +202,6 @@ def _decode(
         profiler=profile.profiler,
         method=str(profile.settings.get("method", "rtn")),
         sequential=bool(profile.settings.get("sequential", False)),
-        refine_steps=int(profile.settings.get("refine_steps", 0)),
         loss_units=profile.loss_units,
         budgets=tuple(budgets),
         limits=binding,

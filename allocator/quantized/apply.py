@@ -95,8 +95,8 @@ def quantize_layers_(
 ) -> Quantized:
     """Quantize the named layers' weights in place with the given choices; what each stores.
 
-    Validates every name and weight before changing anything, so a failure leaves the model
-    as it was.
+    Validates every name and weight (and that a reconstruction can run) before changing
+    anything, so a refused input leaves the model as it was.
 
     Args:
         model: the model to change.

@@ -1,4 +1,4 @@
-"""Block reconstruction after GPTQ (`--refine STEPS`): each block's stored terms tuned so that the
+"""Block reconstruction after the rounding (`--refine STEPS`): each block's stored terms tuned so that the
 block, fed the outputs of the blocks before it as quantized, reproduces the FP model's block output.
 
 What is tuned stays exactly what the packed file stores. Per term: a rounding shift `V` in
@@ -12,7 +12,7 @@ keeps its tuned terms only when they lower its loss over all calibration batches
 
 Measured on SmolLM2-135M at 3.5 bpw, held-out perplexity (FP 30.45), 64 steps per block: with 32
 calibration windows (`--calibration 32`), 33.83 -> 33.63, 13.3 s per block (6.6 min for 30
-blocks); on a plan profiled with 8 windows and rounded with 32, 34.08 -> 33.68. With the default
+blocks); in an experiment on a plan profiled with 8 windows and rounded with 32, 34.08 -> 33.68. With the default
 8 windows it overfits them: their perplexity fell 2.6% while the held-out one rose 0.4%. Few
 steps move too far per step (each step may move a code's shift or a scale by `1 / steps`): on
 a random 3-block Llama, 12 steps raised every block's error, 48 lowered it.
@@ -60,14 +60,14 @@ class _TunedTerm:
     def __init__(self, term: Term, scales: bool) -> None:
         self.term = term
         self.codes = term.codes.float()
-        symmetric = term.offset is None
-        self.low = -(1 << (term.bits - 1)) if symmetric else 0
-        self.high = (1 << (term.bits - 1)) - 1 if symmetric else (1 << term.bits) - 1
+        signed = term.codes.dtype == torch.int8  # symmetric terms; a tied term's later digits are unsigned
+        self.low = -(1 << (term.bits - 1)) if signed else 0
+        self.high = (1 << (term.bits - 1)) - 1 if signed else (1 << term.bits) - 1
         self.scale = term.scale.float()
-        self.offset = None if symmetric else term.offset.float()
+        self.offset = None if term.offset is None else term.offset.float()
         self.shift = torch.zeros_like(self.codes, requires_grad=True)
         self.rel = torch.zeros_like(self.scale, requires_grad=True) if scales else None
-        self.move = torch.zeros_like(self.scale, requires_grad=True) if scales and not symmetric else None
+        self.move = torch.zeros_like(self.scale, requires_grad=True) if scales and self.offset is not None else None
 
     def params(self) -> list[Tensor]:
         return [p for p in (self.shift, self.rel, self.move) if p is not None]
@@ -145,6 +145,7 @@ def _rows_of(term: Term, rows: Tensor) -> Term:
 def _loss(out: Tensor, target: Tensor, batch: Any) -> Tensor:
     """Squared error normalised per token by the target's mean square (padding left out); for
     outputs that are not `[batch, positions, width]`, the squared error relative to the target's."""
+    out, target = out.float(), target.float()
     if out.dim() != 3:
         return (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
     per_token = (out - target).pow(2).mean(-1) / target.pow(2).mean(-1).clamp_min(1e-12)
@@ -237,11 +238,13 @@ def _tune_block(
     params = [p for layer in layers.values() for t in layer.tuned() for p in t.params()]
     for step in range(steps):
         loss = run(step % len(batches), {rel: layer.value() for rel, layer in layers.items()})
-        grads = torch.autograd.grad(loss, params)
+        # (a layer this batch never reaches, such as an expert no token was routed to, has no gradient)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
         lr = (1.0 - step / steps) / steps
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
-                p.sub_(lr * g.sign())
+                if g is not None:
+                    p.sub_(lr * g.sign())
             for layer in layers.values():
                 for t in layer.tuned():
                     t.clamp_()

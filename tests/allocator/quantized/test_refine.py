@@ -38,13 +38,13 @@ def _kl(reference, model, data, task):
 @pytest.mark.parametrize("kind", ["plan", "mixed"])
 def test_reconstruction_lowers_each_kept_block_error_and_the_model_error_it_was_tuned_on(llama_plan, kind):
     """`plan`: the solved plan; `mixed`: every term kind the tuning handles at once (a
-    fractional choice, two terms, symmetric, per channel, unrotated, fp16)."""
+    fractional choice, two terms, tied terms, symmetric, per channel, unrotated, fp16)."""
     model, data, task, plan = llama_plan
     choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = None
     if kind == "mixed":
         kinds = [allocator.Choice.parse(label) for label in ("int2+1/4-ch-had", "int2x2-g32", "fp16", "int3-ch",
-                                                             "int4-g32-had", "int2-g32-had")]  # fmt: skip
+                                                             "int2x2t-g32", "int4-g32-had")]  # fmt: skip
         kinds.append(allocator.Choice(bits=3, group_size=32, symmetric=True))
         choices = {name: kinds[i % len(kinds)] for i, name in enumerate(plan.layers)}
         rows = {name: torch.arange(0, plan.layers[name].shape[0], 4).numpy() for name, c in choices.items() if c.extra}
@@ -63,7 +63,7 @@ def test_reconstruction_lowers_each_kept_block_error_and_the_model_error_it_was_
         assert torch.equal(dict(refined_model.named_modules())[name].weight, layer.weight().to(torch.float32)), name
         for term in layer.terms + (layer.extra or []):
             codes = term.codes.to(torch.int64)
-            low = -(1 << (term.bits - 1)) if term.offset is None else 0
+            low = -(1 << (term.bits - 1)) if term.codes.dtype == torch.int8 else 0  # tied digits: unsigned
             assert codes.min() >= low and codes.max() < low + (1 << term.bits), name
 
 
