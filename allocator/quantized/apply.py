@@ -59,23 +59,9 @@ def layer_hessians(model: nn.Module, batches: Sequence[Any], task: Task) -> dict
     return {targets[i].spec.name: h for i, h in found.items()}
 
 
-def apply_choices_(
-    model: nn.Module,
-    choices: dict[str, Choice],
-    *,
-    extra_rows: dict[str, np.ndarray] | None = None,
-    method: str = "rtn",
-    hessians: dict[str, Tensor] | None = None,
-    calibration: Sequence[Any] | None = None,
-    task: Task | None = None,
-    sequential: bool = False,
-    refine_steps: int = 0,
-    round_rest_to_fp16: bool = True,
-) -> nn.Module:
-    """Quantize the named layers' weights in place with the given choices (`quantize_layers_`)."""
-    quantize_layers_(model, choices, extra_rows=extra_rows, method=method, hessians=hessians, calibration=calibration,
-                     task=task, sequential=sequential, refine_steps=refine_steps,
-                     round_rest_to_fp16=round_rest_to_fp16)  # fmt: skip
+def apply_choices_(model: nn.Module, choices: dict[str, Choice], **options: Any) -> nn.Module:
+    """`quantize_layers_` (its keyword options), returning the quantized model."""
+    quantize_layers_(model, choices, **options)
     return model
 
 
