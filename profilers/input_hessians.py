@@ -18,7 +18,7 @@ from .capture import Call, capture_calls, conv_patches
 from .layers import QuantTarget
 from .tasks import Task
 
-__all__ = ["call_hessian", "input_hessians", "positions_mask", "streamed_hessians"]
+__all__ = ["accumulate_hessians", "call_hessian", "input_hessians", "positions_mask", "streamed_hessians"]
 
 
 def positions_mask(batch: Any, inp: Tensor) -> Tensor | None:
@@ -46,7 +46,7 @@ def input_hessians(
             report("hessians", b, len(batches))
             with capture_calls(targets, batch, isolate=False) as calls:
                 task.forward(model, batch)
-            _accumulate(sums, calls, batch)
+            accumulate_hessians(sums, calls, batch)
     report("hessians", len(batches), len(batches))
     return {i: h.float() for i, h in sums.items()}
 
@@ -88,7 +88,7 @@ def streamed_hessians(
                 report("hessians", b, total)
                 with chain.recording(), capture_calls(targets, batch, isolate=False, shapes_only=in_blocks) as calls:
                     task.forward(model, batch)
-                _accumulate(outside, [c for c in calls if c.target not in in_blocks], batch)
+                accumulate_hessians(outside, [c for c in calls if c.target not in in_blocks], batch)
     except NotAChain:
         yield input_hessians(model, batches, task, targets, progress=progress)
         return
@@ -102,7 +102,7 @@ def streamed_hessians(
                 for b, batch in enumerate(batches):
                     with capture_calls(targets, batch, isolate=False) as calls:
                         chain.calls[b][k].call(block, chain.hidden[b][k])  # type: ignore[arg-type]
-                    _accumulate(sums, calls, batch)
+                    accumulate_hessians(sums, calls, batch)
             chain.free(k)
             yield {i: h.float() for i, h in sums.items()}
             continue
@@ -114,7 +114,7 @@ def streamed_hessians(
                     with capture_calls(targets, batch, isolate=False) as calls:
                         outs.append(chain.calls[b][k].call(block, hidden[b]))  # type: ignore[arg-type]
                     group = _next_group(calls, done) if group is None else group
-                    _accumulate(sums, [c for c in calls if c.target in group], batch)
+                    accumulate_hessians(sums, [c for c in calls if c.target in group], batch)
             if not group:
                 hidden = outs
                 break
@@ -132,7 +132,7 @@ def _next_group(calls: Sequence[Call], done: set[int]) -> set[int]:
     return {c.target for c in calls if c.target not in done and c.inp is first.inp}
 
 
-def _accumulate(sums: dict[int, Tensor], calls: Sequence[Call], batch: Any) -> None:
+def accumulate_hessians(sums: dict[int, Tensor], calls: Sequence[Call], batch: Any) -> None:
     """Add each call's `Σ x xᵀ` to its target's sum (once per distinct input: q, k and v share one)."""
     shared: dict[tuple[int, int | None], Tensor | None] = {}
     for call in calls:

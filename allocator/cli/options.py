@@ -46,6 +46,7 @@ from ..sources import (
     LLM_BATCH_SIZE,
     LLM_CALIBRATION,
     LLM_EVALUATION,
+    LLM_SCORED,
     LLM_WINDOW,
     MNIST_CALIBRATION,
 )
@@ -135,6 +136,14 @@ class DataOptions:
     max_length: Annotated[int | None, typer.Option(min=2, help=_MAX_LENGTH_HELP, show_default=False)] = None
     batch_size: Annotated[int | None, typer.Option(min=1, help=_BATCH_SIZE_HELP, show_default=False)] = None
     seed: Annotated[int, typer.Option(help="Seed of the calibration split and pseudo-labels.")] = DEFAULT_SEED
+    score_on: Annotated[
+        int | None,
+        typer.Option(min=1, metavar="N", show_default=False,
+                     help="Calibration items the sensitivity scores read, evenly spaced (rounded up to whole"
+                          " batches); GPTQ's H reads every item, in the profile as in apply. Scores cost a"
+                          " forward and backward pass per item, H a forward pass."
+                          f" [default: all; causal LMs: {LLM_SCORED}]"),
+    ] = None  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -17,14 +17,23 @@ __all__ = ["profile", "run_profile"]
 
 
 def run_profile(
-    setup: Setup, grid: GridOptions, choices: tuple[list, dict], *, seed: int, progress: bool
+    setup: Setup,
+    grid: GridOptions,
+    choices: tuple[list, dict],
+    *,
+    seed: int,
+    progress: bool,
+    score_on: int | None = None,
 ) -> tuple[ProfileTable, float]:
-    """Profile the loaded model on its calibration data with `choices` (`grid.choices()`); the
-    table records the data split."""
+    """Profile the loaded model on its calibration data with `choices` (`grid.choices()`),
+    scoring on `score_on` items of it (`DataOptions.score_on`); the table records the data split."""
     from .. import api
+    from ..sources import LLM_SCORED
 
     choices, limits = choices
     llm = setup.loaded.kind == "causal-lm"
+    score_on = score_on or (LLM_SCORED if llm else None)
+    scored = None if score_on is None else -(-score_on // setup.data.batch_size)
     choices = with_rotation(choices, grid.rotation or DEFAULT_ROTATION)
     started = time.perf_counter()
     with report.progress(progress) as update:
@@ -43,6 +52,7 @@ def run_profile(
             progress=update,
             method=grid.method or (LLM_METHOD if llm else DEFAULT_METHOD),
             sequential=grid.sequential,
+            scored=scored,
             **limits,
         )
     table = table.model_copy(update={"data": setup.data.split()})
@@ -73,7 +83,7 @@ def profile(
     check_outputs({"--output": output}, [model, data.data])
     choices = grid.choices()
     setup = load_setup(model, data)
-    table, seconds = run_profile(setup, grid, choices, seed=data.seed, progress=progress)
+    table, seconds = run_profile(setup, grid, choices, seed=data.seed, progress=progress, score_on=data.score_on)
     report.profile(table, seconds)
     if validate:
         from ..measure.validation import validate_profile

@@ -202,6 +202,7 @@ def _decode(
         profiler=profile.profiler,
         method=str(profile.settings.get("method", "rtn")),
         sequential=bool(profile.settings.get("sequential", False)),
+        scored_batches=profile.settings.get("scored_batches"),
         loss_units=profile.loss_units,
         budgets=tuple(budgets),
         limits=binding,

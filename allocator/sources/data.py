@@ -30,7 +30,7 @@ from . import (
 from .models import LoadedModel
 from .text import load_documents, split_documents, split_windows, text_batches, token_windows, window_batches
 
-__all__ = ["Data", "default_window", "load_data"]
+__all__ = ["Data", "default_calibration_windows", "default_window", "load_data"]
 
 
 @dataclass
@@ -87,7 +87,8 @@ def load_data(
 
     `calibration`, `max_length` and `batch_size` left None take the model's defaults: for a causal
     LM reading text `LLM_CALIBRATION` windows of `LLM_WINDOW` tokens (at most its
-    `max_position_embeddings`), `LLM_EVALUATION` held out; `LLM_BATCH_SIZE` for a causal LM on any
+    `max_position_embeddings`; fewer windows on a short text, `default_calibration_windows`),
+    `LLM_EVALUATION` held out; `LLM_BATCH_SIZE` for a causal LM on any
     data; `MNIST_CALIBRATION` images for `lenet-mnist`'s own data; otherwise
     `DEFAULT_CALIBRATION`, `DEFAULT_MAX_LENGTH`, `DEFAULT_BATCH_SIZE`.
     """
@@ -113,7 +114,7 @@ def load_data(
         )
     elif llm:
         window = max_length if max_length is not None else default_window(loaded)
-        found = _window_data(loaded, data, window=window, calibration=_given(calibration, LLM_CALIBRATION),
+        found = _window_data(loaded, data, window=window, calibration=calibration,
                              evaluation=_given(evaluation, LLM_EVALUATION), seed=seed,
                              batch_size=batch_size)  # fmt: skip
     else:
@@ -150,10 +151,17 @@ def default_window(loaded: LoadedModel) -> int:
 
 
 def _window_data(
-    loaded: LoadedModel, data: str | None, *, window: int, calibration: int, evaluation: int, seed: int, batch_size: int
+    loaded: LoadedModel,
+    data: str | None,
+    *,
+    window: int,
+    calibration: int | None,
+    evaluation: int,
+    seed: int,
+    batch_size: int,
 ) -> Data:
-    """A causal LM's text as windows of `window` tokens: `calibration` of them, and at most
-    `evaluation` others held out."""
+    """A causal LM's text as windows of `window` tokens: `calibration` of them (None: the
+    default for the text's length), and at most `evaluation` others held out."""
     if evaluation < 1:
         raise ModelError(f"evaluation {evaluation} holds out no window; hold out at least 1")
     docs, source = load_documents(data)
@@ -163,6 +171,8 @@ def _window_data(
             f"{source} holds {len(windows)} window(s) of {window} tokens; calibration and evaluation need at least 2:"
             " give more text or a shorter --max-length"
         )
+    if calibration is None:
+        calibration = default_calibration_windows(len(windows), evaluation)
     calib, held_out = split_windows(len(windows), calibration, evaluation, seed=seed)
     return Data(
         calib=window_batches(windows, calib, batch_size=batch_size),
@@ -199,6 +209,13 @@ def _is_samples(path: Path) -> bool:
     if path.is_file():
         return path.suffix.lower() in user.TENSOR_SUFFIXES
     return path.is_dir() and any(d.is_dir() for d in path.iterdir()) and not any(path.glob("*.txt"))
+
+
+def default_calibration_windows(n: int, evaluation: int = LLM_EVALUATION) -> int:
+    """Calibration windows when none are asked for, out of `n`: `LLM_CALIBRATION`, fewer where
+    the text would then hold out fewer than `evaluation`, but never fewer than 8 (or all but
+    one window of a shorter text)."""
+    return max(1, min(LLM_CALIBRATION, max(n - evaluation, min(8, n - 1))))
 
 
 def _sample_data(loaded: LoadedModel, path: Path, *, calibration: int, seed: int, batch_size: int) -> Data:

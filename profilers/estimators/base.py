@@ -37,6 +37,7 @@ __all__ = [
     "ProgressFn",
     "fingerprint_batches",
     "pseudo_label_passes",
+    "split_scored",
 ]
 
 ProgressFn = Callable[[str, int, int], None]
@@ -90,6 +91,7 @@ class ProfileRun:
     task: Task
     quantizer: Quantizer
     report: ProgressFn
+    extra: list[Any] = field(default_factory=list)  # batches that only feed GPTQ's `H`, not the scores
 
 
 @dataclass
@@ -155,6 +157,18 @@ def pseudo_label_passes(
             t.weight.requires_grad_(flag)
 
 
+def split_scored(batches: Sequence[Any], scored: int | None) -> tuple[list[Any], list[Any]]:
+    """The `scored` batches the scores read, evenly spaced over `batches` (all when None or
+    at least their number), and the others."""
+    if scored is not None and scored < 1:
+        raise ProfileError(f"scored batches must be at least 1, got {scored}")
+    n = len(batches)
+    if scored is None or scored >= n:
+        return list(batches), []
+    picked = {(j * n) // scored for j in range(scored)}
+    return [batches[i] for i in sorted(picked)], [b for i, b in enumerate(batches) if i not in picked]
+
+
 def fingerprint_batches(batches: Sequence[Any]) -> str:
     """SHA-256 over every tensor in the calibration batches (keys, shapes, values), hex."""
     h = hashlib.sha256()
@@ -199,6 +213,7 @@ class Profiler(ABC):
         act_bits: int = 16,
         model_name: str = "",
         progress: ProgressFn | None = None,
+        scored: int | None = None,
     ) -> ProfileTable:
         """Profile `model` on calibration `batches`.
 
@@ -218,6 +233,10 @@ class Profiler(ABC):
             act_bits: activation bits assumed by the BOPs cost.
             model_name: recorded in the profile.
             progress: optional callback `(stage, done, total)`.
+            scored: score on this many of the batches, evenly spaced (None: all). The others
+                feed GPTQ's `H` only: GPTQ's errors, like the applier's, come from every batch,
+                at the price of forward passes, while the scores' cost grows with the batches
+                they read.
 
         Returns:
             A `ProfileTable` with bytes, BOPs per sample and estimated loss per layer and option.
@@ -234,6 +253,9 @@ class Profiler(ABC):
         layouts = [layout_options(options, t.spec.rows) for t in targets]
         if method not in METHODS:
             raise ProfileError(f"unknown rounding method {method!r}; choose one of {', '.join(METHODS)}")
+        scoring, extra = split_scored(batches, scored)
+        if not needs_hessian(method):
+            extra = []
 
         was_training = model.training
         saved = [t.weight.detach().clone() for t in targets] if self._mutates_weights else None
@@ -242,7 +264,9 @@ class Profiler(ABC):
             quantizer = Quantizer(method)  # type: ignore[arg-type]
             if needs_hessian(method) and self._hessians_up_front:
                 quantizer.hessians = input_hessians(model, batches, task, targets, progress=report)
-            est = self._estimate(ProfileRun(model, batches, targets, options, layouts, task, quantizer, report))
+                extra = []  # already in every `H`
+            run = ProfileRun(model, scoring, targets, options, layouts, task, quantizer, report, extra)
+            est = self._estimate(run)
         finally:
             model.train(was_training)
             if saved is not None:
@@ -250,6 +274,8 @@ class Profiler(ABC):
                     for t, w in zip(targets, saved, strict=True):
                         t.weight.copy_(w)
         est.settings["method"] = method
+        if len(scoring) < len(batches):
+            est.settings["scored_batches"] = len(scoring)
         return self._assemble(model, batches, targets, options, task, est, act_bits, model_name, fractions)
 
     # Estimators that write quantized weights into the model set this, so the base restores them.

@@ -366,11 +366,12 @@ class FisherProfiler(Profiler):
     @staticmethod
     def _hessian(run: ProfileRun, i: int, segment: Segment, passes: SegmentPasses) -> Tensor | None:
         """GPTQ's `H` of target `i`: from its calls in `segment`, or from the whole forward pass
-        for a weight called in several segments."""
+        for a weight called in several segments; plus that of the batches only `H` reads."""
         if not needs_hessian(run.quantizer.method):
             return None
+        extra = passes.extra_hessian(i, segment)
         if passes.segments_of[i] > 1:
-            return passes.hessians.get(i)
+            return _sum(passes.hessians.get(i), extra)
         mine = [(b, s.call) for b, seen in enumerate(segment.seen) for s in seen if s.call.target == i]
         key = tuple((b, call.inp.data_ptr(), call.inp.shape) for b, call in mine)  # q, k, v share their inputs
         if key not in segment.hessians:
@@ -380,7 +381,7 @@ class FisherProfiler(Profiler):
                 if h is not None:
                     hessian = h if hessian is None else hessian + h
             segment.hessians = {key: hessian}
-        return segment.hessians[key]
+        return _sum(segment.hessians[key], extra)
 
     @staticmethod
     def _stack(run: ProfileRun, i: int, rows: slice, hessian: Tensor | None) -> Tensor:
@@ -433,6 +434,10 @@ class FisherProfiler(Profiler):
                 f" set --max-memory to {format_size(need)} or more, or calibrate on fewer or shorter samples"
             )
         return budget.chunks(bound)
+
+
+def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
 
 
 class _Terms:

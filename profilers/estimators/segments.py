@@ -18,6 +18,11 @@ What stays between segments: per batch, the blocks' hidden-state inputs not yet 
 one `dL/dh` per draw. What is recomputed: one forward and backward of each block per batch,
 which costs about one more forward+backward pass of the model. The gradients are those of the
 whole-model pass (same graph, cut at the blocks), so the scores are the same to rounding.
+
+Batches that only feed GPTQ's `H` (`ProfileRun.extra`: calibration text beyond what is scored)
+go through the model once more without gradients in step 1, recording each block's input
+again; each block segment then runs its block on them (forward only) and hands out their `H`
+of its layers with its own, so a layer's `H` covers every calibration batch.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from torch import Tensor
 
 from ..blocks import Chain, NotAChain, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
-from ..input_hessians import call_hessian
+from ..input_hessians import accumulate_hessians, call_hessian
+from ..quant.options import needs_hessian
 from .base import CallCounter, ProfileRun
 
 __all__ = ["Seen", "Segment", "SegmentPasses"]
@@ -62,6 +68,7 @@ class Segment:
     targets: list[int]
     seen: list[list[Seen]] = field(default_factory=list)
     hessians: dict[tuple, Tensor | None] = field(default_factory=dict)  # the last `H` built, by its inputs
+    extra: dict[int, Tensor] = field(default_factory=dict)  # per target, `H` of the batches only `H` reads
 
 
 class SegmentPasses:
@@ -121,6 +128,44 @@ class SegmentPasses:
         run.report("forward", len(run.batches), len(run.batches))
         self.blocks = len(blocks)
         self.segments_of = {i: len(s) for i, s in self.where.items()}
+        self._record_extra(blocks, counted)
+
+    def _record_extra(self, blocks: list, in_blocks: set[int]) -> None:
+        """One forward pass per batch of `run.extra` (no gradients): `H` of the layers outside
+        the blocks, and every block's input for the block segments to take theirs."""
+        run = self.run
+        self.extra_chain = Chain(blocks)
+        self.extra_hessians: dict[int, Tensor] = {}  # targets outside the blocks
+        if not run.extra or not needs_hessian(run.quantizer.method):
+            return
+        with torch.no_grad():
+            for b, batch in enumerate(run.extra):
+                run.report("hessians", b, len(run.extra))
+                recording = self.extra_chain.recording() if blocks else nullcontext()
+                with recording, capture_calls(run.targets, batch, isolate=False, shapes_only=in_blocks) as calls:
+                    run.task.forward(run.model, batch)
+                accumulate_hessians(self.extra_hessians, [c for c in calls if c.target not in in_blocks], batch)
+        run.report("hessians", len(run.extra), len(run.extra))
+        if blocks:
+            self.extra_chain.free(len(blocks))  # the last block's output: no block reads it
+        self.carried_bytes += sum(_nbytes(h) for hs in self.extra_chain.hidden for h in hs if h is not None)
+
+    def extra_hessian(self, i: int, segment: Segment) -> Tensor | None:
+        """`H` of target `i` from the batches only `H` reads (None without such batches)."""
+        return segment.extra.get(i, self.extra_hessians.get(i))
+
+    def _block_extra(self, k: int, wanted: set[int]) -> dict[int, Tensor]:
+        """`H` of block `k`'s layers from the batches only `H` reads (block `k` run on each)."""
+        chain, sums = self.extra_chain, {}
+        if not chain.hidden:
+            return sums
+        with torch.no_grad():
+            for b, batch in enumerate(self.run.extra):
+                with capture_calls(self.run.targets, batch, isolate=False) as calls:
+                    chain.calls[b][k].call(chain.blocks[k], chain.hidden[b][k])  # type: ignore[arg-type]
+                accumulate_hessians(sums, [c for c in calls if c.target in wanted], batch)
+        chain.free(k)
+        return sums
 
     def _locate(self, calls: list[Call], block_of: dict[int, int]) -> None:
         """The segment of every call of the first batch: its block, or the stem before the
@@ -228,6 +273,7 @@ class SegmentPasses:
             seen, self.dh[b] = self._carry_back(h, leaf, mine, self.dh[b].__getitem__)
             seg.seen.append(seen)
             del calls, h
+        seg.extra = self._block_extra(k, wanted)
         return seg
 
     def _stem(self) -> Segment:

@@ -183,3 +183,39 @@ def test_a_replayed_block_attends_only_to_its_own_input_with_a_kv_cache_model():
     assert all("Cache" not in type(v).__name__ for v in chain.calls[0][0].kwargs.values())
     torch.testing.assert_close(first, fresh.hidden[0][1])
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_batches_beyond_the_scored_ones_feed_every_layers_h(stream, monkeypatch):
+    """With `scored`, the scores read some batches and GPTQ's `H` all of them: each layer's
+    error stack is built on the `H` of every batch, block layers, head and tied weights alike."""
+    from profilers.input_hessians import input_hessians
+    from profilers.quant.rounding import Quantizer
+
+    model, data, task = tiny_llama(), batches(5), LogitsTask(causal=True)
+    expected = input_hessians(model, data, task, find_targets(model))
+    seen = {}
+    stack = Quantizer.stack
+
+    def spy(self, i, weight, choices):
+        seen[i] = self.hessians[i].clone()
+        return stack(self, i, weight, choices)
+
+    monkeypatch.setattr(Quantizer, "stack", spy)
+    table = FisherProfiler(stream=stream).profile(model, data, choices=CHOICES, task=task, method="gptq", scored=2)
+    assert table.settings["scored_batches"] == 2 and table.settings["samples"] == 4  # 2 batches of 2 windows
+    assert seen.keys() == expected.keys() and len(seen) == 3 * 7 + 1  # 7 per block, and the tied LM head
+    for i, h in seen.items():
+        torch.testing.assert_close(h, expected[i].float(), rtol=1e-5, atol=1e-3)
+
+
+def test_scored_batches_are_what_the_scores_read():
+    """Under round-to-nearest nothing reads `H`: scoring 2 of 5 batches is profiling those 2
+    (evenly spaced: the first and the third)."""
+    model, data = tiny_llama(), batches(5)
+    kw = dict(choices=CHOICES, task=LogitsTask(causal=True), method="rtn")
+    part = FisherProfiler().profile(model, data, scored=2, **kw)
+    alone = FisherProfiler().profile(model, [data[0], data[2]], **kw)
+    assert_same(part, alone, rel=1e-6)
+    with pytest.raises(ProfileError, match="at least 1"):
+        FisherProfiler().profile(model, data, scored=0, **kw)

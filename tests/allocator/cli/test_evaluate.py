@@ -78,12 +78,15 @@ def test_causal_lm_folder_goes_through_profile_solve_apply_evaluate_with_perplex
     prof, plan_file, packed = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "lm.safetensors"
     text = tmp_path / "news.txt"  # 48 documents: windows of 32 tokens to calibrate on, LLM_EVALUATION held out
     text.write_text("\n".join(lee_documents()[:48]))
-    res = cli("profile", str(tiny_causal_dir), "-o", str(prof), "--data", str(text), *fast)
+    # Scores read 4 of the 16 calibration windows (2 batches of 2); GPTQ's H reads all 16.
+    res = cli("profile", str(tiny_causal_dir), "-o", str(prof), "--data", str(text), "--score-on", "4", *fast)
     assert res.returncode == 0, res.stderr
     assert f"model {tiny_causal_dir} (causal-lm)" in res.stdout
+    assert "from 4 samples (GPTQ's H from all 16 calibration windows)" in res.stdout
     res = cli("solve", "-p", str(prof), "--budget", "5bpw", "-o", str(plan_file), "--no-progress")
     assert res.returncode == 0, res.stderr
     assert Plan.load(plan_file).method == "gptq-act"  # causal LMs round in activation order by default
+    assert Plan.load(plan_file).scored_batches == 2 and Plan.load(plan_file).data.calibration == 16
     res = cli("apply", str(plan_file), "-o", str(packed))  # model and calibration split from the plan
     assert res.returncode == 0, res.stderr
     assert packed.stat().st_size > 0 and "reloaded model vs fake-quantized model" in res.stdout

@@ -12,6 +12,7 @@ import torch
 from allocator import sources
 from allocator.errors import ModelError
 from allocator.sources import LLM_BATCH_SIZE, LLM_CALIBRATION, LLM_EVALUATION, LLM_WINDOW
+from allocator.sources.data import default_calibration_windows
 from allocator.sources.gguf import check_gguf, load_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -168,6 +169,13 @@ def test_bad_gguf_files_are_one_line_naming_the_file(tiny_gguf, tmp_path, monkey
     _refused(path, "needs the gguf package: pip install gguf")
 
 
+def test_default_calibration_windows_leave_the_held_out_windows_on_short_texts():
+    assert default_calibration_windows(200) == LLM_CALIBRATION == 32
+    assert default_calibration_windows(40) == 40 - LLM_EVALUATION  # 16 held out
+    assert default_calibration_windows(20) == 8  # never fewer than 8: 12 held out
+    assert default_calibration_windows(5) == 4 and default_calibration_windows(2) == 1  # all but one
+
+
 def test_causal_lm_text_is_disjoint_token_windows_rebuilt_from_the_recorded_split(tiny_gguf, tmp_path):
     from profilers.types import DataSplit
 
@@ -177,14 +185,15 @@ def test_causal_lm_text_is_disjoint_token_windows_rebuilt_from_the_recorded_spli
     text.write_text("\n".join(sources.lee_documents()[:30]))
     data = sources.load_data(loaded, str(text))  # every option left to the causal-LM defaults
     window = min(LLM_WINDOW, POSITIONS)  # at most the model's positions
-    assert (data.unit, data.max_length, data.n_calib, data.batch_size) == ("windows", window, LLM_CALIBRATION,
+    windows = sources.token_windows(loaded.tokenizer, sources.load_documents(str(text))[0], window=window)
+    n_calib = default_calibration_windows(len(windows))
+    assert (data.unit, data.max_length, data.n_calib, data.batch_size) == ("windows", window, n_calib,
                                                                           LLM_BATCH_SIZE)  # fmt: skip
     assert data.n_eval == LLM_EVALUATION and data.source == str(text) and not data.builtin
     calib = torch.cat([b["input_ids"] for b in data.calib])
     held_out = torch.cat([b["input_ids"] for b in data.evals])
-    assert calib.shape == (LLM_CALIBRATION, window) and held_out.shape == (LLM_EVALUATION, window)
+    assert calib.shape == (n_calib, window) and held_out.shape == (LLM_EVALUATION, window)
     assert all(bool(b["attention_mask"].all()) for b in [*data.calib, *data.evals])  # no padding
-    windows = sources.token_windows(loaded.tokenizer, sources.load_documents(str(text))[0], window=window)
     rows = {tuple(r) for r in windows.tolist()}
     picked = [tuple(r) for r in [*calib.tolist(), *held_out.tolist()]]
     assert set(picked) <= rows and len(set(picked)) == len(picked)  # whole windows, none used twice
