@@ -57,6 +57,7 @@ def profile(
     progress: ProgressFn | None = None,
     max_memory: int | str | None = None,
     sequential: bool = False,
+    scored: int | None = None,
 ) -> ProfileTable:
     """Measure, once, the cost and estimated sensitivity of every (layer, choice).
 
@@ -84,6 +85,8 @@ def profile(
             is refused naming the smallest that works. None: 80% of this machine's memory.
         sequential: record that the applier calibrates GPTQ sequentially (each block on the
             quantized blocks before it, as published); the scores stay those of FP inputs.
+        scored: score sensitivities on this many of the batches, evenly spaced (None: all);
+            GPTQ's `H` reads them all, as the applier's does.
     """
     limit = None if max_memory is None else parse_size(max_memory)
     with terminal_progress(progress) as update:
@@ -101,6 +104,7 @@ def profile(
             act_bits=act_bits,
             model_name=model_name,
             progress=update,
+            scored=scored,
         )
     settings = {**table.settings, "sequential": sequential and needs_hessian(method)}
     # Reserve the packed file's header, so a byte budget holds for the file on disk.
@@ -118,6 +122,7 @@ def solve(
     time_limit: float = 10.0,
     task: Task | None = None,
     refine_steps: int = 0,
+    tune_steps: int = 0,
     **profile_options: Any,
 ) -> Plan:
     """Plan the bits and terms of every layer for the most quality within `budget`.
@@ -134,14 +139,17 @@ def solve(
         task: the model's output kind; inferred when None.
         refine_steps: block reconstruction steps per block the applier runs after the rounding
             (`allocator.quantized.refine`; 0: none), recorded in the plan.
+        tune_steps: end-to-end tuning steps of the scales the applier runs after that
+            (`allocator.quantized.tune`; 0: none), recorded in the plan.
         **profile_options: passed to `profile` (method, choices, include, exclude, draws, ...).
 
     Returns:
         The `Plan`: per-layer choice, predicted bytes/BOPs/loss, solver status and gap, and
         every uniform setting priced on the same profile.
     """
-    if refine_steps < 0:
-        raise AllocatorError(f"refine_steps must be 0 (none) or more, got {refine_steps}")
+    for name, steps in (("refine_steps", refine_steps), ("tune_steps", tune_steps)):
+        if steps < 0:
+            raise AllocatorError(f"{name} must be 0 (none) or more, got {steps}")
     budgets = [budget] if isinstance(budget, (str, Budget)) else list(budget)
     tie_names: list[list[str]] = []
     if isinstance(model_or_profile, ProfileTable):
@@ -168,4 +176,6 @@ def solve(
             )
             tie_names = profiled_ties(model_or_profile, targets, batches[0], task, table.names, ties)
     plan = plan_from_profile(table, budgets, ties=tie_names, solver=solver, gap=gap, time_limit=time_limit)
-    return plan.model_copy(update={"refine_steps": refine_steps}) if refine_steps else plan
+    if refine_steps or tune_steps:
+        plan = plan.model_copy(update={"refine_steps": refine_steps, "tune_steps": tune_steps})
+    return plan

@@ -18,13 +18,15 @@ Prints, from one run on this machine:
    (activation order and sequential calibration, no rotation), the project's RTN, plain
    min/max RTN and HQQ, with the seconds each took to apply.
 
-With `--refine STEPS` every plan takes block reconstruction (`allocator solve --refine`), and the
-table also shows the plan without it, measured in the same run; `--calibration N` profiles (and
-rounds) on N calibration windows instead of the default 8 (the held-out windows change with it).
+With `--refine STEPS` every plan takes block reconstruction (`allocator solve --refine`), with
+`--tune STEPS` end-to-end tuning of its scales (`allocator solve --tune`), and the table also
+shows the plan as rounded, without them, measured in the same run; `--calibration N` takes N
+calibration windows instead of the default 32 (the held-out windows change with it) and
+`--score-on N` scores on N of them instead of the default 8 (GPTQ's `H` reads them all).
 
 Usage: .venv/bin/python benchmarks/bench_llm.py [--budgets 3.0,3.5,4.25] [--out DIR] [--skip-plans]
        [--method gptq|gptq-act|rtn] [--rotation none|hadamard|both] [--profile PROFILE.json] [--uniform]
-       [--calibration N] [--refine STEPS]
+       [--calibration N] [--score-on N] [--refine STEPS] [--tune STEPS]
 """
 
 from __future__ import annotations
@@ -140,8 +142,10 @@ def main() -> None:
     parser.add_argument("--method", default=None, help="rounding: rtn, gptq or gptq-act (default: the CLI's, gptq-act)")
     parser.add_argument("--rotation", default=None, help="none, hadamard or both (default: the CLI's, hadamard)")
     parser.add_argument("--uniform", action="store_true", help="also step 4, the uniform table (about 30 min)")
-    parser.add_argument("--calibration", type=int, default=None, help="calibration windows (default: the CLI's, 8)")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration windows (default: the CLI's, 32)")
+    parser.add_argument("--score-on", type=int, default=None, help="windows the scores read (default: the CLI's, 8)")
     parser.add_argument("--refine", type=int, default=0, help="block reconstruction steps per block (default 0)")
+    parser.add_argument("--tune", type=int, default=0, help="end-to-end tuning steps (default 0)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +155,8 @@ def main() -> None:
         method = ["--method", args.method] if args.method else []
         rotation = ["--rotation", args.rotation] if args.rotation else []
         calibration = ["--calibration", str(args.calibration)] if args.calibration else []
-        _, seconds = allocator("profile", "smollm2", *method, *rotation, *calibration, "-o", str(profile))
+        scored = ["--score-on", str(args.score_on)] if args.score_on else []
+        _, seconds = allocator("profile", "smollm2", *method, *rotation, *calibration, *scored, "-o", str(profile))
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the profile is the first child
         fb, tokens = forward_backward_seconds(args.calibration)
         table = json.loads(profile.read_text())
@@ -166,22 +171,24 @@ def main() -> None:
     if args.skip_plans:
         return
 
-    header = (f"{'bpw':>5} | {'FP':>6} | {'plan':>7} |{' w/o refine |' if args.refine else ''}"
+    after = args.refine or args.tune
+    header = (f"{'bpw':>5} | {'FP':>6} | {'plan':>7} |{' as rounded |' if after else ''}"
               f" {'best uniform':>24} | {'best min/max RTN':>24}"
               f" | {'best HQQ':>24} | {'KL pred/calib/held-out':>22} | evaluate")  # fmt: skip
     lines = [header, "-" * len(header)]
     for bpw in args.budgets.split(","):
         plan = out / f"plan-{bpw}bpw.json"
-        allocator("solve", "-p", str(profile), "--budget", f"{bpw}bpw", "--refine", str(args.refine), "-o", str(plan))
+        allocator("solve", "-p", str(profile), "--budget", f"{bpw}bpw", "--refine", str(args.refine),
+                  "--tune", str(args.tune), "-o", str(plan))  # fmt: skip
         text, seconds = allocator("evaluate", str(plan), "--json", "--peers", "minmax,hqq", "--uniform", "2")
         doc = json.loads(text)
         (out / f"evaluate-{bpw}bpw.json").write_text(json.dumps(doc, indent=1))
         rows = doc["rows"]
         fp = next(r for r in rows if r["kind"] == "fp")
         planned = next(r for r in rows if r["kind"] == "plan")
-        unrefined = next((r for r in rows if r["label"] == "plan without --refine"), None)
+        unrefined = next((r for r in rows if r["label"].startswith("plan without")), None)
         bare = "" if unrefined is None else f" {unrefined['perplexity']:10.2f} |"
-        checked = unrefined or planned  # the prediction is the rounding's, without --refine
+        checked = unrefined or planned  # the prediction is the rounding's, without --refine and --tune
         lines.append(
             f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |{bare}"
             f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'RTN'):>24}"

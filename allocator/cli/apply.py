@@ -48,8 +48,8 @@ def apply(
     plan = Plan.load(plan_file)
     name = model or plan.model_name or DEFAULT_MODEL
     setup = None
-    calibrated = needs_hessian(plan.method) or plan.refine_steps > 0
-    if calibrated or check:  # GPTQ and --refine run on the plan's calibration data; the check on held-out data
+    calibrated = needs_hessian(plan.method) or plan.refine_steps > 0 or plan.tune_steps > 0
+    if calibrated or check:  # GPTQ, --refine and --tune run on the plan's calibration data; the check on held-out
         setup = load_setup(name, data.resolve(plan.data))
         loaded = setup.loaded
     else:
@@ -72,6 +72,8 @@ def apply(
         made = quantize_plan_(fake, plan, calibration=calibration, task=loaded.task, progress=update)
     if made.refined:
         report.refinement(made.refined, plan.refine_steps)
+    if made.tuned is not None:
+        report.tuning(made.tuned)
     export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, stored=made.layers)
     seconds = time.perf_counter() - t0
     report.written.append(str(output))

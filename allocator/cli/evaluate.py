@@ -38,7 +38,7 @@ def run_evaluation(
     top_uniform: int = 3,
 ) -> tuple[Any, float]:
     """Measure FP, the plan, uniform settings and peers on the held-out data; print the table."""
-    from ..measure.evaluate import compare, default_uniform
+    from ..measure.evaluate import compare, default_uniform, unrefined_label
     from ..measure.metrics import wordsim_spearman
     from ..measure.peers import peer_variants
     from ..quantized.apply import layer_hessians
@@ -53,7 +53,7 @@ def run_evaluation(
     check_metric_fits(setup, metric)
     uniform = default_uniform(plan, top=top_uniform)
     variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
-    bare = ["plan without --refine"] if plan.refine_steps else []
+    bare = [unrefined_label(plan)] if plan.refine_steps or plan.tune_steps else []
     labels = ["FP", "plan", *bare, *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
     with report.progress(progress) as update:
         # Every H at once, shared by the variants; a sequential plan's variants take their own.
@@ -65,6 +65,8 @@ def run_evaluation(
                       metric=metric, block_progress=update)  # fmt: skip
     if cmp.refined:
         report.refinement(cmp.refined, plan.refine_steps)
+    if cmp.tuned is not None:
+        report.tuning(cmp.tuned)
     report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", fp16_bytes, plan)
     return cmp, time.perf_counter() - started
 
@@ -88,7 +90,7 @@ def evaluate(
     progress: Progress = True,
 ) -> None:
     """Measure the plan against FP, the best uniform settings and other quantizers at the same size (a plan made
-    with --refine also without its block reconstruction)."""
+    with --refine or --tune also without them)."""
     from profilers.layers import fp16_bytes
 
     from ..planning.plan import Plan
@@ -136,4 +138,5 @@ def _as_json(cmp: Any, setup: Setup, plan_path: Path) -> dict[str, Any]:
         "skipped": cmp.skipped,
         "plan_loss_on_calibration": cmp.plan_on_calibration,
         "refined_blocks": [asdict(r) for r in cmp.refined],
+        "tuning": None if cmp.tuned is None else asdict(cmp.tuned),
     }

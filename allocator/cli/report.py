@@ -79,6 +79,17 @@ class Reporter:
             f" their output error fell {100 * fell:.1f}% on average"
         )
 
+    def tuning(self, tuned: Any) -> None:
+        """One line on an end-to-end tuning (`tune.Tuning`)."""
+        change = 100 * (tuned.loss_after / tuned.loss_before - 1) if tuned.loss_before > 0 else 0.0
+        outcome = "kept" if tuned.kept else "not kept: it did not lower it"
+        self.line(
+            f"end-to-end tuning: {tuned.steps} steps on {tuned.parameters:,} scales and offsets of {tuned.layers}"
+            f" layers in {tuned.seconds:.0f}s ({tuned.seconds / max(tuned.steps, 1):.1f}s per step); divergence"
+            f" on the calibration data {_loss(tuned.loss_before)} -> {_loss(tuned.loss_after)} ({change:+.1f}%),"
+            f" {outcome}"
+        )
+
     @contextmanager
     def progress(self, enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         """Progress bars with an ETA fed by `(stage, done, total)` callbacks (a no-op when disabled)."""
@@ -90,7 +101,7 @@ class Reporter:
         fractions = sum(1 for o in table.layers[0].options if o.choice.extra)
         self.line(
             f"profile: {table.profiler} estimates for {len(table.layers)} layers x {n_options} options"
-            f" ({fractions} fractional) from {table.settings.get('samples')} samples in {seconds:.1f}s;"
+            f" ({fractions} fractional) from {table.settings.get('samples')} samples{_scored(table)} in {seconds:.1f}s;"
             f" {table.quantizable_params:,} quantizable weights, {format_bytes(table.fixed_bytes)} kept fp16"
         )
         if table.kept_fp16:
@@ -222,10 +233,11 @@ class Reporter:
             self.line(f"peer skipped: {reason}")
         if cmp.plan_on_calibration is not None and cmp.plan.predicted_loss:
             predicted = cmp.plan.predicted_loss
-            checked = cmp.unrefined or cmp.plan  # the prediction is the rounding's, without --refine
+            checked = cmp.unrefined or cmp.plan  # the prediction is the rounding's, without --refine/--tune
+            without = cmp.unrefined.label.removeprefix("plan") if cmp.unrefined else ""
             self.line(
                 f"estimate check: the plan's predicted loss {_loss(predicted)}; measured"
-                f"{' without --refine' if cmp.unrefined else ''} on the calibration data it was scored on"
+                f"{without} on the calibration data it was scored on"
                 f" {_loss(cmp.plan_on_calibration)} ({cmp.plan_on_calibration / predicted:.2f}x),"
                 f" held out {_loss(checked.divergence)} ({checked.divergence / predicted:.2f}x)"
             )
@@ -254,3 +266,11 @@ class Reporter:
             verdict = "beats" if cmp.score(cmp.plan) > cmp.score(peer) else "does not beat"
             versus = _versus(cmp, cmp.plan, peer)
             self.line(f"plan {verdict} the best peer ({peer.label}, {peer.bpw:.3f} bpw): {versus}")
+
+
+def _scored(table: ProfileTable) -> str:
+    """Where the scores read part of the calibration data: how much of it GPTQ's `H` read."""
+    split, scored = table.data, table.settings.get("scored_batches")
+    if scored is None or split is None:
+        return ""
+    return f" (GPTQ's H from all {split.calibration} calibration {split.unit})"

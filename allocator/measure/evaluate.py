@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from profilers.estimators.base import split_scored
 from profilers.tasks import Task
 from profilers.types import Choice
 
 from ..planning.plan import Plan, UniformPoint
 from ..quantized.apply import apply_choices_, apply_plan_, quantize_plan_
 from ..quantized.refine import BlockRefinement
+from ..quantized.tune import Tuning
 from .metrics import METRICS, Measured, check_metric, measure_outputs, metrics_for, model_outputs
 from .peers import PeerSkipped, PeerVariant
 
@@ -40,8 +42,9 @@ class Comparison:
     peers: list[Measured] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # peers not run, and why
     plan_on_calibration: float | None = None  # the plan's measured loss on the batches it was scored on
-    unrefined: Measured | None = None  # the plan without its block reconstruction (`plan.refine_steps`)
+    unrefined: Measured | None = None  # the plan as rounded: without `plan.refine_steps` and `plan.tune_steps`
     refined: list[BlockRefinement] = field(default_factory=list)  # the plan's block reconstruction, per block
+    tuned: Tuning | None = None  # the plan's end-to-end tuning
 
     def best_uniform(self, *, fitting_only: bool = False) -> Measured | None:
         """Best measured uniform variant by the primary metric (only those within budget if asked)."""
@@ -109,17 +112,17 @@ def compare(
         hessians: every layer's `H`, for a GPTQ plan; uniform settings are rounded the same way.
         calibration: or the calibration batches to take them from, block by block (sequentially
             for a `plan.sequential` plan, which needs them), for the plan and the uniform settings.
-            The plan is also measured on them (`Comparison.plan_on_calibration`): the batches
-            its predicted loss was estimated on, so the prediction's own check.
+            The plan is also measured on those its predicted loss was estimated on
+            (`Comparison.plan_on_calibration`, `Plan.scored_batches`), the prediction's own check.
         peers: other quantizers' settings (`allocator.peers.peer_variants`), built one at a time.
         skipped: why peers that were asked for are missing, carried into the result (with the
             peers whose build says it cannot serve this plan, `PeerSkipped`).
         metric: a name of `METRICS` to rank by (default: `default_metric`).
         block_progress: `(stage, done, total)` callback for the plan's block reconstruction.
 
-    A plan with block reconstruction (`plan.refine_steps`) is also measured without it
-    (`Comparison.unrefined`), and that is the model its prediction is checked on
-    (`plan_on_calibration`); uniform settings are rounded without it.
+    A plan with block reconstruction or end-to-end tuning (`plan.refine_steps`, `plan.tune_steps`)
+    is also measured without them (`Comparison.unrefined`), and that is the model its prediction
+    is checked on (`plan_on_calibration`); uniform settings are rounded without them.
     """
     note = progress or (lambda label: None)
     check_metric(metric, metrics_for(task, batches, words=words is not None))
@@ -142,19 +145,22 @@ def compare(
     note("plan")
     t0 = time.perf_counter()
     planned = copy.deepcopy(model)
-    refined = quantize_plan_(planned, plan, **rounding, progress=block_progress).refined
+    made = quantize_plan_(planned, plan, **rounding, progress=block_progress)
     plan_row = bench.measure("plan", planned, time.perf_counter() - t0, size=predicted.bytes, bpw=predicted.bpw,
                              predicted=predicted.loss, kind="plan")  # fmt: skip
     unrefined = None
-    if plan.refine_steps:  # what the reconstruction bought, in the same run; the prediction is the rounding's
+    if plan.refine_steps or plan.tune_steps:  # what they bought, in the same run; the prediction is the rounding's
         del planned
-        note("plan without --refine")
+        label = unrefined_label(plan)
+        note(label)
         t0 = time.perf_counter()
-        planned = apply_plan_(copy.deepcopy(model), plan.model_copy(update={"refine_steps": 0}), **rounding)
-        unrefined = bench.measure("plan without --refine", planned, time.perf_counter() - t0, size=predicted.bytes,
+        rounded = plan.model_copy(update={"refine_steps": 0, "tune_steps": 0})
+        planned = apply_plan_(copy.deepcopy(model), rounded, **rounding)
+        unrefined = bench.measure(label, planned, time.perf_counter() - t0, size=predicted.bytes,
                                   bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
-    # The prediction is made on the calibration batches: the rounded plan's loss there is its check.
-    on_calibration = None if not calibration else _mean_divergence(model, planned, calibration, task)
+    # The prediction is made on the scored calibration batches: the rounded plan's loss there is its check.
+    scored = split_scored(calibration, plan.scored_batches)[0] if calibration else None
+    on_calibration = None if not scored else _mean_divergence(model, planned, scored, task)
     del planned
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
@@ -177,7 +183,13 @@ def compare(
         del built
     return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric or default_metric(task, fp), peers=peer_rows,
                       skipped=skipped, plan_on_calibration=on_calibration, unrefined=unrefined,
-                      refined=refined)  # fmt: skip
+                      refined=made.refined, tuned=made.tuned)  # fmt: skip
+
+
+def unrefined_label(plan: Plan) -> str:
+    """The row of a plan measured as rounded, without what runs after the rounding."""
+    after = [flag for flag, steps in (("--refine", plan.refine_steps), ("--tune", plan.tune_steps)) if steps]
+    return f"plan without {' '.join(after)}"
 
 
 def _mean_divergence(reference: nn.Module, model: nn.Module, batches: Sequence[Any], task: Task) -> float:

@@ -136,10 +136,21 @@ class Plan(BaseModel):
         default=False,
         description="GPTQ calibrates each block on the quantized blocks before it (the profile priced FP inputs)",
     )
+    scored_batches: int | None = Field(
+        default=None,
+        ge=1,
+        description="calibration batches the scores read, evenly spaced (None: all); GPTQ's H reads them all",
+    )
     refine_steps: int = Field(
         default=0,
         ge=0,
         description="block reconstruction after the rounding: tuning steps per block (0: none; not in the profile)",
+    )
+    tune_steps: int = Field(
+        default=0,
+        ge=0,
+        description="end-to-end tuning of the scales on the output divergence, after the rounding and any block"
+        " reconstruction: steps (0: none; not in the profile)",
     )
     loss_units: str
     budgets: tuple[Budget, ...]

@@ -7,6 +7,7 @@ would be stored, so measured quality is the quality of the model the plan descri
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from ..errors import PlanError
 from ..planning.plan import Plan
 from .refine import BlockRefinement, record_chain, refine_blocks_
 from .stored import StoredLayer
+from .tune import Tuning, tune_model_
 
 __all__ = [
     "Quantized",
@@ -45,11 +47,12 @@ __all__ = [
 
 @dataclass
 class Quantized:
-    """What quantizing a model stored per planned layer, and each block's reconstruction
-    (empty without `refine_steps`)."""
+    """What quantizing a model stored per planned layer, each block's reconstruction (empty
+    without `refine_steps`) and the end-to-end tuning (None without `tune_steps`)."""
 
     layers: dict[str, StoredLayer]
     refined: list[BlockRefinement] = field(default_factory=list)
+    tuned: Tuning | None = None
 
 
 def layer_hessians(model: nn.Module, batches: Sequence[Any], task: Task) -> dict[str, Tensor]:
@@ -76,6 +79,7 @@ def quantize_layers_(
     task: Task | None = None,
     sequential: bool = False,
     refine_steps: int = 0,
+    tune_steps: int = 0,
     round_rest_to_fp16: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Quantized:
@@ -95,20 +99,29 @@ def quantize_layers_(
             already quantized (GPTQ's sequential calibration), not from the FP model.
         refine_steps: then tune each block's stored terms for this many steps on `calibration`
             to reproduce the FP block outputs (`refine.refine_blocks_`); 0: no reconstruction.
+        tune_steps: then tune every layer's scales and offsets together for this many steps on
+            `calibration`, on the task's divergence of the model's output from the FP model's
+            (`tune.tune_model_`); 0: no end-to-end tuning.
         round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
             precision (how the plan stores them).
         progress: `(stage, done, total)` callback.
 
     Raises:
-        PlanError: an unknown layer name, a weight with NaN/inf values, or a reconstruction
-            asked for without calibration batches or on a model without a chain of blocks.
+        PlanError: an unknown layer name, a weight with NaN/inf values, a reconstruction
+            asked for without calibration batches or on a model without a chain of blocks, or a
+            tuning asked for without calibration batches.
     """
     weights = _checked_weights(model, choices, extra_rows)
-    chain = None
+    chain = reference = None
+    if tune_steps:
+        batches = _calibration(calibration, "end-to-end tuning (--tune) matches the FP model's output on")
+        task = task or infer_task(model, batches[0])
     if refine_steps:
         batches = _calibration(calibration, "block reconstruction (--refine) tunes each block on")
         task = task or infer_task(model, batches[0])
         chain = _fp_chain(model, batches, task)
+    if tune_steps:
+        reference = copy.deepcopy(model)  # the FP model, whose outputs the tuning matches
     stored: dict[str, StoredLayer] = {}
     with torch.no_grad():
         groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential)
@@ -122,7 +135,12 @@ def quantize_layers_(
     if chain is not None:
         assert calibration is not None and task is not None
         refined = refine_blocks_(model, chain, stored, list(calibration), task, refine_steps, progress=progress)
-    return Quantized(stored, refined)
+        del chain
+    tuning = None
+    if reference is not None:
+        assert calibration is not None and task is not None
+        tuning = tune_model_(model, reference, stored, list(calibration), task, tune_steps, progress=progress)
+    return Quantized(stored, refined, tuning)
 
 
 def _fp_chain(model: nn.Module, batches: Sequence[Any], task: Task) -> Chain:
@@ -259,14 +277,16 @@ def quantize_plan_(
     round_rest_to_fp16: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Quantized:
-    """`apply_plan_`, returning what each planned layer stores (`export_quantized` packs it) and
-    the block reconstruction's report when the plan asks for one (`plan.refine_steps`)."""
+    """`apply_plan_`, returning what each planned layer stores (`export_quantized` packs it), and
+    the reports of the block reconstruction and the end-to-end tuning when the plan asks for
+    them (`plan.refine_steps`, `plan.tune_steps`)."""
     check_plan_fits_model(model, plan)
     choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
     return quantize_layers_(model, choices, extra_rows=rows, method=plan.method, hessians=hessians,
                             calibration=calibration, task=task, sequential=plan.sequential,
-                            refine_steps=plan.refine_steps, round_rest_to_fp16=round_rest_to_fp16,
+                            refine_steps=plan.refine_steps, tune_steps=plan.tune_steps,
+                            round_rest_to_fp16=round_rest_to_fp16,
                             progress=progress)  # fmt: skip
 
 

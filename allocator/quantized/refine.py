@@ -11,9 +11,9 @@ moves every parameter by `lr · sign(gradient)`, `lr` falling linearly from `1 /
 keeps its tuned terms only when they lower its loss over all calibration batches.
 
 Measured on SmolLM2-135M at 3.5 bpw, held-out perplexity (FP 30.45), 64 steps per block: with 32
-calibration windows (`--calibration 32`), 33.83 -> 33.63, 13.3 s per block (6.6 min for 30
-blocks); in an experiment on a plan profiled with 8 windows and rounded with 32, 34.08 -> 33.68. With the default
-8 windows it overfits them: their perplexity fell 2.6% while the held-out one rose 0.4%. Few
+calibration windows (the default), 33.83 -> 33.63, 13.3 s per block (6.6 min for 30 blocks);
+in an experiment on a plan profiled with 8 windows and rounded with 32, 34.08 -> 33.68. With 8
+windows it overfits them: their perplexity fell 2.6% while the held-out one rose 0.4%. Few
 steps move too far per step (each step may move a code's shift or a scale by `1 / steps`): on
 a random 3-block Llama, 12 steps raised every block's error, 48 lowered it.
 """
@@ -30,16 +30,12 @@ from torch import Tensor, nn
 
 from profilers.blocks import Chain
 from profilers.input_hessians import positions_mask
-from profilers.quant.quantize import Term
-from profilers.quant.rotation import rotation_signs, unrotate
 from profilers.tasks import Task
 
 from .stored import StoredLayer
+from .tuned import TunedLayer
 
 __all__ = ["BlockRefinement", "refine_blocks_"]
-
-_MAX_SCALE_CHANGE = 0.5
-
 
 @dataclass(frozen=True)
 class BlockRefinement:
@@ -52,94 +48,6 @@ class BlockRefinement:
     loss_after: float
     kept: bool
     seconds: float
-
-
-class _TunedTerm:
-    """One stored term with trainable rounding shifts (and, for residual terms, scale and offset)."""
-
-    def __init__(self, term: Term, scales: bool) -> None:
-        self.term = term
-        self.codes = term.codes.float()
-        signed = term.codes.dtype == torch.int8  # symmetric terms; a tied term's later digits are unsigned
-        self.low = -(1 << (term.bits - 1)) if signed else 0
-        self.high = (1 << (term.bits - 1)) - 1 if signed else (1 << term.bits) - 1
-        self.scale = term.scale.float()
-        self.offset = None if term.offset is None else term.offset.float()
-        self.shift = torch.zeros_like(self.codes, requires_grad=True)
-        self.rel = torch.zeros_like(self.scale, requires_grad=True) if scales else None
-        self.move = torch.zeros_like(self.scale, requires_grad=True) if scales and self.offset is not None else None
-
-    def params(self) -> list[Tensor]:
-        return [p for p in (self.shift, self.rel, self.move) if p is not None]
-
-    def clamp_(self) -> None:
-        self.shift.clamp_(-0.5, 0.5)
-        if self.rel is not None:
-            self.rel.clamp_(-_MAX_SCALE_CHANGE, _MAX_SCALE_CHANGE)
-
-    def _grid(self) -> tuple[Tensor, Tensor | None]:
-        scale = self.scale if self.rel is None else self.scale * (1 + self.rel)
-        offset = self.offset
-        if offset is not None and self.move is not None:
-            offset = offset + self.move * self.scale
-        return scale, offset
-
-    def _spread(self, t: Tensor) -> Tensor:
-        return t.repeat_interleave(self.term.group_size, dim=1)[:, : self.codes.shape[1]]
-
-    def value(self) -> Tensor:
-        """The term's matrix, differentiable in every parameter (straight-through rounding)."""
-        moved = self.codes + self.shift
-        codes = (moved + (moved.round() - moved).detach()).clamp(self.low, self.high)
-        scale, offset = self._grid()
-        out = codes * self._spread(scale)
-        return out if offset is None else out + self._spread(offset)
-
-    def frozen(self) -> Term:
-        """The tuned term as stored: integer codes, fp16 scale and offset."""
-        with torch.no_grad():
-            codes = (self.codes + self.shift).round().clamp(self.low, self.high).to(self.term.codes.dtype)
-            scale, offset = self._grid()
-            half = lambda t: t.clamp(-65504.0, 65504.0).half()  # noqa: E731
-            return Term(codes, half(scale), None if offset is None else half(offset), self.term.bits,
-                        self.term.group_size)  # fmt: skip
-
-
-class _TunedLayer:
-    """A layer's stored terms made trainable; `value()` is its weight."""
-
-    def __init__(self, stored: StoredLayer) -> None:
-        self.stored = stored
-        scales = stored.choice.kind == "residual"  # tied terms share term 0's scale
-        self.terms = [_TunedTerm(t, scales) for t in stored.terms]
-        self.extra = _TunedTerm(stored.extra[-1], scales) if stored.extra is not None else None
-        self.signs = rotation_signs(stored.matrix_shape[1]) if stored.choice.rotated else None
-
-    def tuned(self) -> list[_TunedTerm]:
-        return self.terms + ([self.extra] if self.extra is not None else [])
-
-    def value(self) -> Tensor:
-        out = self.terms[0].value()
-        for t in self.terms[1:]:
-            out = out + t.value()
-        if self.extra is not None:
-            out = out.index_add(0, self.stored.rows, self.extra.value())
-        if self.signs is not None:
-            out = unrotate(out, self.signs)
-        return out.reshape(self.stored.shape)
-
-    def frozen(self) -> StoredLayer:
-        terms = [t.frozen() for t in self.terms]
-        extra = None
-        if self.extra is not None:
-            rows = self.stored.rows
-            extra = [_rows_of(t, rows) for t in terms] + [self.extra.frozen()]
-        return StoredLayer(self.stored.choice, self.stored.shape, terms, extra, self.stored.rows)
-
-
-def _rows_of(term: Term, rows: Tensor) -> Term:
-    offset = None if term.offset is None else term.offset[rows]
-    return Term(term.codes[rows], term.scale[rows], offset, term.bits, term.group_size)
 
 
 def _loss(out: Tensor, target: Tensor, batch: Any) -> Tensor:
@@ -190,7 +98,7 @@ def refine_blocks_(
         report("refine blocks", k, len(chain.blocks))
         start = time.perf_counter()
         modules = {rel: m for rel, m in block.named_modules() if id(m) in by_module}
-        layers = {rel: _TunedLayer(stored[by_module[id(m)]]) for rel, m in modules.items()
+        layers = {rel: TunedLayer(stored[by_module[id(m)]]) for rel, m in modules.items()
                   if stored[by_module[id(m)]].choice.quantized}  # fmt: skip
         if layers:
             targets = [chain.hidden[b][k + 1] for b in range(len(batches))]
@@ -215,7 +123,7 @@ def _tune_block(
     block: nn.Module,
     chain: Chain,
     k: int,
-    layers: dict[str, _TunedLayer],
+    layers: dict[str, TunedLayer],
     dtypes: dict[str, torch.dtype],
     hidden: list[Tensor],
     targets: list[Tensor],

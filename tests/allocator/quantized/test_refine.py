@@ -12,7 +12,7 @@ from allocator.errors import PlanError
 from allocator.quantized.apply import apply_plan_, quantize_layers_
 from allocator.quantized.export import export_quantized
 from allocator.quantized.load import load_quantized
-from allocator.quantized.refine import _TunedLayer
+from allocator.quantized.tuned import TunedLayer
 from profilers.quant.options import with_rotation
 from tests.profilers.test_streaming import batches, tiny_llama
 
@@ -90,9 +90,9 @@ def test_a_tuned_term_left_at_its_start_is_the_stored_term():
     choice = allocator.Choice.parse("int3x2+1/4-g32")
     rows = torch.arange(0, 24, 4).numpy()
     stored = _stored_layer(w, choice, {"w": rows}, "w", "rtn", None)
-    again = _TunedLayer(stored).frozen()
+    again = TunedLayer(stored).frozen()
     assert torch.equal(again.weight(), stored.weight())
-    torch.testing.assert_close(_TunedLayer(stored).value().detach(), stored.weight(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(TunedLayer(stored).value().detach(), stored.weight(), rtol=0, atol=1e-6)
     for a, b in zip(again.terms + again.extra, stored.terms + stored.extra, strict=True):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset)
 

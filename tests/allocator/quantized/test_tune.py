@@ -1,0 +1,93 @@
+"""End-to-end tuning (`--tune`): it moves scales and offsets only, lowers the output divergence it
+is tuned on, stays exactly what the packed file stores, and refuses what it cannot do in one line."""
+
+import copy
+
+import pytest
+import torch
+
+import allocator
+from allocator.errors import PlanError
+from allocator.quantized.apply import apply_plan_, quantize_layers_
+from allocator.quantized.export import export_quantized
+from allocator.quantized.load import load_quantized
+from profilers.quant.options import with_rotation
+from tests.profilers.test_streaming import batches, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def llama_plan():
+    """A 3-block random Llama planned at 3 bpw (GPTQ in activation order, Hadamard-rotated
+    choices), with 32 steps of end-to-end tuning."""
+    model, data = tiny_llama(layers=3, tied=False), batches(n=4)
+    task = allocator.LogitsTask(causal=True)
+    grid = with_rotation(allocator.choice_grid((2, 3, 4), (1, 2), (32, None)), "hadamard")
+    plan = allocator.solve(model, data, task=task, budget="3bpw", choices=grid, method="gptq-act", fractions=4,
+                           exclude=["lm_head", "model.embed_tokens"], tune_steps=32)  # fmt: skip
+    assert plan.tune_steps == 32 and plan.refine_steps == 0
+    return model, data, task, plan
+
+
+def _kl(reference, model, data, task):
+    with torch.no_grad():
+        return float(sum(task.divergence(task.forward(reference, b), task.forward(model, b), b).sum() for b in data))
+
+
+@pytest.mark.parametrize("kind", ["plan", "mixed"])
+def test_tuning_lowers_the_divergence_it_is_tuned_on_and_moves_scales_only(llama_plan, kind):
+    """`mixed`: every term kind at once (a fractional choice, two residual terms, tied terms,
+    symmetric, per channel, unrotated, fp16); tied terms have no scale of their own to tune."""
+    model, data, task, plan = llama_plan
+    choices = {name: lp.choice for name, lp in plan.layers.items()}
+    rows = None
+    if kind == "mixed":
+        kinds = [allocator.Choice.parse(label) for label in ("int2+1/4-ch-had", "int2x2-g32", "fp16", "int3-ch",
+                                                             "int2x2t-g32", "int4-g32-had")]  # fmt: skip
+        kinds.append(allocator.Choice(bits=3, group_size=32, symmetric=True))
+        choices = {name: kinds[i % len(kinds)] for i, name in enumerate(plan.layers)}
+        rows = {name: torch.arange(0, plan.layers[name].shape[0], 4).numpy() for name, c in choices.items() if c.extra}
+    tuned_model, bare = copy.deepcopy(model), copy.deepcopy(model)
+    made = quantize_layers_(tuned_model, choices, extra_rows=rows, method="gptq-act", calibration=data, task=task,
+                            tune_steps=32)  # fmt: skip
+    rounded = quantize_layers_(bare, choices, extra_rows=rows, method="gptq-act", calibration=data, task=task)
+    tuning = made.tuned
+    assert tuning is not None and tuning.kept and tuning.loss_after < tuning.loss_before
+    tunable = [c for c in choices.values() if c.quantized and c.kind == "residual"]
+    assert tuning.layers == len(tunable) and tuning.parameters > 0
+    # Its losses are the mean KL per sample over the calibration batches, before and after.
+    samples = sum(b["input_ids"].shape[0] for b in data)
+    assert tuning.loss_after == pytest.approx(_kl(model, tuned_model, data, task) / samples, rel=1e-4)
+    assert tuning.loss_before == pytest.approx(_kl(model, bare, data, task) / samples, rel=1e-4)
+    modules = dict(tuned_model.named_modules())
+    moved = 0
+    for name, layer in made.layers.items():
+        assert torch.equal(modules[name].weight, layer.weight().to(torch.float32)), name  # the model is what is stored
+        for new, old in zip(layer.terms + (layer.extra or []), rounded.layers[name].terms + (rounded.layers[name].extra
+                                                                                            or []), strict=True):  # fmt: skip
+            assert torch.equal(new.codes, old.codes), name  # the codes stay as rounded
+            moved += int(not torch.equal(new.scale, old.scale))
+            if choices[name].kind == "tied":
+                assert torch.equal(new.scale, old.scale), name
+    assert moved > 0
+
+
+def test_the_packed_file_reproduces_the_tuned_model_to_the_bit(llama_plan, tmp_path):
+    model, data, task, plan = llama_plan
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fake = apply_plan_(copy.deepcopy(model), plan, calibration=data, task=task)
+    path = export_quantized(model, plan, tmp_path / "tuned.safetensors", calibration=data, task=task)
+    loaded = load_quantized(path, model=tiny_llama(layers=3, tied=False))
+    with torch.no_grad():
+        for batch in data:
+            assert torch.equal(task.forward(loaded, batch), task.forward(fake, batch))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the FP model is untouched
+
+
+def test_tuning_without_calibration_data_is_refused_and_the_model_left_unchanged(llama_plan):
+    model, _, task, plan = llama_plan
+    target = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    rtn = plan.model_copy(update={"method": "rtn"})  # needs no calibration for its rounding
+    with pytest.raises(PlanError, match="end-to-end tuning \\(--tune\\).*calibration"):
+        apply_plan_(target, rtn, task=task)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
