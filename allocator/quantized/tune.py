@@ -18,7 +18,8 @@ do not let it memorise the calibration text the way a code-level tuning would.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,9 +85,10 @@ def tune_model_(
     def weights() -> dict[str, Tensor]:
         return {f"{name}.weight": layer.value().to(modules[name].weight.dtype) for name, layer in layers.items()}
 
+    frozen = [p for p in model.parameters() if p.requires_grad]  # the model's own weights need no gradient
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
-    with torch.enable_grad():
+    with torch.enable_grad(), _no_grad_for(frozen):
         for step in range(steps):
             report("tune", step, steps)
             batch = batches[step % len(batches)]
@@ -111,6 +113,18 @@ def tune_model_(
                 stored[name] = layer
             modules[name].weight.copy_(stored[name].weight().to(modules[name].weight.dtype))
     return Tuning(steps, len(layers), sum(p.numel() for p in params), before, after, kept, time.perf_counter() - start)
+
+
+@contextmanager
+def _no_grad_for(params: list[nn.Parameter]) -> Iterator[None]:
+    """`params` out of autograd for the duration (the model's own weights: only the tuned terms learn)."""
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _forward(model: nn.Module, task: Task, batch: Any, weights: dict[str, Tensor]) -> Tensor:

@@ -103,17 +103,23 @@ def test_causal_lm_folder_goes_through_profile_solve_apply_evaluate_with_perplex
     assert all(r["perplexity"] is not None for r in doc["rows"])
     assert planned["agreement"] > 0.5 and planned["divergence"] >= 0
 
-    # Block reconstruction, recorded by solve, run by apply and evaluate (which also measures the plan without it)
+    # Block reconstruction and end-to-end tuning, recorded by solve, run by apply and evaluate (which also
+    # measures the plan as rounded)
     refined = tmp_path / "refined.json"
-    res = cli("solve", "-p", str(prof), "--budget", "3bpw", "--refine", "16", "-o", str(refined), "--no-progress")
+    res = cli("solve", "-p", str(prof), "--budget", "3bpw", "--refine", "16", "--tune", "8", "-o", str(refined),
+              "--no-progress")  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert Plan.load(refined).refine_steps == 16
+    assert (Plan.load(refined).refine_steps, Plan.load(refined).tune_steps) == (16, 8)
+    assert "end-to-end tuning: 8 steps, run by apply and evaluate" in res.stdout
     res = cli("apply", str(refined), "-o", str(tmp_path / "refined.safetensors"), "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "block reconstruction: 2 blocks x 16 steps" in res.stdout
+    assert "end-to-end tuning: 8 steps on " in res.stdout
     assert "max |difference| 0.00e+00" in res.stdout
     res = cli("evaluate", str(refined), "--json", "--peers", "none", "--uniform", "1", "--no-progress")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert [r["label"] for r in doc["rows"]][:3] == ["FP", "plan", "plan without --refine"]
+    assert [r["label"] for r in doc["rows"]][:3] == ["FP", "plan", "plan without --refine --tune"]
     assert [b["block"] for b in doc["refined_blocks"]] == [0, 1]
+    tuning = doc["tuning"]
+    assert tuning["steps"] == 8 and tuning["kept"] == (tuning["loss_after"] < tuning["loss_before"])

@@ -52,6 +52,8 @@ def test_tuning_lowers_the_divergence_it_is_tuned_on_and_moves_scales_only(llama
     rounded = quantize_layers_(bare, choices, extra_rows=rows, method="gptq-act", calibration=data, task=task)
     tuning = made.tuned
     assert tuning is not None and tuning.kept and tuning.loss_after < tuning.loss_before
+    # Only the tuned terms learned: the model's own weights took no gradient and keep their flags.
+    assert all(p.grad is None and p.requires_grad for p in tuned_model.parameters())
     tunable = [c for c in choices.values() if c.quantized and c.kind == "residual"]
     assert tuning.layers == len(tunable) and tuning.parameters > 0
     # Its losses are the mean KL per sample over the calibration batches, before and after.
