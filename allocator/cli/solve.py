@@ -108,7 +108,7 @@ def solve(
             " every layer's group scales and offsets tuned together for STEPS Adam steps, one calibration batch"
             " each, so the whole model's output matches the FP model's (KL for causal LMs; the profile does not"
             " price it). Codes stay as rounded. On SmolLM2-135M at 3.5 bpw, 64 steps lowered held-out perplexity"
-            " 3.8% at about 8s per step. [default: 0, none]",
+            " 3.8% (4.25 bpw: 2.4%, 3.0 bpw: 6.8%) in about 11 minutes. [default: 0, none]",
         ),
     ] = 0,
     data: DataOptions,
