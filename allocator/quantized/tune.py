@@ -106,7 +106,8 @@ def tune_model_(
                         t.clamp_()
     report("tune", steps, steps)
     tuned = {name: layer.frozen() for name, layer in layers.items()}
-    after = _mean_divergence(model, reference, task, batches, {f"{n}.weight": t.weight() for n, t in tuned.items()})
+    rebuilt = {f"{n}.weight": t.weight().to(modules[n].weight.dtype) for n, t in tuned.items()}
+    after = _mean_divergence(model, reference, task, batches, rebuilt)
     kept = after < before
     with torch.no_grad():
         for name, layer in tuned.items():

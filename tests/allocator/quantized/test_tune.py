@@ -64,8 +64,8 @@ def test_tuning_lowers_the_divergence_it_is_tuned_on_and_moves_scales_only(llama
     moved = 0
     for name, layer in made.layers.items():
         assert torch.equal(modules[name].weight, layer.weight().to(torch.float32)), name  # the model is what is stored
-        for new, old in zip(layer.terms + (layer.extra or []), rounded.layers[name].terms + (rounded.layers[name].extra
-                                                                                            or []), strict=True):  # fmt: skip
+        before = rounded.layers[name]
+        for new, old in zip(layer.terms + (layer.extra or []), before.terms + (before.extra or []), strict=True):
             assert torch.equal(new.codes, old.codes), name  # the codes stay as rounded
             moved += int(not torch.equal(new.scale, old.scale))
             if choices[name].kind == "tied":
@@ -90,6 +90,6 @@ def test_tuning_without_calibration_data_is_refused_and_the_model_left_unchanged
     target = copy.deepcopy(model)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     rtn = plan.model_copy(update={"method": "rtn"})  # needs no calibration for its rounding
-    with pytest.raises(PlanError, match="end-to-end tuning \\(--tune\\).*calibration"):
+    with pytest.raises(PlanError, match=r"end-to-end tuning \(--tune\).*calibration"):
         apply_plan_(target, rtn, task=task)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
