@@ -15,7 +15,7 @@ are per sample and in the same units, so estimated and measured losses compare d
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -62,6 +62,17 @@ class Task(ABC):
     @abstractmethod
     def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
         """Per-sample divergence `[n]` of `out` from the reference output `ref`."""
+
+    def mean_divergence(self, reference: nn.Module, model: nn.Module, batches: Iterable[Any]) -> float:
+        """Mean per-sample divergence of `model`'s outputs from `reference`'s over `batches`, one
+        batch at a time (no gradients; only one batch's outputs are held)."""
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                d = self.divergence(self.forward(reference, batch), self.forward(model, batch), batch)
+                total += float(d.sum())
+                n += d.shape[0]
+        return total / max(n, 1)
 
     def describe(self) -> str:
         return type(self).__name__

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from profilers.estimators.base import split_scored
@@ -160,7 +159,7 @@ def compare(
                                   bpw=predicted.bpw, predicted=predicted.loss, kind="plan")  # fmt: skip
     # The prediction is made on the scored calibration batches: the rounded plan's loss there is its check.
     scored = split_scored(calibration, plan.scored_batches)[0] if calibration else None
-    on_calibration = None if not scored else _mean_divergence(model, planned, scored, task)
+    on_calibration = None if not scored else task.mean_divergence(model, planned, scored)
     del planned
     rows = []
     for u in list(uniform) if uniform is not None else default_uniform(plan):
@@ -190,12 +189,6 @@ def unrefined_label(plan: Plan) -> str:
     """The row of a plan measured as rounded, without what runs after the rounding."""
     after = [flag for flag, steps in (("--refine", plan.refine_steps), ("--tune", plan.tune_steps)) if steps]
     return f"plan without {' '.join(after)}"
-
-
-def _mean_divergence(reference: nn.Module, model: nn.Module, batches: Sequence[Any], task: Task) -> float:
-    """Mean per-sample divergence of `model`'s outputs from `reference`'s on `batches`."""
-    pairs = zip(model_outputs(reference, batches, task), model_outputs(model, batches, task), batches, strict=True)
-    return float(torch.cat([task.divergence(r, o, b) for r, o, b in pairs]).mean())
 
 
 class _Bench:

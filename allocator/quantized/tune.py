@@ -79,7 +79,7 @@ def tune_model_(
     layers = {name: TunedLayer(s, codes=False) for name, s in stored.items() if s.choice.quantized}
     layers = {name: layer for name, layer in layers.items() if any(t.params() for t in layer.tuned())}
     params = [p for layer in layers.values() for t in layer.tuned() for p in t.params()]
-    before = _mean_divergence(model, reference, task, batches, {})
+    before = task.mean_divergence(reference, model, batches)
     if not params:
         return Tuning(steps, 0, 0, before, before, False, time.perf_counter() - start)
 
@@ -95,7 +95,7 @@ def tune_model_(
             batch = batches[step % len(batches)]
             with torch.no_grad():
                 target = task.forward(reference, batch)  # not kept for every batch: logits are large
-            loss = task.divergence(target, _forward(model, task, batch, weights()), batch).mean()
+            loss = task.divergence(target, task.forward(_Swapped(model, weights()), batch), batch).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -107,7 +107,7 @@ def tune_model_(
     report("tune", steps, steps)
     tuned = {name: layer.frozen() for name, layer in layers.items()}
     rebuilt = {f"{n}.weight": t.weight().to(modules[n].weight.dtype) for n, t in tuned.items()}
-    after = _mean_divergence(model, reference, task, batches, rebuilt)
+    after = task.mean_divergence(reference, _Swapped(model, rebuilt), batches)
     kept = after < before
     with torch.no_grad():
         for name, layer in tuned.items():
@@ -129,15 +129,9 @@ def _no_grad_for(params: list[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _forward(model: nn.Module, task: Task, batch: Any, weights: dict[str, Tensor]) -> Tensor:
-    """`task.forward` with the given weights in place of the model's (differentiable in them)."""
-    wrapped = _Swapped(model, weights)
-    return task.forward(wrapped, batch)
-
-
 class _Swapped(nn.Module):
     """`model` called through `torch.func.functional_call` with some weights replaced, so that any
-    task's forward (which calls its model) runs on them."""
+    task's forward (which calls its model) runs on them, differentiable in them."""
 
     def __init__(self, model: nn.Module, weights: dict[str, Tensor]) -> None:
         super().__init__()
@@ -147,16 +141,3 @@ class _Swapped(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(self.inner, self.weights, args, kwargs)
 
-
-def _mean_divergence(
-    model: nn.Module, reference: nn.Module, task: Task, batches: Sequence[Any], weights: dict[str, Tensor]
-) -> float:
-    """The task's divergence of `model` (with `weights`) from `reference`, mean per sample over
-    every batch."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            d = task.divergence(task.forward(reference, batch), _forward(model, task, batch, weights), batch)
-            total += float(d.sum())
-            n += d.shape[0]
-    return total / max(n, 1)
