@@ -53,7 +53,7 @@ def run_evaluation(
     check_metric_fits(setup, metric)
     uniform = default_uniform(plan, top=top_uniform)
     variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
-    bare = [unrefined_label(plan)] if plan.refine_steps or plan.tune_steps else []
+    bare = [label] if (label := unrefined_label(plan)) else []
     labels = ["FP", "plan", *bare, *(f"uniform {u.choice.label}" for u in uniform), *(v.label for v in variants)]
     with report.progress(progress) as update:
         # Every H at once, shared by the variants; a sequential plan's variants take their own.

@@ -148,9 +148,9 @@ def compare(
     plan_row = bench.measure("plan", planned, time.perf_counter() - t0, size=predicted.bytes, bpw=predicted.bpw,
                              predicted=predicted.loss, kind="plan")  # fmt: skip
     unrefined = None
-    if plan.refine_steps or plan.tune_steps:  # what they bought, in the same run; the prediction is the rounding's
+    label = unrefined_label(plan)
+    if label is not None:  # what they bought, in the same run; the prediction is the rounding's
         del planned
-        label = unrefined_label(plan)
         note(label)
         t0 = time.perf_counter()
         rounded = plan.model_copy(update={"refine_steps": 0, "tune_steps": 0})
@@ -185,10 +185,11 @@ def compare(
                       refined=made.refined, tuned=made.tuned)  # fmt: skip
 
 
-def unrefined_label(plan: Plan) -> str:
-    """The row of a plan measured as rounded, without what runs after the rounding."""
+def unrefined_label(plan: Plan) -> str | None:
+    """The row of a plan measured as rounded, without what runs after the rounding; None when
+    nothing does."""
     after = [flag for flag, steps in (("--refine", plan.refine_steps), ("--tune", plan.tune_steps)) if steps]
-    return f"plan without {' '.join(after)}"
+    return f"plan without {' '.join(after)}" if after else None
 
 
 class _Bench:

@@ -116,12 +116,11 @@ def quantize_layers_(
     if tune_steps:
         batches = _calibration(calibration, "end-to-end tuning (--tune) matches the FP model's output on")
         task = task or infer_task(model, batches[0])
+        reference = copy.deepcopy(model)  # the FP model, whose outputs the tuning matches
     if refine_steps:
         batches = _calibration(calibration, "block reconstruction (--refine) tunes each block on")
         task = task or infer_task(model, batches[0])
         chain = _fp_chain(model, batches, task)
-    if tune_steps:
-        reference = copy.deepcopy(model)  # the FP model, whose outputs the tuning matches
     stored: dict[str, StoredLayer] = {}
     with torch.no_grad():
         groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential)
