@@ -10,29 +10,16 @@ from torch import nn
 import allocator
 from allocator.errors import PlanError
 from allocator.quantized.apply import apply_plan_, quantize_layers_
-from allocator.quantized.export import export_quantized
-from allocator.quantized.load import load_quantized
 from allocator.quantized.tuned import TunedLayer
-from profilers.quant.options import with_rotation
-from tests.profilers.test_streaming import batches, tiny_llama
+from tests.allocator.quantized.llama_cases import assert_packed_file_reproduces, every_kind, kl, planned_llama
 
 
 @pytest.fixture(scope="module")
 def llama_plan():
-    """A 3-block random Llama planned at 3 bpw (GPTQ in activation order, Hadamard-rotated
-    choices), with 64 reconstruction steps per block."""
-    model, data = tiny_llama(layers=3, tied=False), batches(n=4)
-    task = allocator.LogitsTask(causal=True)
-    grid = with_rotation(allocator.choice_grid((2, 3, 4), (1, 2), (32, None)), "hadamard")
-    plan = allocator.solve(model, data, task=task, budget="3bpw", choices=grid, method="gptq-act", fractions=4,
-                           exclude=["lm_head", "model.embed_tokens"], refine_steps=64)  # fmt: skip
+    """The planned random Llama, with 64 reconstruction steps per block."""
+    model, data, task, plan = planned_llama(refine_steps=64)
     assert plan.refine_steps == 64
     return model, data, task, plan
-
-
-def _kl(reference, model, data, task):
-    with torch.no_grad():
-        return float(sum(task.divergence(task.forward(reference, b), task.forward(model, b), b).sum() for b in data))
 
 
 @pytest.mark.parametrize("kind", ["plan", "mixed"])
@@ -43,11 +30,7 @@ def test_reconstruction_lowers_each_kept_block_error_and_the_model_error_it_was_
     choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = None
     if kind == "mixed":
-        kinds = [allocator.Choice.parse(label) for label in ("int2+1/4-ch-had", "int2x2-g32", "fp16", "int3-ch",
-                                                             "int2x2t-g32", "int4-g32-had")]  # fmt: skip
-        kinds.append(allocator.Choice(bits=3, group_size=32, symmetric=True))
-        choices = {name: kinds[i % len(kinds)] for i, name in enumerate(plan.layers)}
-        rows = {name: torch.arange(0, plan.layers[name].shape[0], 4).numpy() for name, c in choices.items() if c.extra}
+        choices, rows = every_kind(plan)
     refined_model = copy.deepcopy(model)
     made = quantize_layers_(refined_model, choices, extra_rows=rows, method="gptq-act", calibration=data, task=task,
                             refine_steps=64)  # fmt: skip
@@ -58,7 +41,7 @@ def test_reconstruction_lowers_each_kept_block_error_and_the_model_error_it_was_
         assert (r.loss_after < r.loss_before) == r.kept
     bare = copy.deepcopy(model)
     quantize_layers_(bare, choices, extra_rows=rows, method="gptq-act", calibration=data, task=task)
-    assert _kl(model, refined_model, data, task) < _kl(model, bare, data, task)
+    assert kl(model, refined_model, data, task) < kl(model, bare, data, task)
     for name, layer in made.layers.items():  # the model holds what is stored, and the codes fit their bits
         assert torch.equal(dict(refined_model.named_modules())[name].weight, layer.weight().to(torch.float32)), name
         for term in layer.terms + (layer.extra or []):
@@ -71,14 +54,7 @@ def test_the_packed_file_reproduces_the_reconstructed_model_to_the_bit(llama_pla
     """Exported from scratch (quantized and reconstructed again) or from what `quantize_plan_`
     made, the file loads back as the applier's model; the FP model is left as it was."""
     model, data, task, plan = llama_plan
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    fake = apply_plan_(copy.deepcopy(model), plan, calibration=data, task=task)
-    path = export_quantized(model, plan, tmp_path / "refined.safetensors", calibration=data, task=task)
-    loaded = load_quantized(path, model=tiny_llama(layers=3, tied=False))
-    with torch.no_grad():
-        for batch in data:
-            assert torch.equal(task.forward(loaded, batch), task.forward(fake, batch))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_packed_file_reproduces(model, data, task, plan, tmp_path / "refined.safetensors")
 
 
 def test_a_tuned_term_left_at_its_start_is_the_stored_term():

@@ -6,31 +6,17 @@ import copy
 import pytest
 import torch
 
-import allocator
 from allocator.errors import PlanError
 from allocator.quantized.apply import apply_plan_, quantize_layers_
-from allocator.quantized.export import export_quantized
-from allocator.quantized.load import load_quantized
-from profilers.quant.options import with_rotation
-from tests.profilers.test_streaming import batches, tiny_llama
+from tests.allocator.quantized.llama_cases import assert_packed_file_reproduces, every_kind, kl, planned_llama
 
 
 @pytest.fixture(scope="module")
 def llama_plan():
-    """A 3-block random Llama planned at 3 bpw (GPTQ in activation order, Hadamard-rotated
-    choices), with 32 steps of end-to-end tuning."""
-    model, data = tiny_llama(layers=3, tied=False), batches(n=4)
-    task = allocator.LogitsTask(causal=True)
-    grid = with_rotation(allocator.choice_grid((2, 3, 4), (1, 2), (32, None)), "hadamard")
-    plan = allocator.solve(model, data, task=task, budget="3bpw", choices=grid, method="gptq-act", fractions=4,
-                           exclude=["lm_head", "model.embed_tokens"], tune_steps=32)  # fmt: skip
+    """The planned random Llama, with 32 steps of end-to-end tuning."""
+    model, data, task, plan = planned_llama(tune_steps=32)
     assert plan.tune_steps == 32 and plan.refine_steps == 0
     return model, data, task, plan
-
-
-def _kl(reference, model, data, task):
-    with torch.no_grad():
-        return float(sum(task.divergence(task.forward(reference, b), task.forward(model, b), b).sum() for b in data))
 
 
 @pytest.mark.parametrize("kind", ["plan", "mixed"])
@@ -41,11 +27,7 @@ def test_tuning_lowers_the_divergence_it_is_tuned_on_and_moves_scales_only(llama
     choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = None
     if kind == "mixed":
-        kinds = [allocator.Choice.parse(label) for label in ("int2+1/4-ch-had", "int2x2-g32", "fp16", "int3-ch",
-                                                             "int2x2t-g32", "int4-g32-had")]  # fmt: skip
-        kinds.append(allocator.Choice(bits=3, group_size=32, symmetric=True))
-        choices = {name: kinds[i % len(kinds)] for i, name in enumerate(plan.layers)}
-        rows = {name: torch.arange(0, plan.layers[name].shape[0], 4).numpy() for name, c in choices.items() if c.extra}
+        choices, rows = every_kind(plan)
     tuned_model, bare = copy.deepcopy(model), copy.deepcopy(model)
     made = quantize_layers_(tuned_model, choices, extra_rows=rows, method="gptq-act", calibration=data, task=task,
                             tune_steps=32)  # fmt: skip
@@ -58,8 +40,8 @@ def test_tuning_lowers_the_divergence_it_is_tuned_on_and_moves_scales_only(llama
     assert tuning.layers == len(tunable) and tuning.parameters > 0
     # Its losses are the mean KL per sample over the calibration batches, before and after.
     samples = sum(b["input_ids"].shape[0] for b in data)
-    assert tuning.loss_after == pytest.approx(_kl(model, tuned_model, data, task) / samples, rel=1e-4)
-    assert tuning.loss_before == pytest.approx(_kl(model, bare, data, task) / samples, rel=1e-4)
+    assert tuning.loss_after == pytest.approx(kl(model, tuned_model, data, task) / samples, rel=1e-4)
+    assert tuning.loss_before == pytest.approx(kl(model, bare, data, task) / samples, rel=1e-4)
     modules = dict(tuned_model.named_modules())
     moved = 0
     for name, layer in made.layers.items():
@@ -75,14 +57,7 @@ def test_tuning_lowers_the_divergence_it_is_tuned_on_and_moves_scales_only(llama
 
 def test_the_packed_file_reproduces_the_tuned_model_to_the_bit(llama_plan, tmp_path):
     model, data, task, plan = llama_plan
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    fake = apply_plan_(copy.deepcopy(model), plan, calibration=data, task=task)
-    path = export_quantized(model, plan, tmp_path / "tuned.safetensors", calibration=data, task=task)
-    loaded = load_quantized(path, model=tiny_llama(layers=3, tied=False))
-    with torch.no_grad():
-        for batch in data:
-            assert torch.equal(task.forward(loaded, batch), task.forward(fake, batch))
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the FP model is untouched
+    assert_packed_file_reproduces(model, data, task, plan, tmp_path / "tuned.safetensors")
 
 
 def test_tuning_without_calibration_data_is_refused_and_the_model_left_unchanged(llama_plan):
