@@ -8,7 +8,8 @@ are per sample and in the same units, so estimated and measured losses compare d
 - `EmbeddingTask`: pooled (and by default L2-normalised) sentence embeddings. Pseudo-labels
   are Gaussian around the output, whose Fisher is the identity; we draw Rademacher vectors,
   which have the same second moment and lower variance. Loss `½‖Δe‖²` (= 1 − cos when unit norm).
-- `LogitsTask`: class or token logits. Pseudo-labels are sampled from the model's own softmax;
+- `LogitsTask`: class or token logits. The pseudo-label gradient is a random-sign sketch whose
+  second moment is the softmax's Fisher (that of a label drawn from the model's own softmax);
   loss is KL(p_fp ‖ p_q) summed over the positions of a sample.
 """
 
@@ -22,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EmbeddingTask", "LogitsTask", "OutputKind", "Task", "call_model", "infer_task"]
+__all__ = ["EXACT_CLASSES", "EmbeddingTask", "LogitsTask", "OutputKind", "Task", "call_model", "infer_task"]
 
 OutputKind = Literal["embedding", "logits"]
+
+# Classifiers with at most this many classes get the exact Fisher: one backward pass per class.
+EXACT_CLASSES = 16
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -56,8 +60,14 @@ class Task(ABC):
         """The output tensor, batch-first (`[n, ...]`)."""
 
     @abstractmethod
-    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
-        """d(pseudo-label loss)/d(out) for one draw of pseudo-labels; same shape as `out`."""
+    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator, draw: int | None = None) -> Tensor:
+        """d(pseudo-label loss)/d(out) for one draw of pseudo-labels; same shape as `out`. The
+        mean of its outer product over draws estimates the Fisher of the output; over the
+        `exact_draws(out)` draws `draw = 0, 1, ...` (when not None), it is that Fisher."""
+
+    def exact_draws(self, out: Tensor) -> int | None:
+        """Draws whose pseudo-gradients give the output's Fisher exactly (None: it is sampled)."""
+        return None
 
     @abstractmethod
     def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
@@ -114,7 +124,7 @@ class EmbeddingTask(Task):
             emb = hidden.reshape(hidden.shape[0], -1)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
-    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
+    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator, draw: int | None = None) -> Tensor:
         signs = torch.randint(0, 2, out.shape, generator=generator, device="cpu").to(out.device)
         return signs.to(out.dtype).mul_(2).sub_(1)
 
@@ -154,15 +164,35 @@ class LogitsTask(Task):
             return mask.to(logits.dtype)
         return None
 
-    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
-        grad = out.detach().float().softmax(dim=-1)  # the probabilities, made the gradient in place
-        flat = grad.reshape(-1, grad.shape[-1])
-        labels = _sample(flat.cpu(), generator).to(out.device)
-        flat[torch.arange(flat.shape[0], device=flat.device), labels] -= 1.0
+    def exact_draws(self, out: Tensor) -> int | None:
+        """One draw per class for class logits `[n, K]` with `K ≤ EXACT_CLASSES`."""
+        return out.shape[-1] if out.dim() == 2 and out.shape[-1] <= EXACT_CLASSES else None
+
+    def pseudo_gradient(self, out: Tensor, batch: Any, generator: torch.Generator, draw: int | None = None) -> Tensor:
+        """With `draw = k` (class logits, `exact_draws`): `√(K p_k) (p − e_k)`, the gradient of
+        label `k` weighted by its probability, so that the mean over the `K` classes is the
+        softmax's Fisher `diag(p) − p pᵀ` exactly.
+
+        Otherwise `v = Σ_k ε_k √p_k (e_k − p)` per position, `ε` random signs: `E[v vᵀ]` is that
+        Fisher too, as for a label drawn from `p` (whose gradient is `p − e_y`). A drawn label is
+        rarely one of the unlikely classes, yet those carry most of the Fisher of a confident
+        prediction; the signed sum puts every class in every draw with its own weight, and the
+        variance of its square is at most twice its mean squared (a drawn label's has no bound).
+        """
+        if draw is not None:
+            p = out.detach().float().softmax(dim=-1)
+            weight = (p[:, draw] * out.shape[-1]).sqrt().unsqueeze(1)
+            p[:, draw] -= 1.0
+            return p.mul_(weight).to(out.dtype)
+        p = out.detach().float().softmax(dim=-1)
+        signs = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).mul_(2).sub_(1)
+        v = p.sqrt().mul_(signs.to(p.device))
+        del signs
+        v.sub_(p.mul_(v.sum(dim=-1, keepdim=True)))  # p is not needed after this: scaled in place
         mask = self._position_mask(out, batch)
         if mask is not None:
-            grad.mul_(mask.unsqueeze(-1))
-        return grad.to(out.dtype)
+            v.mul_(mask.unsqueeze(-1))
+        return v.to(out.dtype)
 
     def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
         logp_ref = ref.float().log_softmax(dim=-1)
@@ -172,25 +202,6 @@ class LogitsTask(Task):
         if mask is not None:
             kl = kl * mask
         return kl.reshape(kl.shape[0], -1).sum(dim=1)
-
-
-_LARGE_VOCABULARY = 1024
-
-
-def _sample(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One class per row of `probs` `[rows, classes]`, drawn from it. Over a large vocabulary
-    (an LLM's 50k tokens) by inverting each row's cumulative sum at a uniform draw, a hundred
-    times faster than `torch.multinomial` on CPU; below it, `torch.multinomial` (whose draws
-    earlier profiles of small models were made with)."""
-    if probs.shape[-1] < _LARGE_VOCABULARY:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)
-    labels = torch.empty(probs.shape[0], dtype=torch.long)
-    for start in range(0, probs.shape[0], 64):  # 64 rows at a time: the float64 sums stay small
-        cdf = probs[start : start + 64].double().cumsum(dim=-1)
-        found = torch.searchsorted(cdf, u[start : start + 64] * cdf[:, -1:]).squeeze(1)
-        labels[start : start + 64] = found.clamp_max(probs.shape[-1] - 1)
-    return labels
 
 
 def infer_task(model: nn.Module, batch: Any) -> Task:

@@ -124,7 +124,8 @@ def pseudo_label_passes(
     run: ProfileRun, counter: CallCounter, *, draws: int, seed: int, stage: str
 ) -> Iterator[tuple[Any, list[Call], int, Iterator[tuple[Tensor | None, ...]]]]:
     """One forward pass per calibration batch with the targets' calls recorded, then `draws`
-    backward passes of pseudo-label losses to the targets' outputs.
+    backward passes of pseudo-label losses to the targets' outputs (one per class where the
+    task enumerates them: `Task.exact_draws`).
 
     Yields, per batch: the batch, its calls, the index of its first sample, and an iterator of
     the output-gradients of every call (one tuple per draw, computed when asked for). The
@@ -145,9 +146,11 @@ def pseudo_label_passes(
             outs = [c.out for c in calls]
 
             def gradients(out: Tensor = out, outs: list[Tensor] = outs, batch: Any = batch):
-                for d in range(draws):
-                    v = run.task.pseudo_gradient(out, batch, generator)
-                    yield torch.autograd.grad(out, outs, grad_outputs=v, retain_graph=d < draws - 1, allow_unused=True)
+                exact = run.task.exact_draws(out)
+                n = exact or draws
+                for d in range(n):
+                    v = run.task.pseudo_gradient(out, batch, generator, d if exact else None)
+                    yield torch.autograd.grad(out, outs, grad_outputs=v, retain_graph=d < n - 1, allow_unused=True)
 
             yield batch, calls, first_sample, gradients()
             del calls, outs, out

@@ -82,7 +82,8 @@ class SegmentPasses:
 
     def __init__(self, run: ProfileRun, *, draws: int, seed: int, stream: bool = True) -> None:
         self.run = run
-        self.draws = draws
+        self.requested = self.draws = draws
+        self.exact: int | None = None  # classes, where the task enumerates them instead of drawing
         self.generator = torch.Generator().manual_seed(seed)
         blocks = find_blocks(run.model, run.targets) if stream else []
         try:
@@ -117,6 +118,8 @@ class SegmentPasses:
                 self.counter.see(calls, out.shape[0])
                 if b == 0:  # a slice of the output, to check the head pass reproduces it
                     self.reference: Tensor | None = _probe(out)
+                    self.exact = run.task.exact_draws(out)
+                    self.draws = self.exact or self.requested
                     self._locate(calls, block_of)
                     self._measure(calls, out, len(run.batches))
                 for call in calls:
@@ -253,7 +256,8 @@ class SegmentPasses:
                 if b == 0 and leaf is not None and not _same(_probe(out), self.reference):
                     raise NotAChain("the head does not reproduce the model's output from the last block's")
                 self.reference = None
-                draw = lambda d, out=out, batch=batch: run.task.pseudo_gradient(out, batch, self.generator)  # noqa: E731
+                draw = lambda d, out=out, batch=batch: run.task.pseudo_gradient(  # noqa: E731
+                    out, batch, self.generator, d if self.exact else None)
                 seen, dh = self._carry_back(out, leaf, [c for c in calls if c.target in wanted], draw)
                 self.dh.append(dh)
                 seg.seen.append(seen)

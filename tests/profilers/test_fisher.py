@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from profilers.capture import Call
-from profilers.estimators.fisher import FisherProfiler, _dense_products, _embedding_products
+from profilers.estimators.fisher import FisherProfiler, _dense_products, _embedding_products, shrunk_ratios
 from profilers.quant.rounding import fake_quantize
 from profilers.tasks import EmbeddingTask, LogitsTask
 from profilers.types import Choice, ProfileError
@@ -101,29 +101,46 @@ def test_linear_embedding_model_score_is_half_the_squared_output_change():
         assert opt.loss_stderr <= 0.2 * exact + 1e-12
 
 
-def test_linear_classifier_score_is_the_fisher_quadratic_form():
-    # z = W x: E over pseudo-labels of the squared first-order term is Δzᵀ (diag p − p pᵀ) Δz.
-    # Option by option, that is what the whole squared sums estimate (`pool_rows=False`); the
-    # pooled scores keep only their total (next test).
+def _fisher_quadratic_form(model, x, choice):
+    """½ mean over samples of Δzᵀ (diag p − p pᵀ) Δz for a linear classifier `z = W x`."""
+    p = model(x).softmax(-1).detach()
+    dz = x @ (fake_quantize(model.weight, choice) - model.weight).T.detach()
+    return 0.5 * ((p * dz.pow(2)).sum(-1) - (p * dz).sum(-1).pow(2)).mean().item()
+
+
+def test_linear_classifier_score_is_the_fisher_quadratic_form_exactly():
+    # With few classes each is one backward pass weighted by its probability: the whole squared
+    # sums (`pool_rows=False`) are the quadratic form itself, whatever the draws or seed.
     torch.manual_seed(4)
     model = nn.Linear(10, 5)
     data = [torch.randn(64, 10)]
+    tables = [profile_fisher(model, data, choices=CHOICES[:2], task=LogitsTask(), draws=d, seed=s, pool_rows=False)
+              for d, s in ((1, 0), (7, 3))]  # fmt: skip
+    assert tables[0].settings["exact_fisher"] and tables[0].settings["draws"] == 5
+    for a, b in zip(tables[0].layers[0].options, tables[1].layers[0].options, strict=True):
+        assert a.loss == pytest.approx(_fisher_quadratic_form(model, data[0], a.choice), rel=1e-4)
+        assert a.loss == b.loss
+
+
+def test_many_class_score_estimates_the_fisher_quadratic_form():
+    # Above `EXACT_CLASSES` the draws are random-sign sketches of the same Fisher.
+    torch.manual_seed(4)
+    model = nn.Linear(10, 40)
+    data = [torch.randn(64, 10)]
     table = profile_fisher(model, data, choices=CHOICES[:2], task=LogitsTask(), draws=300, pool_rows=False)
-    x = data[0]
-    p = model(x).softmax(-1).detach()
+    assert not table.settings["exact_fisher"]
     for opt in table.layers[0].options:
-        dz = x @ (fake_quantize(model.weight, opt.choice) - model.weight).T.detach()
-        quad = (p * dz.pow(2)).sum(-1) - (p * dz).sum(-1).pow(2)
-        exact = 0.5 * quad.mean().item()
+        exact = _fisher_quadratic_form(model, data[0], opt.choice)
         assert abs(opt.loss - exact) <= 5 * opt.loss_stderr, (opt.choice.label, opt.loss, exact)
+        assert opt.loss_stderr < 0.1 * exact
 
 
-def test_pooled_scores_keep_the_layer_total_and_are_far_less_noisy():
-    # Pooling rescales each option's row-diagonal score so that a layer's scores add up to the
-    # whole squared sums' total; across pseudo-label seeds each option's share of that total
-    # spreads far less than with whole squared sums (few samples, few draws: a profile's case).
+def test_pooled_scores_are_far_less_noisy_when_the_whole_sums_are_noisy():
+    # Few samples and two sketched draws (a profile's case): each option's ratio of whole to
+    # row-diagonal score is too noisy to use, so it is shrunk to the layer's; across seeds each
+    # option's share of its layer's total spreads far less than with whole squared sums.
     torch.manual_seed(12)
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 40))
     data = [torch.randn(2, 32) for _ in range(4)]
     grid = [Choice(bits=b, group_size=16) for b in (2, 3, 4, 5)]
     spread = {}
@@ -133,13 +150,19 @@ def test_pooled_scores_keep_the_layer_total_and_are_far_less_noisy():
         scores = torch.tensor([[o.loss / sum(x.loss for x in layer.options) for layer in t.layers
                                 for o in layer.options] for t in runs])  # fmt: skip
         spread[pool] = float((scores.std(dim=0) / scores.mean(dim=0)).median())
-        if pool:
-            pooled = runs
-        else:
-            for a, b in zip(pooled, runs, strict=True):
-                for la, lb in zip(a.layers, b.layers, strict=True):
-                    assert sum(o.loss for o in la.options) == pytest.approx(sum(o.loss for o in lb.options), rel=1e-5)
     assert spread[True] < 0.5 * spread[False], spread
+
+
+def test_pooled_ratios_are_each_options_own_when_precise_and_the_layers_when_noisy():
+    # Two options whose whole-to-diagonal ratios differ 4x (2 and 0.5; the layer's is 1.25).
+    loss, diag = torch.tensor([2.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 0.0])
+    precise = shrunk_ratios(loss, 0.01 * loss, diag)
+    torch.testing.assert_close(precise[:2], torch.tensor([2.0, 0.5]), rtol=0.01, atol=0)
+    noisy = shrunk_ratios(loss, 3.0 * loss, diag)
+    torch.testing.assert_close(noisy[:2], torch.tensor([1.25, 1.25]), rtol=0.01, atol=0)
+    assert precise[2] == noisy[2] == 1.25  # an option without error takes the layer's ratio
+    between = shrunk_ratios(loss, 0.7 * loss, diag)
+    assert 1.25 < between[0] < 2.0 and 0.5 < between[1] < 1.25
 
 
 def test_scores_predict_measured_divergence_on_an_mlp():
@@ -349,17 +372,23 @@ def test_fractional_costs_grow_linearly():
     assert sizes[1] - sizes[0] == steps.pop() + 64 // 8  # ... plus the one-bit-per-row mask, once
 
 
-def test_pseudo_labels_over_a_large_vocabulary_follow_the_softmax():
-    """Above 1,024 classes labels are drawn by inverting the cumulative sum (multinomial is slow
-    there): they must still follow the model's distribution, and each position's gradient is
-    `softmax - onehot` (summing to zero)."""
+def test_pseudo_gradients_have_the_softmax_fisher_as_second_moment():
+    """Token logits over a vocabulary (sketched) and class logits with few classes (one draw per
+    class): the mean outer product of the pseudo-gradients is `diag(p) − p pᵀ`, and each sums
+    to zero over the classes, as `p − e_y` does."""
     from profilers.tasks import LogitsTask
 
-    logits = torch.full((4, 2500, 2000), -30.0)
-    logits[..., 7] = 0.0
-    logits[..., 1999] = float(torch.log(torch.tensor(3.0)))  # p = 1/4 and 3/4
-    grad = LogitsTask(causal=True).pseudo_gradient(logits, {}, torch.Generator().manual_seed(0))
-    drawn = grad.reshape(-1, 2000).argmin(dim=-1)  # the label's entry is p - 1 < 0
-    assert set(drawn.unique().tolist()) <= {7, 1999}
-    assert (drawn == 7).float().mean().item() == pytest.approx(0.25, abs=0.01)
-    torch.testing.assert_close(grad.sum(dim=-1), torch.zeros(4, 2500), rtol=0, atol=1e-5)
+    task = LogitsTask(causal=True)
+    logits = torch.tensor([3.0, 1.0, 0.0, -2.0, -4.0])
+    p = logits.softmax(-1)
+    fisher = torch.diag(p) - torch.outer(p, p)
+    out = logits.expand(1, 4000, 5)
+    assert task.exact_draws(out) is None
+    v = task.pseudo_gradient(out, {}, torch.Generator().manual_seed(0)).reshape(-1, 5)
+    torch.testing.assert_close(v.T @ v / v.shape[0], fisher, rtol=0, atol=0.01)
+    torch.testing.assert_close(v.sum(dim=-1), torch.zeros(4000), rtol=0, atol=1e-6)
+    out = logits.expand(3, 5)
+    assert task.exact_draws(out) == 5
+    v = torch.stack([task.pseudo_gradient(out, {}, torch.Generator(), d)[0] for d in range(5)])
+    torch.testing.assert_close(v.T @ v / 5, fisher, rtol=0, atol=1e-6)
+    torch.testing.assert_close(v.sum(dim=-1), torch.zeros(5), rtol=0, atol=1e-6)
