@@ -29,6 +29,7 @@ OutputKind = Literal["embedding", "logits"]
 
 # Classifiers with at most this many classes get the exact Fisher: one backward pass per class.
 EXACT_CLASSES = 16
+_ROWS = 64  # output positions per chunk of a pseudo-gradient sketch
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -184,11 +185,14 @@ class LogitsTask(Task):
             weight = (p[:, draw] * out.shape[-1]).sqrt().unsqueeze(1)
             p[:, draw] -= 1.0
             return p.mul_(weight).to(out.dtype)
-        p = out.detach().float().softmax(dim=-1)
-        signs = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).mul_(2).sub_(1)
-        v = p.sqrt().mul_(signs.to(p.device))
-        del signs
-        v.sub_(p.mul_(v.sum(dim=-1, keepdim=True)))  # p is not needed after this: scaled in place
+        logits = out.detach().reshape(-1, out.shape[-1])
+        v = torch.empty(logits.shape, dtype=torch.float32, device=out.device)
+        for start in range(0, logits.shape[0], _ROWS):  # a few positions at a time: no second copy of the logits
+            p = logits[start : start + _ROWS].float().softmax(dim=-1)
+            signs = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).mul_(2).sub_(1)
+            part = p.sqrt().mul_(signs.to(p.device))
+            v[start : start + _ROWS] = part.sub_(p.mul_(part.sum(dim=-1, keepdim=True)))
+        v = v.reshape(out.shape)
         mask = self._position_mask(out, batch)
         if mask is not None:
             v.mul_(mask.unsqueeze(-1))

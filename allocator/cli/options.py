@@ -30,6 +30,7 @@ from profilers.quant.options import (
     ROTATIONS,
     choice_grid,
 )
+from profilers.tasks import EXACT_CLASSES
 from profilers.types import MAX_TERMS, QUANT_BITS, Choice
 from solvers import METHODS as SOLVERS
 
@@ -185,6 +186,8 @@ class RecordedDataOptions:
 
 
 _draws = ", ".join(f"{name}: {n}" for name, n in DEFAULT_DRAWS.items())
+_draws_help = (f"Pseudo-label draws per batch ({_draws}); a classifier with at most {EXACT_CLASSES} classes"
+               " takes one per class instead (the exact Fisher).")
 
 
 @dataclasses.dataclass
@@ -240,7 +243,7 @@ class GridOptions:
             " input embedding and output head, e.g. model.embed_tokens and lm_head, unless --keep is given]",
         ),
     ] = None
-    draws: Annotated[int | None, typer.Option(min=1, help=f"Pseudo-label draws per batch ({_draws}).")] = None
+    draws: Annotated[int | None, typer.Option(min=1, help=_draws_help)] = None
     rotation: Annotated[
         str | None,
         typer.Option(help=f"Rotate each layer's input space by a randomized Hadamard transform before rounding:"
