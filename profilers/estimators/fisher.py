@@ -327,9 +327,10 @@ class FisherProfiler(Profiler):
             error stacks are built in row chunks that fit; a bound too small for one segment
             is refused before scoring, naming the smallest that works. None: 80% of this
             machine's memory.
-        pool_rows: score each option by its rows' own squared terms, scaled by the layer's
-            ratio of whole to row-diagonal score over all its options (see the module
-            docstring); False scores each option by its own whole squared sum (noisier).
+        pool_rows: score each option by its rows' own squared terms, scaled by its ratio of
+            whole to row-diagonal score shrunk towards the layer's by its noise
+            (`shrunk_ratios`, module docstring); False scores each option by its own whole
+            squared sum (noisier).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
