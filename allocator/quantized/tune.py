@@ -34,7 +34,9 @@ from .tuned import TunedLayer
 
 __all__ = ["DEFAULT_TUNE_LR", "Tuning", "tune_model_"]
 
-DEFAULT_TUNE_LR = 1e-3  # Adam step on a relative scale change: 0.1% per step at the start
+# Adam step on a relative scale change: 0.2% per step at the start. On smollm2 1e-3 measured
+# worse held out at 3.0, 3.5 and 4.25 bpw (34.89 / 32.64 / 31.16 against 34.55 / 32.46 / 30.96).
+DEFAULT_TUNE_LR = 2e-3
 
 
 @dataclass(frozen=True)
