@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .files import atomic_write_text, load_json_model
+from .quant.ggml.types import GGML_TYPES
 
 __all__ = [
     "MAX_TERMS",
@@ -84,11 +85,15 @@ class Choice(BaseModel):
     rotation `R` of the input space (`profilers.quant.rotation`), and the weight is `Q(W R) Rᵀ`:
     outliers spread over many columns round far better at 2-4 bits.
 
+    With `ggml` (`q4_k`, `iq4_nl`, ...), the tensor is stored in one of llama.cpp's block types
+    (`profilers.quant.ggml.types`), as a GGUF file holds it: one term, `bits` the type's code
+    bits, its blocks and scales the type's own.
+
     Examples:
         >>> Choice(bits=4, group_size=64).label
         'int4-g64'
-        >>> Choice.parse("int2x2-ch")
-        Choice(bits=2, terms=2, group_size=None, symmetric=False, kind='residual', extra=0, extra_of=1, rotated=False)
+        >>> Choice.parse("int2x2-ch") == Choice(bits=2, terms=2, group_size=None)
+        True
         >>> Choice(bits=3, extra=2, extra_of=8, group_size=64).label  # a quarter of rows: 2 terms
         'int3+1/4-g64'
     """
@@ -105,10 +110,16 @@ class Choice(BaseModel):
     extra: int = Field(default=0, ge=0, description="numerator of the share of rows with one more term")
     extra_of: int = Field(default=1, ge=1, description="denominator of that share")
     rotated: bool = Field(default=False, description="terms store W R, R a randomized Hadamard rotation")
+    ggml: str | None = Field(default=None, description="a llama.cpp block type (q4_k, ...): the GGUF format")
 
     @model_validator(mode="before")
     @classmethod
     def _reduce_fraction(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("ggml") is not None:
+            name = str(data["ggml"]).strip().lower()
+            if name not in GGML_TYPES:
+                raise ValueError(f"unknown GGUF type {data['ggml']!r}; known: {', '.join(GGML_TYPES)}")
+            data = {"bits": GGML_TYPES[name].bits, **data, "ggml": name}
         if isinstance(data, dict) and "extra" in data:
             num, den = int(data.get("extra", 0)), int(data.get("extra_of", 1))
             if num == 0:
@@ -134,6 +145,11 @@ class Choice(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Choice:
+        if self.ggml is not None and (
+            self.bits != GGML_TYPES[self.ggml].bits or self.terms != 1 or self.group_size is not None
+            or self.symmetric or self.kind != "residual" or self.extra or self.rotated
+        ):  # fmt: skip
+            raise ValueError(f"the GGUF type {self.ggml} fixes its bits and blocks: give it alone (ggml={self.ggml!r})")
         if self.bits == FP_BITS and (
             self.terms != 1 or self.group_size is not None or self.symmetric or self.extra or self.rotated
         ):
@@ -157,6 +173,11 @@ class Choice(BaseModel):
         return self.bits != FP_BITS
 
     @property
+    def family(self) -> Literal["native", "ggml"]:
+        """The storage format a quantized choice belongs to (`fp16` belongs to both)."""
+        return "ggml" if self.ggml is not None else "native"
+
+    @property
     def rho(self) -> float:
         """Share of rows carrying the extra term (0 when none)."""
         return self.extra / self.extra_of
@@ -177,9 +198,12 @@ class Choice(BaseModel):
 
     @property
     def label(self) -> str:
-        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int4x2t-g64`, `int3+3/8-g64`, `int3-g64-had`, `fp16`."""
+        """Short stable name, e.g. `int4-g64`, `int2x2-g128`, `int4x2t-g64`, `int3+3/8-g64`, `int3-g64-had`,
+        `q4_k`, `fp16`."""
         if not self.quantized:
             return "fp16"
+        if self.ggml is not None:
+            return self.ggml
         terms = f"x{self.terms}{_KIND_SUFFIX[self.kind]}" if self.terms > 1 else ""
         extra = f"+{self.extra}/{self.extra_of}" if self.extra else ""
         group = f"g{self.group_size}" if self.group_size is not None else "ch"
@@ -190,13 +214,15 @@ class Choice(BaseModel):
     def parse(cls, label: str) -> Choice:
         """Inverse of `label`. Raises `ValueError` naming the accepted forms."""
         text = label.strip().lower()
-        if text in ("fp16", "16", "none"):
+        if text in ("fp16", "f16", "16", "none"):
             return cls.fp16()
+        if text in GGML_TYPES:
+            return cls(ggml=text)
         m = _LABEL_RE.match(text)
         if not m:
             raise ValueError(
                 f"cannot read choice {label!r}: write it like int4-g64, int2x2-g128, int4x2t-g64, int3+1/4-ch,"
-                " int3-g64-had or fp16"
+                " int3-g64-had, a GGUF type (q4_k, iq4_nl, ...) or fp16"
             )
         group = m["group"]
         return cls(

@@ -8,7 +8,8 @@ offset when asymmetric). Tied terms store their scale and zero point once; joint
 each and one zero point. A fractional extra
 term stores its `k` rows the same way, plus a one-bit-per-row mask saying which rows they are.
 Unquantized tensors cost 2 bytes per element (fp16). A rotated choice stores its column signs,
-one bit per column.
+one bit per column. A llama.cpp block type (`Choice.ggml`) costs its blocks' bytes exactly
+(`ggml.types.tensor_bytes`).
 
 BOPs (bit operations) = MACs x weight bits x activation bits x terms, per sample; an extra
 term on `k` of `rows` rows adds `k / rows` of a term. A rotated choice adds the online rotation
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 
 from ..types import FP_BITS, Choice, LayerSpec
+from .ggml.types import GGML_TYPES, tensor_bytes
 
 __all__ = ["FP_BYTES_PER_ELEMENT", "layer_bops", "layer_bytes", "n_groups", "weight_bytes"]
 
@@ -43,6 +45,8 @@ def weight_bytes(rows: int, cols: int, choice: Choice) -> int:
     """
     if not choice.quantized:
         return rows * cols * FP_BYTES_PER_ELEMENT
+    if choice.ggml is not None:
+        return tensor_bytes(rows, cols, GGML_TYPES[choice.ggml])
     meta = _meta_bytes(rows, cols, choice)
     codes = choice.terms * _code_bytes(rows, cols, choice.bits)
     signs = math.ceil(cols / 8) if choice.rotated else 0

@@ -28,7 +28,8 @@ Multi-term choices:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 from ..types import Choice
 from .quantize import Term, _quantize, dequantize, dequantize_terms, split_digits
 
-__all__ = ["Grid", "gptq_reconstructions", "gptq_sweep", "gptq_terms", "prepare_hessian"]
+__all__ = ["Grid", "StaticGrid", "gptq_reconstructions", "gptq_static", "gptq_sweep", "gptq_terms", "prepare_hessian"]
 
 
 class Grid(NamedTuple):
@@ -69,6 +70,40 @@ def _block_size(groups: Sequence[int], cols: int, block: int) -> int:
     return step * max(1, block // step) if step > 1 else block
 
 
+RoundColumn = Callable[[int, Tensor, Tensor], None]
+
+
+def _lazy_sweep(wt: Tensor, hinv_u: Tensor, round_column: RoundColumn, *, block: int, inner: int) -> None:
+    """The GPTQ column sweep over `wt` (`[cols, n]`, a column contiguous), updated in place.
+
+    `round_column(col, x, out)` rounds column `col` (its error-updated values `x`) and writes the
+    rounded values into `out`; its error, divided by `H⁻¹`'s Cholesky diagonal, is fed back
+    lazily at two levels, as the published GPTQ does at one: inside a run of `inner` columns
+    each column's error updates the rest of the run (rank-1); a finished run updates the rest of
+    its block by one matrix product, and a finished block the columns after it by another.
+    """
+    cols = wt.shape[0]
+    for start in range(0, cols, block):
+        stop = min(start + block, cols)
+        err = torch.empty(stop - start, wt.shape[1])
+        h = hinv_u[start:stop, start:stop]
+        for run in range(start, stop, inner):
+            end = min(run + inner, stop)
+            for col in range(run, end):
+                i = col - start
+                x = wt[col]
+                e = err[i]
+                round_column(col, x, e)
+                e.sub_(x).div_(-h[i, i])  # (x - rounded) / d
+                if col + 1 < end:
+                    wt[col + 1 : end].addr_(h[i, i + 1 : end - start], e, alpha=-1)
+            if end < stop:
+                a, b = run - start, end - start
+                wt[end:stop].addmm_(h[a:b, b:].T, err[a:b], alpha=-1)
+        if stop < cols:
+            wt[stop:].addmm_(hinv_u[start:stop, stop:].T, err, alpha=-1)
+
+
 def gptq_sweep(
     targets: Sequence[Tensor],
     grids: Sequence[Grid],
@@ -83,11 +118,7 @@ def gptq_sweep(
 
     Their rows are stacked and each matrix is rounded to its own grid, with its own group
     parameters, so one sweep serves every choice of a layer (the profiler) or one (the applier).
-
-    The weights are held transposed (`[cols, rows]`, a column is contiguous) and updated lazily
-    at two levels, as the published GPTQ does at one: inside a run of `_INNER` columns each
-    column's error updates the rest of the run (rank-1); a finished run updates the rest of its
-    block by one matrix product, and a finished block the columns after it by another.
+    The weights are held transposed (`[cols, rows]`) and updated lazily (`_lazy_sweep`).
 
     Args:
         targets: matrices of equal shape (a layer's weight, or residuals of it).
@@ -98,7 +129,8 @@ def gptq_sweep(
         order: the column order of the sweep (activation order: `H`'s diagonal, largest
             first), or None for natural order. With an order, `hinv_u` and `dead` are those of
             the permuted `H`, and group parameters are *static*: set from the matrix before
-            the sweep, per group of the original columns, so the file's groups stay contiguous.
+            the sweep, per group of the original columns, so the file's groups stay contiguous
+            (`gptq_static`).
         clip: clip ratios searched for each group's range (`quantize.clip_ratios` when None;
             `(1.0,)` is plain min/max).
 
@@ -107,15 +139,11 @@ def gptq_sweep(
     """
     rows, cols = targets[0].shape
     groups = [cols if g.group_size is None else min(g.group_size, cols) for g in grids]
-    static = None
     if order is not None:
-        static = _static_parameters(targets, grids, groups, order, dead, clip)
-        targets = [t[:, order] for t in targets]
+        return _static_terms(targets, grids, groups, hinv_u, dead, order, clip, block)
     wt = torch.cat([t.float() for t in targets]).T.contiguous()  # [cols, n·rows]
     wt[dead] = 0.0
-    per_row = lambda values: torch.cat([torch.full((rows,), float(v)) for v in values])  # noqa: E731
-    qmin = per_row(-(2 ** (g.bits - 1)) if g.symmetric else 0 for g in grids)
-    qmax = per_row(2 ** (g.bits - 1) - 1 if g.symmetric else 2**g.bits - 1 for g in grids)
+    qmin, qmax = _code_ranges(grids, rows)
     scale = torch.ones(len(grids) * rows)
     offset = torch.zeros(len(grids) * rows)  # stays 0 for symmetric grids
     codes = torch.empty(cols, len(grids) * rows)
@@ -125,43 +153,32 @@ def gptq_sweep(
     starts: dict[int, list[int]] = {}  # group size -> the grids that use it
     for c, g in enumerate(groups):
         starts.setdefault(g, []).append(c)
-    if static is not None:
-        scales, zeros, scale_at, offset_at = static
-        starts = {}  # no group parameters to set during the sweep
-    block = _block_size(groups if static is None else [cols], cols, block)
-    inner = math.gcd(_INNER, *(g for g in groups if g < cols)) if static is None else _INNER
-    q = torch.empty(len(grids) * rows)
-    for start in range(0, cols, block):
-        stop = min(start + block, cols)
-        err = torch.empty(stop - start, len(grids) * rows)
-        h = hinv_u[start:stop, start:stop]
-        for run in range(start, stop, inner):
-            end = min(run + inner, stop)
-            for col in range(run, end):
-                for g, cs in starts.items():
-                    if col % g == 0:
-                        _group_parameters(wt, col, g, cs, grids, rows, scale, offset, scales, zeros, clip)
-                if static is not None:
-                    scale, offset = scale_at[col], offset_at[col]
-                i = col - start
-                x = wt[col]
-                torch.sub(x, offset, out=q).div_(scale).round_().clamp_(qmin, qmax)
-                codes[col] = q
-                e = err[i]
-                torch.addcmul(offset, q, scale, out=e)  # the rounded column
-                e.sub_(x).div_(-h[i, i])  # (x - rounded) / d
-                if col + 1 < end:
-                    wt[col + 1 : end].addr_(h[i, i + 1 : end - start], e, alpha=-1)
-            if end < stop:
-                a, b = run - start, end - start
-                wt[end:stop].addmm_(h[a:b, b:].T, err[a:b], alpha=-1)
-        if stop < cols:
-            wt[stop:].addmm_(hinv_u[start:stop, stop:].T, err, alpha=-1)
-    if order is not None:  # back to the original column order
-        unpermuted = torch.empty_like(codes)
-        unpermuted[order] = codes
-        codes = unpermuted
-    codes = codes.T
+
+    def round_column(col: int, x: Tensor, out: Tensor) -> None:
+        for g, cs in starts.items():
+            if col % g == 0:
+                _group_parameters(wt, col, g, cs, grids, rows, scale, offset, scales, zeros, clip)
+        q = codes[col]
+        torch.sub(x, offset, out=q).div_(scale).round_().clamp_(qmin, qmax)
+        torch.addcmul(offset, q, scale, out=out)
+
+    inner = math.gcd(_INNER, *(g for g in groups if g < cols))
+    _lazy_sweep(wt, hinv_u, round_column, block=_block_size(groups, cols, block), inner=inner)
+    return _terms(codes.T, grids, groups, scales, zeros, rows)
+
+
+def _code_ranges(grids: Sequence[Grid], rows: int) -> tuple[Tensor, Tensor]:
+    """Per stacked row, the lowest and highest code of its grid."""
+    per_row = lambda values: torch.cat([torch.full((rows,), float(v)) for v in values])  # noqa: E731
+    qmin = per_row(-(2 ** (g.bits - 1)) if g.symmetric else 0 for g in grids)
+    qmax = per_row(2 ** (g.bits - 1) - 1 if g.symmetric else 2**g.bits - 1 for g in grids)
+    return qmin, qmax
+
+
+def _terms(
+    codes: Tensor, grids: Sequence[Grid], groups: list[int], scales: list[Tensor], zeros: list[Tensor | None], rows: int
+) -> list[Term]:
+    """One `Term` per grid from the stacked codes `[n·rows, cols]` and each grid's parameters."""
     out = []
     for c, grid in enumerate(grids):
         code_type = torch.int32 if grid.bits > 8 else torch.int8 if grid.symmetric else torch.uint8
@@ -196,31 +213,117 @@ def _group_parameters(
             zeros[c][:, col // g] = term.offset[:, 0]  # type: ignore[index]
 
 
-def _static_parameters(
+@dataclass(frozen=True)
+class StaticGrid:
+    """A grid fixed before the sweep, for one `[rows, cols]` matrix.
+
+    Attributes:
+        scale: `[rows, cols]` float32 step of each element's group.
+        offset: `[rows, cols]` float32 value of code 0 of each element's group.
+        qmin, qmax: the code range.
+        levels: None for integer codes (value = code); else the sorted codebook, and codes are
+            indices into it (value = `levels[code]`).
+    """
+
+    scale: Tensor
+    offset: Tensor
+    qmin: int
+    qmax: int
+    levels: Tensor | None = None
+
+    def values(self, codes: Tensor) -> Tensor:
+        """The grid values `codes` stand for, before scale and offset."""
+        return codes.float() if self.levels is None else self.levels[codes.long()]
+
+
+def gptq_static(
+    targets: Sequence[Tensor],
+    grids: Sequence[StaticGrid],
+    hinv_u: Tensor,
+    dead: Tensor,
+    *,
+    order: Tensor | None = None,
+    block: int = 128,
+) -> list[Tensor]:
+    """GPTQ-round several `[rows, cols]` matrices onto grids fixed before the sweep, in one sweep.
+
+    Args:
+        targets: matrices of equal shape, in their original column order.
+        grids: one `StaticGrid` per target (in the original column order).
+        hinv_u, dead: `prepare_hessian` of `H`, permuted by `order` when one is given.
+        order: the sweep's column order (None: natural).
+        block: columns per lazy-update block.
+
+    Returns:
+        One code matrix `[rows, cols]` (int64, original column order) per target.
+    """
+    rows, cols = targets[0].shape
+    perm = order if order is not None else torch.arange(cols)
+    wt = torch.cat([t.float()[:, perm] for t in targets]).T.contiguous()  # [cols, n·rows], swept order
+    wt[dead] = 0.0
+    scale_at = torch.cat([g.scale[:, perm] for g in grids]).T.contiguous()
+    offset_at = torch.cat([g.offset[:, perm] for g in grids]).T.contiguous()
+    # A zero step (a group of zeros) rounds every value to the offset: divide by 1 there.
+    divide_at = torch.where(scale_at == 0, 1.0, scale_at) if bool((scale_at == 0).any()) else scale_at
+    qmin = torch.cat([torch.full((rows,), float(g.qmin)) for g in grids])
+    qmax = torch.cat([torch.full((rows,), float(g.qmax)) for g in grids])
+    codes = torch.empty(cols, len(grids) * rows)
+    # Rows on a codebook are rounded to its nearest level (between the midpoints of neighbours).
+    books = [(slice(k * rows, (k + 1) * rows), g.levels, (g.levels[1:] + g.levels[:-1]) / 2)
+             for k, g in enumerate(grids) if g.levels is not None]  # fmt: skip
+    uniform = all(g.levels is None for g in grids)
+
+    def round_column(col: int, x: Tensor, out: Tensor) -> None:
+        scale, offset, q = scale_at[col], offset_at[col], codes[col]
+        if uniform:
+            torch.sub(x, offset, out=q).div_(divide_at[col]).round_().clamp_(qmin, qmax)
+            torch.addcmul(offset, q, scale, out=out)
+            return
+        u = torch.sub(x, offset).div_(divide_at[col])
+        torch.round(u, out=q).clamp_(qmin, qmax)
+        value = q.clone()
+        for sl, levels, mids in books:
+            idx = torch.bucketize(u[sl], mids)
+            q[sl] = idx.float()
+            value[sl] = levels[idx]
+        torch.addcmul(offset, value, scale, out=out)
+
+    _lazy_sweep(wt, hinv_u, round_column, block=block, inner=_INNER)
+    out = torch.empty_like(codes)
+    out[perm] = codes  # back to the original column order
+    return [out.T[k * rows : (k + 1) * rows].long() for k in range(len(grids))]
+
+
+def _static_terms(
     targets: Sequence[Tensor],
     grids: Sequence[Grid],
     groups: list[int],
-    order: Tensor,
+    hinv_u: Tensor,
     dead: Tensor,
+    order: Tensor,
     clip: tuple[float, ...] | None,
-) -> tuple[list[Tensor], list[Tensor | None], Tensor, Tensor]:
-    """Group parameters set before an act-order sweep: per grid, its fp16 scales and zero points
-    `[rows, groups]` from the matrix (dead columns zeroed), and per swept column (in `order`)
-    the scale and offset `[cols, n·rows]` of the group it belongs to."""
+    block: int,
+) -> list[Term]:
+    """`gptq_sweep` in activation order: each grid's fp16 scales and zero points set from its
+    matrix before the sweep (dead columns zeroed), per group of the original columns, then one
+    static sweep."""
     dead_original = torch.empty_like(dead)
     dead_original[order] = dead
-    scales, zeros, scale_cols, offset_cols = [], [], [], []
+    rows, cols = targets[0].shape
+    scales, zeros, static = [], [], []
     for target, grid, g in zip(targets, grids, groups, strict=True):
         w = target.float().clone()
         w[:, dead_original] = 0.0
         term, _ = _quantize(w, bits=grid.bits, group_size=g, symmetric=grid.symmetric, clip=clip)
         scales.append(term.scale)
         zeros.append(term.offset)
-        group_of = order // g
-        scale_cols.append(term.scale.float()[:, group_of].T)
+        group_of = torch.arange(cols) // g
         offset = torch.zeros_like(term.scale) if term.offset is None else term.offset
-        offset_cols.append(offset.float()[:, group_of].T)
-    return scales, zeros, torch.cat(scale_cols, dim=1).contiguous(), torch.cat(offset_cols, dim=1).contiguous()
+        qmin, qmax = _code_ranges([grid], 1)
+        static.append(StaticGrid(term.scale.float()[:, group_of], offset.float()[:, group_of],
+                                 int(qmin), int(qmax)))  # fmt: skip
+    codes = gptq_static(targets, static, hinv_u, dead, order=order, block=block)
+    return _terms(torch.cat(codes).float(), grids, groups, scales, zeros, rows)
 
 
 def _grid(choice: Choice) -> Grid:
