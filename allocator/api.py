@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from profilers.estimators import DEFAULT_PROFILER
 from profilers.estimators.base import ProgressFn
 from profilers.estimators.registry import make_profiler
 from profilers.layers import find_targets
-from profilers.quant.options import DEFAULT_FRACTIONS, DEFAULT_METHOD, choice_grid, needs_hessian
+from profilers.quant.options import DEFAULT_FRACTIONS, DEFAULT_METHOD, FORMATS, choice_grid, ggml_grid, needs_hessian
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileTable
 
@@ -58,6 +59,8 @@ def profile(
     max_memory: int | str | None = None,
     sequential: bool = False,
     scored: int | None = None,
+    target_format: str = "native",
+    gguf_source: str | os.PathLike[str] | None = None,
 ) -> ProfileTable:
     """Measure, once, the cost and estimated sensitivity of every (layer, choice).
 
@@ -87,13 +90,28 @@ def profile(
             quantized blocks before it, as published); the scores stay those of FP inputs.
         scored: score sensitivities on this many of the batches, evenly spaced (None: all);
             GPTQ's `H` reads them all, as the applier's does.
+        target_format: what the plan will be written as: `native` (allocator's packed file) or
+            `gguf` (llama.cpp block types; default choices `ggml_grid()`, each layer offered the
+            types its rows can take, and the bytes those of the GGUF file written from `gguf_source`).
+        gguf_source: the GGUF file `model` was read from (`target_format="gguf"`).
     """
+    if target_format not in FORMATS:
+        raise AllocatorError(f"unknown format {target_format!r}; choose one of {', '.join(FORMATS)}")
+    if target_format == "gguf" and gguf_source is None:
+        raise AllocatorError(
+            "a GGUF plan is written from the GGUF file the model was read from; load the model from a .gguf file"
+            " (from a Hugging Face folder: convert it with llama.cpp's convert_hf_to_gguf.py --outtype f16 first)"
+        )
+    if choices is None:
+        choices = ggml_grid() if target_format == "gguf" else choice_grid()
+    elif target_format == "gguf" and any(c.quantized and c.ggml is None for c in choices):
+        raise AllocatorError("a GGUF plan takes llama.cpp block types and fp16 only (e.g. ggml_grid())")
     limit = None if max_memory is None else parse_size(max_memory)
     with terminal_progress(progress) as update:
         table = make_profiler(profiler, draws=draws, seed=seed, max_memory=limit).profile(
             model,
             data,
-            choices=list(choices) if choices is not None else choice_grid(),
+            choices=list(choices),
             task=task,
             fractions=fractions,
             fraction_terms=fraction_terms,
@@ -107,6 +125,17 @@ def profile(
             scored=scored,
         )
     settings = {**table.settings, "sequential": sequential and needs_hessian(method)}
+    if target_format == "gguf":  # the bytes of the GGUF file: its header, the tensors copied from the source
+        from .quantized.gguf_export import GgufSource
+
+        source = GgufSource(gguf_source, model)  # type: ignore[arg-type]
+        sizes = source.sizes(table.names)
+        layers = tuple(layer.model_copy(update={"options": tuple(o.model_copy(update={"bytes": source.padded(o.bytes)})
+                                                                 for o in layer.options)})
+                       for layer in table.layers)  # fmt: skip
+        settings |= {"format": "gguf", "gguf_source": str(gguf_source)}
+        return table.model_copy(update={"layers": layers, "file_overhead": sizes.overhead, "fixed_bytes": sizes.fixed,
+                                        "settings": settings})  # fmt: skip
     # Reserve the packed file's header, so a byte budget holds for the file on disk.
     return table.model_copy(update={"file_overhead": header_allowance(model, table), "settings": settings})
 

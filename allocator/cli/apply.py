@@ -3,7 +3,7 @@
 import copy
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,15 +24,20 @@ def apply(
     plan_file: PlanArg = None,
     *,
     output: Annotated[
-        Path, typer.Option("--output", "-o", metavar="OUT.safetensors", help="The packed model file to write.")
-    ] = Path("model.allocator.safetensors"),
+        Path | None,
+        typer.Option("--output", "-o", metavar="OUT.safetensors|OUT.gguf",
+                     help="The file to write: allocator's packed safetensors file, or for a plan solved with --format"
+                          " gguf a .gguf file llama.cpp runs. [default: model.allocator.safetensors, or"
+                          " model.allocator.gguf for a GGUF plan]"),
+    ] = None,
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Reload the file and compare it with the fake-quantized model.")
     ] = True,
     data: RecordedDataOptions,
     progress: Progress = True,
 ) -> None:
-    """Quantize the model by the plan and write it packed (safetensors; reload with allocator.load_quantized)."""
+    """Quantize the model by the plan and write it: packed safetensors (reload with allocator.load_quantized), or
+    a GGUF file for a plan of llama.cpp block types (--format gguf)."""
     from profilers.estimators.base import fingerprint_batches
 
     from ..planning.budget import format_bytes
@@ -41,11 +46,13 @@ def apply(
     from ..quantized.export import export_quantized
     from ..quantized.load import load_quantized
     from ..sources import DEFAULT_MODEL
+    from ..sources.gguf import load_gguf
     from ..sources.models import load_model
 
     model, plan_file = model_and_plan(model, plan_file)
-    check_outputs({"--output": output}, [plan_file, model, data.data])
     plan = Plan.load(plan_file)
+    output = _output(output, plan.target_format)
+    check_outputs({"--output": output}, [plan_file, model, data.data])
     name = model or plan.model_name or DEFAULT_MODEL
     setup = None
     calibrated = needs_hessian(plan.method) or plan.refine_steps > 0 or plan.tune_steps > 0
@@ -55,6 +62,7 @@ def apply(
     else:
         loaded = load_model(name)
     check_weights(plan.model_fingerprint, loaded, plan_file, "solve again for this model")
+    source = _gguf_source(plan, loaded)
     calibration = None
     if calibrated:
         assert setup is not None
@@ -74,7 +82,12 @@ def apply(
         report.refinement(made.refined, plan.refine_steps)
     if made.tuned is not None:
         report.tuning(made.tuned)
-    export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, stored=made.layers)
+    if source is not None:
+        from ..quantized.gguf_export import export_gguf
+
+        export_gguf(loaded.model, plan, output, source=source, stored=made.layers)
+    else:
+        export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, stored=made.layers)
     seconds = time.perf_counter() - t0
     report.written.append(str(output))
     size = output.stat().st_size
@@ -90,8 +103,39 @@ def apply(
         import torch
 
         assert setup is not None and loaded.task is not None
-        reloaded = load_quantized(output)
+        reloaded = load_quantized(output) if source is None else load_gguf(output, name=str(output)).model
         batch = setup.data.evals[0]
         with torch.no_grad():
             a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)
         report.line(f"reloaded model vs fake-quantized model: max |difference| {float((a - b).abs().max()):.2e}")
+
+
+def _output(output: Path | None, target_format: str) -> Path:
+    """The file to write: the default of the plan's format, or the one given if it is of that format."""
+    gguf = target_format == "gguf"
+    if output is None:
+        return Path("model.allocator.gguf" if gguf else "model.allocator.safetensors")
+    if gguf and output.suffix.lower() != ".gguf":
+        raise AllocatorError(
+            f"this plan takes llama.cpp block types (--format gguf): write it as a .gguf file, not {output}"
+        )
+    if not gguf and output.suffix.lower() == ".gguf":
+        raise AllocatorError(
+            f"this plan is of allocator's own format (int... choices), which GGUF cannot hold; solve with --format gguf"
+            f" to write {output}, or write a .safetensors file"
+        )
+    return output
+
+
+def _gguf_source(plan: Any, loaded: Any) -> Any:
+    """The GGUF file a GGUF plan is written from (the one the model was read from); None for a native plan."""
+    if plan.target_format != "gguf":
+        return None
+    if loaded.gguf is None:
+        raise AllocatorError(
+            f"a GGUF plan is written from the GGUF file the model was read from, and {loaded.name} is not one;"
+            " convert it with llama.cpp's convert_hf_to_gguf.py (--outtype f16) and plan that .gguf"
+        )
+    from ..quantized.gguf_export import GgufSource
+
+    return GgufSource(loaded.gguf, loaded.model)

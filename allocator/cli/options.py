@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from profilers.estimators import DEFAULT_DRAWS, DEFAULT_PROFILER, PROFILER_NAMES
+from profilers.quant.ggml.types import GGML_TYPES
 from profilers.quant.options import (
     DEFAULT_BITS,
     DEFAULT_FRACTIONS,
@@ -24,11 +25,13 @@ from profilers.quant.options import (
     DEFAULT_METHOD,
     DEFAULT_ROTATION,
     DEFAULT_TERMS,
+    FORMATS,
     KINDS,
     LLM_METHOD,
     METHODS,
     ROTATIONS,
     choice_grid,
+    ggml_grid,
 )
 from profilers.tasks import EXACT_CLASSES
 from profilers.types import MAX_TERMS, QUANT_BITS, Choice
@@ -194,6 +197,19 @@ _draws_help = (f"Pseudo-label draws per batch ({_draws}); a classifier with at m
 class GridOptions:
     """What to profile: the estimator, the rounding, and the grid of choices per layer."""
 
+    format: Annotated[
+        str,
+        typer.Option("--format", metavar="FORMAT",
+                     help="What the plan is written as: native (allocator's packed safetensors file, the int... grid"
+                          " below) or gguf (a GGUF file llama.cpp runs: each tensor in one of llama.cpp's block types"
+                          " its rows can take, and fp16; byte budgets are the file's; the model must be a .gguf)."),
+    ] = "native"  # fmt: skip
+    types: Annotated[
+        str | None,
+        typer.Option("--types", metavar="TYPES",
+                     help=f"With --format gguf: the block types to consider, comma-separated, of"
+                          f" {', '.join(GGML_TYPES)}. [default: every one the installed gguf package can write]"),
+    ] = None  # fmt: skip
     profiler: Annotated[
         str, typer.Option(help=f"Sensitivity estimator: {', '.join(PROFILER_NAMES)}.")
     ] = DEFAULT_PROFILER
@@ -278,6 +294,12 @@ class GridOptions:
             raise AllocatorError(f"unknown --rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
         if self.max_memory is not None:
             parse_size(self.max_memory)  # refused here, before any model is loaded
+        if self.format not in FORMATS:
+            raise AllocatorError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format == "gguf":
+            return self._gguf_choices(), {}
+        if self.types is not None:
+            raise AllocatorError("--types names GGUF block types; add --format gguf")
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()] if self.kinds else None
         for k in kinds or []:
             if k not in KINDS:
@@ -295,6 +317,31 @@ class GridOptions:
         limit = device * max(terms)
         grid = choice_grid(bits, terms, groups, kinds=kinds or ["residual", "tied"], max_bits=limit)
         return grid, {"fraction_terms": max(terms), "fraction_bits": limit}
+
+
+    def _gguf_choices(self) -> list[Choice]:
+        """fp16 and the GGUF block types asked for (all by default); the native grid's options refused."""
+        native = {"--bits": self.bits, "--terms": self.terms, "--kinds": self.kinds, "--device-bits": self.device_bits,
+                  "--rotation": self.rotation if self.rotation not in (None, "none") else None,
+                  "--group-size": None if self.group_size == _groups_text(DEFAULT_GROUP_SIZES) else self.group_size}
+        given = [k for k, v in native.items() if v is not None]
+        if given:
+            raise AllocatorError(
+                f"{given[0]} describes allocator's own format; a GGUF plan (--format gguf) picks among block types:"
+                " use --types (e.g. --types q4_k,q4_0,q8_0)"
+            )
+        names = [t.strip().lower() for t in self.types.split(",") if t.strip()] if self.types else None
+        for n in names or []:
+            if n not in GGML_TYPES:
+                raise AllocatorError(f"--types takes {', '.join(GGML_TYPES)}, got {n!r}")
+            if not GGML_TYPES[n].available:
+                raise AllocatorError(
+                    f"--types {n}: the installed gguf package cannot write {GGML_TYPES[n].gguf}; install the gguf-py"
+                    " of a llama.cpp that has it (pip install <llama.cpp>/gguf-py) or leave it out"
+                )
+        if names == []:
+            raise AllocatorError("--types is empty")
+        return ggml_grid(names)
 
 
 _TERMS = tuple(range(1, MAX_TERMS + 1))

@@ -53,6 +53,8 @@ def run_profile(
             method=grid.method or (LLM_METHOD if llm else DEFAULT_METHOD),
             sequential=grid.sequential,
             scored=scored,
+            target_format=grid.format,
+            gguf_source=setup.loaded.gguf,
             **limits,
         )
     table = table.model_copy(update={"data": setup.data.split()})

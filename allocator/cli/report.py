@@ -97,12 +97,14 @@ class Reporter:
             yield update
 
     def profile(self, table: ProfileTable, seconds: float) -> None:
-        n_options = len(table.layers[0].options)
+        counts = sorted({len(layer.options) for layer in table.layers})
+        n_options = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         fractions = sum(1 for o in table.layers[0].options if o.choice.extra)
+        rest = "copied from the source GGUF" if table.settings.get("format") == "gguf" else "kept fp16"
         self.line(
             f"profile: {table.profiler} estimates for {len(table.layers)} layers x {n_options} options"
             f" ({fractions} fractional) from {table.settings.get('samples')} samples{_scored(table)} in {seconds:.1f}s;"
-            f" {table.quantizable_params:,} quantizable weights, {format_bytes(table.fixed_bytes)} kept fp16"
+            f" {table.quantizable_params:,} quantizable weights, {format_bytes(table.fixed_bytes)} {rest}"
         )
         if table.kept_fp16:
             self.line(f"never ran during calibration (kept fp16): {', '.join(table.kept_fp16)}")
@@ -151,12 +153,12 @@ class Reporter:
             f"predicted     {format_bytes(plan.predicted.bytes)} whole model"
             f" = {format_bytes(plan.predicted.quantized_bytes)} planned weights"
             f" ({plan.predicted.bpw:.3f} bpw on {profile_params:,} weights)"
-            f" + {format_bytes(plan.fixed_bytes)} kept fp16"
-            + (
-                f" + {format_bytes(plan.predicted.file_overhead)} file header allowance"
-                if plan.predicted.file_overhead
-                else ""
-            )
+            + (f" + {format_bytes(plan.fixed_bytes)} copied from the source GGUF"
+               f" + {format_bytes(plan.predicted.file_overhead)} GGUF header"
+               if plan.target_format == "gguf" else
+               f" + {format_bytes(plan.fixed_bytes)} kept fp16"
+               + (f" + {format_bytes(plan.predicted.file_overhead)} file header allowance"
+                  if plan.predicted.file_overhead else ""))
         )
         self.line(f"loss          {_loss(plan.predicted.loss)}  [{plan.loss_units}]")
         bound = (

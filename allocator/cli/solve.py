@@ -134,6 +134,11 @@ def solve(
                               device_bits=grid.device_bits, max_loss=max_loss)  # fmt: skip
     if metric is not None and not evaluate:
         raise AllocatorError("--metric ranks the --evaluate table; add --evaluate or drop --metric")
+    if grid.format == "gguf" and (refine or tune):
+        raise AllocatorError(
+            "--refine and --tune tune allocator's own scales; a GGUF plan (--format gguf) takes llama.cpp's block"
+            " types as rounded: drop them"
+        )
     if server is not None:
         if evaluate or model is not None or tie or refine or tune:
             raise AllocatorError(

@@ -165,7 +165,7 @@ def compare(
     for u in list(uniform) if uniform is not None else default_uniform(plan):
         make = lambda u=u: apply_choices_(  # noqa: E731
             copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, sequential=plan.sequential,
-            **rounding,
+            round_rest_to_fp16=plan.target_format == "native", **rounding,
         )
         label = f"uniform {u.choice.label}"
         rows.append(variant(label, make, size=u.bytes, bpw=u.bpw, predicted=u.loss, fits=u.fits, kind="uniform"))

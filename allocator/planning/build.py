@@ -25,7 +25,7 @@ from ..errors import AllocatorError, InfeasibleBudgetError, SolveTimeoutError
 from .budget import Budget, Resource
 from .constraints import allowed_options
 from .plan import Constraints, LayerPlan, Plan, Predicted, SolverReport
-from .uniform import common_choices, uniform_points
+from .uniform import all_choices, common_choices, uniform_points
 
 __all__ = ["plan_from_profile", "resource_limits"]
 
@@ -72,9 +72,7 @@ def plan_from_profile(
     parsed = [Budget.parse(b) for b in budgets]
     if not parsed and constraints.max_loss is None:
         raise AllocatorError("no budget given: pass one, e.g. --budget 12MB, or ask for --max-loss")
-    choices = common_choices(profile)
-    if not choices:
-        raise AllocatorError("the profile's layers share no common choice; re-profile with one choice grid")
+    choices = all_choices(profile)
     limits = resource_limits(profile, parsed)
     if constraints.max_loss is not None:  # lossless mode minimises bytes: bytes come first
         limits = {"bytes": limits.get("bytes", NO_LIMIT), **{k: v for k, v in limits.items() if k != "bytes"}}
@@ -101,10 +99,11 @@ def _problem(
     resources: list[Resource] = list(limits)
     index = {n: i for i, n in enumerate(profile.names)}
     losses, costs = [], []
-    for layer in profile.layers:
-        opts = [layer.option(c) for c in choices]
-        losses.append(np.array([o.loss for o in opts]))
-        costs.append(np.array([[o.bytes if r == "bytes" else o.bops for r in resources] for o in opts], dtype=np.int64))
+    for layer in profile.layers:  # a choice a layer lacks costs nothing there and is masked out
+        opts = [layer.by_choice.get(c) for c in choices]
+        losses.append(np.array([o.loss if o else 0.0 for o in opts]))
+        costs.append(np.array([[(o.bytes if r == "bytes" else o.bops) if o else 0 for r in resources] for o in opts],
+                              dtype=np.int64))  # fmt: skip
     allowed = allowed_options(profile, choices, constraints)
     tie_index = []
     for group in ties:
@@ -200,6 +199,7 @@ def _decode(
         data_fingerprint=profile.data_fingerprint,
         data=profile.data,
         profiler=profile.profiler,
+        target_format="gguf" if profile.settings.get("format") == "gguf" else "native",
         method=str(profile.settings.get("method", "rtn")),
         sequential=bool(profile.settings.get("sequential", False)),
         scored_batches=profile.settings.get("scored_batches"),
@@ -220,7 +220,7 @@ def _decode(
             loss=float(solution.loss),
         ),
         solver=report,
-        uniform=tuple(uniform_points(profile, binding, choices)),
+        uniform=tuple(uniform_points(profile, binding, common_choices(profile))),
     )
 
 

@@ -16,15 +16,17 @@ __all__ = ["allowed_options"]
 
 
 def allowed_options(profile: ProfileTable, choices: Sequence[Choice], constraints: Constraints) -> list[np.ndarray]:
-    """Per layer, which of `choices` the constraints allow.
+    """Per layer, which of `choices` the constraints allow (never one the layer was not profiled
+    with: a llama.cpp block type its rows cannot take).
 
     Raises:
-        AllocatorError: a pattern that matches no layer, a pinned choice that was not profiled,
-            or a layer left with no option.
+        AllocatorError: a pattern that matches no layer, a pinned choice that was not profiled
+            (for a layer: naming its row length and the choices it has), or a layer left with
+            no option.
     """
     names = [layer.spec.name for layer in profile.layers]
     labels = [c.label for c in choices]
-    masks = [np.ones(len(choices), dtype=bool) for _ in names]
+    masks = [np.array([c in layer.by_choice for c in choices]) for layer in profile.layers]
 
     def matching(pattern: str, what: str) -> list[int]:
         hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
@@ -50,12 +52,21 @@ def allowed_options(profile: ProfileTable, choices: Sequence[Choice], constraint
         for i in matching(pattern, "--keep"):
             masks[i] = masks[i] & fp
     for pattern, label in constraints.pins:
-        wanted = Choice.parse(label).label
-        if wanted not in labels:
-            raise AllocatorError(f"--pin asks for {wanted}, which the profile has no numbers for; profile it first")
-        pin = np.array([x == wanted for x in labels])
+        wanted = Choice.parse(label)
+        pin = np.array([x == wanted.label for x in labels])
         for i in matching(pattern, "--pin"):
-            masks[i] = masks[i] & pin
+            layer = profile.layers[i]
+            if wanted in layer.by_choice:
+                masks[i] = masks[i] & pin
+            elif wanted.ggml is None and not pin.any():
+                raise AllocatorError(
+                    f"--pin asks for {wanted.label}, which the profile has no numbers for; profile it first"
+                )
+            else:
+                raise AllocatorError(
+                    f"--pin {pattern}={wanted.label}: layer {names[i]!r} (rows of {layer.spec.cols} elements) cannot"
+                    f" take {wanted.label}; it takes {', '.join(o.choice.label for o in layer.options)}"
+                )
     for pattern, label_pattern in constraints.forbid:
         banned = np.array([fnmatch.fnmatchcase(x, label_pattern) for x in labels])
         if not banned.any():

@@ -131,6 +131,11 @@ class Plan(BaseModel):
     data_fingerprint: str
     data: DataSplit | None = Field(default=None, description="calibration split the plan was profiled on")
     profiler: str
+    target_format: Literal["native", "gguf"] = Field(
+        default="native",
+        description="what `apply` writes: allocator's packed safetensors file, or a GGUF file of llama.cpp block types"
+        " (its byte budget is the file's)",
+    )
     method: Literal["rtn", "gptq", "gptq-act"] = Field(default="rtn", description="rounding the plan was scored for")
     sequential: bool = Field(
         default=False,
@@ -156,7 +161,7 @@ class Plan(BaseModel):
     budgets: tuple[Budget, ...]
     limits: dict[str, int] = Field(description="per resource, the limit on the planned weights")
     constraints: Constraints = Field(default_factory=Constraints)
-    fixed_bytes: int = Field(ge=0, description="bytes outside the planned weights (fp16)")
+    fixed_bytes: int = Field(ge=0, description="bytes outside the planned weights (fp16; a GGUF plan: as the source)")
     kept_fp16: tuple[str, ...] = ()
     ties: tuple[tuple[str, ...], ...] = ()
     layers: dict[str, LayerPlan]

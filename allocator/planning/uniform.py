@@ -9,7 +9,13 @@ from profilers.types import Choice, ProfileTable
 from .budget import Resource
 from .plan import UniformPoint
 
-__all__ = ["common_choices", "uniform_points"]
+__all__ = ["all_choices", "common_choices", "uniform_points"]
+
+
+def all_choices(profile: ProfileTable) -> list[Choice]:
+    """Every choice any layer was profiled with, in order of first appearance (a llama.cpp block
+    type is absent from the layers whose rows it cannot divide)."""
+    return list(dict.fromkeys(o.choice for layer in profile.layers for o in layer.options))
 
 
 def common_choices(profile: ProfileTable) -> list[Choice]:

@@ -21,7 +21,7 @@ from profilers.input_hessians import input_hessians, streamed_hessians
 from profilers.layers import find_targets, resolve_modules
 from profilers.quant.options import needs_hessian
 from profilers.quant.quantize import as_matrix
-from profilers.quant.rounding import stored_terms
+from profilers.quant.rounding import ggml_tensor, stored_terms
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileError, ProfileTable
 
@@ -103,15 +103,21 @@ def quantize_layers_(
             `calibration`, on the task's divergence of the model's output from the FP model's
             (`tune.tune_model_`); 0: no end-to-end tuning.
         round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
-            precision (how the plan stores them).
+            precision (how the plan stores them; `quantize_plan_` decides by the plan's format).
         progress: `(stage, done, total)` callback.
 
     Raises:
         PlanError: an unknown layer name, a weight with NaN/inf values, a reconstruction
-            asked for without calibration batches or on a model without a chain of blocks, or a
-            tuning asked for without calibration batches.
+            asked for without calibration batches or on a model without a chain of blocks, a
+            tuning asked for without calibration batches, or either asked for llama.cpp block types.
     """
     weights = _checked_weights(model, choices, extra_rows)
+    blocks = [name for name, c in choices.items() if c.ggml is not None]
+    if blocks and (refine_steps or tune_steps):
+        raise PlanError(
+            f"block reconstruction and end-to-end tuning (--refine, --tune) tune allocator's own scales, and"
+            f" {blocks[0]!r} takes a llama.cpp block type ({choices[blocks[0]].label}); plan GGUF types without them"
+        )
     chain = reference = None
     if tune_steps:
         batches = _calibration(calibration, "end-to-end tuning (--tune) matches the FP model's output on")
@@ -162,8 +168,10 @@ def _stored_layer(
     shape = tuple(weight.shape)
     if not choice.quantized:
         return StoredLayer(choice, shape, [], fp16=weight.detach().half())
-    rows = torch.as_tensor(extra_rows[name], dtype=torch.long) if choice.extra and extra_rows else None
     w2d = as_matrix(weight.detach()).float()
+    if choice.ggml is not None:
+        return StoredLayer(choice, shape, [], ggml=ggml_tensor(w2d, choice, method=method, hessian=h))  # type: ignore[arg-type]
+    rows = torch.as_tensor(extra_rows[name], dtype=torch.long) if choice.extra and extra_rows else None
     terms, extra = stored_terms(w2d, choice, method=method, hessian=h, extra_rows=rows)  # type: ignore[arg-type]
     return StoredLayer(choice, shape, terms, extra, rows)
 
@@ -243,7 +251,7 @@ def apply_plan_(
     hessians: dict[str, Tensor] | None = None,
     calibration: Sequence[Any] | None = None,
     task: Task | None = None,
-    round_rest_to_fp16: bool = True,
+    round_rest_to_fp16: bool | None = None,
 ) -> nn.Module:
     """Quantize `model` in place as `plan` says and return it.
 
@@ -273,13 +281,18 @@ def quantize_plan_(
     hessians: dict[str, Tensor] | None = None,
     calibration: Sequence[Any] | None = None,
     task: Task | None = None,
-    round_rest_to_fp16: bool = True,
+    round_rest_to_fp16: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Quantized:
     """`apply_plan_`, returning what each planned layer stores (`export_quantized` packs it), and
     the reports of the block reconstruction and the end-to-end tuning when the plan asks for
-    them (`plan.refine_steps`, `plan.tune_steps`)."""
+    them (`plan.refine_steps`, `plan.tune_steps`).
+
+    `round_rest_to_fp16` None: as the plan's file stores the other tensors (allocator's packed
+    file: in fp16; a GGUF file: as its source, so they keep the values they were read as)."""
     check_plan_fits_model(model, plan)
+    if round_rest_to_fp16 is None:
+        round_rest_to_fp16 = plan.target_format == "native"
     choices = {name: lp.choice for name, lp in plan.layers.items()}
     rows = {name: lp.rows_with_extra_term() for name, lp in plan.layers.items() if lp.choice.extra}
     return quantize_layers_(model, choices, extra_rows=rows, method=plan.method, hessians=hessians,

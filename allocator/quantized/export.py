@@ -106,8 +106,10 @@ def export_quantized(
         stored: what `quantize_plan_` already made for this plan (nothing is quantized again).
 
     Raises:
-        PlanError: the plan does not fit the model.
+        PlanError: the plan does not fit the model, or is a GGUF plan (`gguf_export.export_gguf`).
     """
+    if plan.target_format == "gguf":
+        raise PlanError("this plan takes llama.cpp block types: write it as a GGUF file (allocator apply -o x.gguf)")
     modules = check_plan_fits_model(model, plan)
     planned = {id(modules[name].weight) for name in plan.layers}
     if stored is None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from profilers.quant.ggml.fit import GgmlTensor
 from profilers.quant.quantize import Term
 from profilers.quant.rounding import assemble
 from profilers.types import Choice
@@ -27,6 +28,7 @@ class StoredLayer:
             terms are `terms` at those rows; the last is stored).
         rows: the rows carrying the extra term.
         fp16: the fp16 weight of an unquantized choice.
+        ggml: the tensor of a llama.cpp block type (`terms` is then empty).
     """
 
     choice: Choice
@@ -35,6 +37,7 @@ class StoredLayer:
     extra: list[Term] | None = None
     rows: Tensor | None = None
     fp16: Tensor | None = None
+    ggml: GgmlTensor | None = None
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -44,4 +47,6 @@ class StoredLayer:
         """The float32 weight the stored tensors rebuild, in the layer's shape."""
         if self.fp16 is not None:
             return self.fp16.float()
+        if self.ggml is not None:
+            return self.ggml.dequantize().reshape(self.shape)
         return assemble(self.matrix_shape, self.choice, self.terms, self.extra, self.rows).reshape(self.shape)

@@ -135,6 +135,7 @@ def load_gguf(path: Path, *, name: str) -> LoadedModel:
         kind="causal-lm",
         rebuild=rebuild,
         keep=embedding_and_head(model),
+        gguf=path,
     )
 
 

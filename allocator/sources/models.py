@@ -40,6 +40,7 @@ class LoadedModel:
     # Layer-name patterns (fnmatch) kept in fp16 unless the user names others (--keep): a causal
     # LM's input embedding and output head.
     keep: tuple[str, ...] = ()
+    gguf: Path | None = None  # the GGUF file the model was read from (a GGUF plan is written from it)
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:

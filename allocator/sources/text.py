@@ -1,10 +1,13 @@
 """Text data: gensim's news corpus (`lee_background.cor`) and WordSim353, or the user's own
 text files, split into disjoint calibration and evaluation documents and tokenized; or, for
-causal LMs, one token stream cut into windows of equal length, split disjointly."""
+causal LMs, one token stream cut into windows of equal length, split disjointly. And text of
+another domain for evaluation only (`wikipedia_documents`)."""
 
 from __future__ import annotations
 
+import bz2
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,14 @@ __all__ = [
     "split_windows",
     "text_batches",
     "token_windows",
+    "wikipedia_documents",
     "window_batches",
     "wordsim353",
 ]
+
+# Encyclopedia articles in gensim's test data: evaluation text of another domain than the news
+# corpus the models calibrate on. Never calibrated or tuned on.
+WIKIPEDIA_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
 def lee_documents() -> list[str]:
@@ -60,6 +68,27 @@ def load_documents(data: str | None = None) -> tuple[list[str], str]:
     if len(docs) < 2:
         raise ModelError(f"data {data!r} has {len(docs)} non-empty line(s); calibration and evaluation need at least 2")
     return docs, str(path)
+
+
+def wikipedia_documents() -> list[str]:
+    """The articles of gensim's shortened English Wikipedia dump (`WIKIPEDIA_DUMP`) as plain text,
+    one string per article (paragraphs joined by newlines), markup and redirects removed, in
+    dump order. Text of another domain than `lee_background.cor`, kept for evaluation."""
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise ModelError("the Wikipedia evaluation text needs gensim: pip install 'allocator[examples]'") from None
+    docs = []
+    with bz2.open(datapath(WIKIPEDIA_DUMP), "rt", encoding="utf-8") as f:
+        for _title, markup, _page in extract_pages(f):
+            text = re.sub(r"'{2,}", "", filter_wiki(markup))  # bold and italic quotes
+            text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.MULTILINE)  # headings as plain lines
+            lines = [re.sub(r"\s+", " ", line).strip() for line in text.splitlines()]
+            lines = [line for line in lines if line and not line.startswith(("#REDIRECT", "#redirect"))]
+            if sum(map(len, lines)) >= 200:
+                docs.append("\n".join(lines))
+    return docs
 
 
 def wordsim353() -> list[tuple[str, str, float]]:

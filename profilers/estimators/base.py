@@ -23,7 +23,7 @@ from ..capture import Call, call_macs, capture_calls, check_batch_first
 from ..input_hessians import input_hessians
 from ..layers import QuantTarget, find_targets, fingerprint_model, fixed_bytes, fp16_bytes
 from ..quant.cost import layer_bops, layer_bytes
-from ..quant.options import OptionLayout, expand_choices, layout_options, needs_hessian
+from ..quant.options import OptionLayout, expand_choices, layout_options, needs_hessian, offered
 from ..quant.rounding import METHODS, Quantizer
 from ..tasks import Task, infer_task
 from ..types import Choice, ChoiceProfile, LayerProfile, ProfileError, ProfileTable, encode_indices
@@ -160,6 +160,17 @@ def pseudo_label_passes(
             t.weight.requires_grad_(flag)
 
 
+def _offered(options: Sequence[Choice], spec: Any) -> list[Choice]:
+    """The options a layer's shape can take; a layer that can take none is refused."""
+    mine = [c for c in options if offered(c, spec.cols)]
+    if not mine:
+        raise ProfileError(
+            f"layer {spec.name!r} (rows of {spec.cols} elements) can take none of the choices"
+            f" ({', '.join(c.label for c in options[:4])}); add fp16 or a type whose blocks divide {spec.cols}"
+        )
+    return mine
+
+
 def split_scored(batches: Sequence[Any], scored: int | None) -> tuple[list[Any], list[Any]]:
     """The `scored` batches the scores read, evenly spaced over `batches` (all when None or
     at least their number), and the others."""
@@ -224,7 +235,8 @@ class Profiler(ABC):
             model: the FP model; its weights are left as they were.
             batches: calibration batches (see `profilers.tasks.call_model` for their form).
             choices: whole-term options for every layer (include `Choice.fp16()` to allow
-                leaving a layer unquantized).
+                leaving a layer unquantized); a layer is offered those its shape can take
+                (a llama.cpp block type needs whole blocks per row: `quant.options.offered`).
             task: what the output is; inferred from the first batch when None.
             fractions: when > 1, add options where k/fractions of the rows carry one more term.
             fraction_terms, fraction_bits: only bases whose next term keeps them within this
@@ -253,7 +265,7 @@ class Profiler(ABC):
         targets = find_targets(model, include=include, exclude=exclude)
         task = task or infer_task(model, batches[0])
         report = progress or (lambda stage, done, total: None)
-        layouts = [layout_options(options, t.spec.rows) for t in targets]
+        layouts = [layout_options(_offered(options, t.spec), t.spec.rows) for t in targets]
         if method not in METHODS:
             raise ProfileError(f"unknown rounding method {method!r}; choose one of {', '.join(METHODS)}")
         scoring, extra = split_scored(batches, scored)
@@ -279,7 +291,7 @@ class Profiler(ABC):
         est.settings["method"] = method
         if len(scoring) < len(batches):
             est.settings["scored_batches"] = len(scoring)
-        return self._assemble(model, batches, targets, options, task, est, act_bits, model_name, fractions)
+        return self._assemble(model, batches, targets, layouts, task, est, act_bits, model_name, fractions)
 
     # Estimators that write quantized weights into the model set this, so the base restores them.
     _mutates_weights: ClassVar[bool] = False
@@ -296,7 +308,7 @@ class Profiler(ABC):
         model: nn.Module,
         batches: list[Any],
         targets: list[QuantTarget],
-        options: list[Choice],
+        layouts: list[OptionLayout],
         task: Task,
         est: Estimates,
         act_bits: int,
@@ -327,7 +339,7 @@ class Profiler(ABC):
                             loss=max(0.0, float(e.loss[j])),
                             loss_stderr=float(e.stderr[j]),
                         )
-                        for j, c in enumerate(options)
+                        for j, c in enumerate(layouts[i].options)
                     ),
                     channel_orders={label: encode_indices(order_) for label, order_ in e.orders.items()},
                 )

@@ -266,8 +266,9 @@ class MeasuredProfiler(Profiler):
         energy = _input_energy(run.model, run.targets, run.batches, run.task) if pairs else {}
         layers = {}
         called = sorted(meter.first_call)
-        total = len(called) * len(run.options)
-        for done_layers, i in enumerate(called):
+        total = sum(len(run.layouts[i].options) for i in called)
+        done = 0
+        for i in called:
             t, layout = run.targets[i], run.layouts[i]
             orders = dict(self.orders.get(t.spec.name, {}))
             for p, pair in enumerate(layout.pairs):
@@ -276,10 +277,12 @@ class MeasuredProfiler(Profiler):
                     orders[label] = row_order_by_activation(
                         t.weight, layout.stack[pair.base], layout.stack[pair.next], energy.get(i)
                     )
-            loss = np.zeros(len(run.options))
-            stderr = np.zeros(len(run.options))
-            for j, c in enumerate(run.options):
-                run.report("measuring", done_layers * len(run.options) + j, total)
+            options = layout.options
+            loss = np.zeros(len(options))
+            stderr = np.zeros(len(options))
+            for j, c in enumerate(options):
+                run.report("measuring", done, total)
+                done += 1
                 rows = None
                 if c.extra:
                     rows = torch.as_tensor(np.sort(orders[c.base.label][: c.extra_rows(t.spec.rows)]))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..types import MAX_TERMS, Choice
+from .ggml.types import GGML_TYPES, available_types
 
 __all__ = [
     "DEFAULT_BITS",
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "DEFAULT_ROTATION",
     "DEFAULT_TERMS",
+    "FORMATS",
     "KINDS",
     "LLM_METHOD",
     "METHODS",
@@ -31,8 +33,10 @@ __all__ = [
     "OptionLayout",
     "choice_grid",
     "expand_choices",
+    "ggml_grid",
     "layout_options",
     "needs_hessian",
+    "offered",
     "with_rotation",
 ]
 
@@ -57,6 +61,27 @@ ROTATIONS: tuple[str, ...] = ("none", "hadamard", "both")
 # 0.9928 -> 0.9947 (`both` gives the same there, and on SmolLM2 doubles the profile's time).
 DEFAULT_ROTATION = "hadamard"
 MAX_BITS_PER_WEIGHT = 8  # multi-term settings above 8 bits per weight are never worth their bytes
+# The storage formats a profile's choices come from: allocator's own packed file (`native`: the
+# `int…` grid of bits, terms and groups) or llama.cpp's block types (`gguf`: `Choice.ggml`).
+FORMATS: tuple[str, ...] = ("native", "gguf")
+
+
+def ggml_grid(types: Sequence[str] | None = None) -> list[Choice]:
+    """fp16 and llama.cpp block types as choices: the ones named, or by default every type the
+    installed `gguf` package can write (`GgmlType.available`), widest first.
+
+    Example:
+        >>> [c.label for c in ggml_grid(["q4_0", "q4_k"])]
+        ['fp16', 'q4_0', 'q4_k']
+    """
+    names = [t.name for t in available_types()] if types is None else [t.strip().lower() for t in types]
+    return [Choice.fp16(), *dict.fromkeys(Choice(ggml=n) for n in names)]
+
+
+def offered(choice: Choice, cols: int) -> bool:
+    """Whether a weight whose rows hold `cols` elements can take `choice`: a llama.cpp block
+    type needs whole blocks per row; every other choice fits any row."""
+    return choice.ggml is None or GGML_TYPES[choice.ggml].fits(cols)
 
 
 def needs_hessian(method: str) -> bool:
@@ -75,7 +100,9 @@ def with_rotation(choices: Sequence[Choice], rotation: str) -> list[Choice]:
     if rotation not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
     flags = {"none": (False,), "hadamard": (True,), "both": (False, True)}[rotation]
-    out = [c.model_copy(update={"rotated": r}) if c.quantized else c for c in choices for r in flags]
+    # llama.cpp applies no rotation at run time: its block types stay as they are.
+    out = [c.model_copy(update={"rotated": r}) if c.quantized and c.ggml is None else c
+           for c in choices for r in flags]  # fmt: skip
     return list(dict.fromkeys(out))
 
 
@@ -140,6 +167,7 @@ def expand_choices(
         for c in list(out):
             if (
                 not c.quantized
+                or c.ggml is not None  # a block type has one term
                 or c.extra
                 or c.kind != "residual"  # only residual terms keep their first terms when one is added
                 or c.terms + 1 > min(max_terms, MAX_TERMS)
@@ -165,6 +193,7 @@ class OptionLayout:
     """How a layer's options map onto its error stack.
 
     Attributes:
+        options: the layer's options, in the order of its estimates.
         stack: whole-term choices, one per stack row (options' bases and next terms).
         whole: per option, its stack row, or -1 for a fractional option.
         pair: per option, its index in `pairs`, or -1 for a whole option.
@@ -173,6 +202,7 @@ class OptionLayout:
         n_paired: the first `n_paired` stack rows are the ones pairs use.
     """
 
+    options: list[Choice]
     stack: list[Choice]
     whole: list[int]
     pair: list[int]
@@ -212,4 +242,5 @@ def layout_options(options: Sequence[Choice], n_rows: int) -> OptionLayout:
         whole.append(-1)
         pair.append(pair_index[key])
         rows.append(c.extra_rows(n_rows))
-    return OptionLayout(stack=stack, whole=whole, pair=pair, rows=rows, pairs=pairs, n_paired=len(paired))
+    return OptionLayout(options=list(options), stack=stack, whole=whole, pair=pair, rows=rows, pairs=pairs,
+                        n_paired=len(paired))  # fmt: skip

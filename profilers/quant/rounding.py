@@ -6,6 +6,10 @@ rounding error back into the columns not yet quantized, using the layer's input 
 `H` (`profilers.input_hessians`). Layers without an `H` (embeddings, grouped convolutions) are
 rounded to nearest under either method. Profilers and the applier both go through here, so a
 profile scores exactly what the applier will produce.
+
+Choices of llama.cpp block types (`Choice.ggml`) are stored as a `GgmlTensor`
+(`ggml_tensor`), not as terms; the same methods round them onto each type's grid
+(`profilers.quant.ggml.quantize`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import torch
 from torch import Tensor
 
 from ..types import Choice
+from .ggml.fit import GgmlTensor
+from .ggml.quantize import quantize_ggml
+from .ggml.types import GGML_TYPES
 from .gptq import gptq_reconstructions, gptq_terms
 from .options import DEFAULT_METHOD, METHODS, needs_hessian
 from .quantize import Term, as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
@@ -31,6 +38,7 @@ __all__ = [
     "assemble",
     "error_stack",
     "fake_quantize",
+    "ggml_tensor",
     "layer_terms",
     "reconstruct",
     "stored_terms",
@@ -44,6 +52,8 @@ def layer_terms(w2d: Tensor, choice: Choice, *, method: Method = "rtn", hessian:
     A rotated choice's terms hold `W R` (`profilers.quant.rotation`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if choice.ggml is not None:
+        raise ValueError(f"{choice.label} is a llama.cpp block type, stored as one tensor: use ggml_tensor")
     if choice.rotated:
         w2d, hessian = _rotated(w2d, hessian)
         choice = choice.model_copy(update={"rotated": False})
@@ -65,6 +75,8 @@ def reconstruct(
     if not choice.quantized:
         return w.detach().half().to(w.dtype)
     w2d = as_matrix(w).float()
+    if choice.ggml is not None:
+        return ggml_tensor(w2d, choice, method=method, hessian=hessian).dequantize().reshape(w.shape).to(w.dtype)
     terms, extra = stored_terms(w2d, choice, method=method, hessian=hessian, extra_rows=extra_rows)
     return assemble(w2d.shape, choice, terms, extra, extra_rows).reshape(w.shape).to(w.dtype)
 
@@ -91,6 +103,15 @@ def stored_terms(
     # Rows are quantized independently (GPTQ too: H acts along columns), so the extra term of
     # these rows is the last term of their (T+1)-term quantization.
     return terms, layer_terms(w2d[rows], choice.next_term, method=method, hessian=hessian)
+
+
+def ggml_tensor(w2d: Tensor, choice: Choice, *, method: Method = "rtn", hessian: Tensor | None = None) -> GgmlTensor:
+    """A matrix stored in the llama.cpp block type of `choice` (GPTQ only where `hessian` is given)."""
+    if choice.ggml is None:
+        raise ValueError(f"{choice.label} is not a llama.cpp block type")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return quantize_ggml(w2d, [GGML_TYPES[choice.ggml]], method=method, hessian=hessian)[0]
 
 
 def assemble(
@@ -161,7 +182,12 @@ def error_stack(
         if c.extra:
             raise ValueError(f"the error stack holds whole-term choices only, got {c.label}")
     out = torch.empty((len(stack), *w.shape), dtype=torch.float32)
-    plain = [k for k, c in enumerate(stack) if not c.rotated]
+    blocks = [k for k, c in enumerate(stack) if c.ggml is not None]
+    if blocks:  # every block type of the layer in one sweep
+        types = [GGML_TYPES[stack[k].ggml] for k in blocks]  # type: ignore[index]
+        for k, tensor in zip(blocks, quantize_ggml(w, types, method=method, hessian=hessian), strict=True):
+            out[k] = tensor.dequantize()
+    plain = [k for k, c in enumerate(stack) if not c.rotated and c.ggml is None]
     turned = [k for k, c in enumerate(stack) if c.rotated]
     if plain:
         _reconstructions(w, [stack[k] for k in plain], method, hessian, out, plain)

@@ -39,6 +39,15 @@ def _hessian(cols: int = 512) -> torch.Tensor:
     return x.T @ x / 2048
 
 
+def _decode_q2_0(raw: np.ndarray) -> np.ndarray:
+    """llama.cpp's dequantize_row_q2_0 (ggml-quants.c), for a gguf package that lacks Q2_0:
+    blocks of 64, an fp16 scale, then 2-bit codes, element j at byte j // 4, bits 2 (j % 4)."""
+    blocks = raw.reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    q = (blocks[:, 2:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+    return (d * (q.reshape(-1, 64).astype(np.float32) - 1)).reshape(raw.shape[0], -1)
+
+
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("method", ["rtn", "gptq-act"])
 def test_packed_bytes_decode_to_the_values_the_quantizer_computed(t, method):
@@ -47,7 +56,11 @@ def test_packed_bytes_decode_to_the_values_the_quantizer_computed(t, method):
     raw = pack_ggml(tensor)
     assert raw.dtype == np.uint8 and raw.shape == (12, 512 // t.block * t.block_bytes)
     assert raw.nbytes == tensor_bytes(12, 512, t) == weight_bytes(12, 512, Choice(ggml=t.name))
-    decoded = quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, t.gguf))
+    if t.available:
+        decoded = quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, t.gguf))
+    else:
+        assert t.gguf == "Q2_0"  # the one type llama.cpp's sources have and PyPI's gguf does not
+        decoded = _decode_q2_0(raw)
     assert np.array_equal(decoded, tensor.dequantize().numpy()), t.name
     assert np.all(tensor.dequantize()[2].numpy() == decoded[2])  # the constant row too
 
@@ -97,13 +110,22 @@ def test_codebook_lookup_equals_a_binary_search(name):
 
 
 def test_a_row_length_picks_the_types_it_can_take():
-    assert {t.name for t in fitting_types(576)} == {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "mxfp4"}
+    assert {t.name for t in fitting_types(576)} == {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "mxfp4", "q2_0"}
     assert len(fitting_types(1536)) == len(GGML_TYPES)
     assert fitting_types(100) == []
     with pytest.raises(ValueError, match="576 elements cannot be stored as Q4_K"):
         tensor_bytes(8, 576, GGML_TYPES["q4_k"])
     with pytest.raises(ValueError, match="unknown GGUF type 'q9_9'"):
         ggml_type("q9_9")
+
+
+def test_the_default_grid_holds_the_types_the_installed_gguf_can_write():
+    from profilers.quant.options import ggml_grid
+
+    labels = [c.label for c in ggml_grid()]
+    assert labels[0] == "fp16"
+    assert set(labels[1:]) == {t.name for t in TYPES if t.gguf in gguf.GGMLQuantizationType.__members__}
+    assert "q4_k" in labels and ("q2_0" in labels) == hasattr(gguf.GGMLQuantizationType, "Q2_0")
 
 
 def test_a_ggml_choice_is_its_type_alone():

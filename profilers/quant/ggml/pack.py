@@ -65,6 +65,9 @@ def _blocks(t: GgmlType, q: np.ndarray, f: dict[str, np.ndarray]) -> list[np.nda
         u = q - t.qmin
         head = [_half(f["d"])] + ([_half(f["m"])] if name == "Q5_1" else [])
         return [*head, _high_bits(u, 4), _nibbles(u & 0xF)]
+    if name == "Q2_0":  # element j at byte j // 4, bits 2 (j % 4), stored as q + 1
+        u = (q + 1).reshape(n, 16, 4)
+        return [_half(f["d"]), u[..., 0] | (u[..., 1] << 2) | (u[..., 2] << 4) | (u[..., 3] << 6)]
     if name == "MXFP4":
         return [f["e"].reshape(n, 1), _nibbles(_MXFP4_STORED[q])]
     if name == "Q2_K":

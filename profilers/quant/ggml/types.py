@@ -13,6 +13,11 @@ Every type quantizes a row (a weight's input dimension) in blocks of `block` ele
 Codes `q` are integers in `[qmin, qmax]` (signed for types without a minimum), or, for codebook
 types (`IQ4_NL`, `IQ4_XS`, `MXFP4`), indices into `levels`, a sorted table of values.
 
+`Q2_0` (2-bit codes -1..2 in blocks of 64, 2.25 bits per weight) is the one low-bit type that
+fits rows of 576, 640 or 896 elements; llama.cpp's sources have it, the `gguf` package on PyPI
+(0.19) does not, and a GGUF file is only written with types the installed `gguf` names
+(`GgmlType.available`).
+
 Example:
     >>> t = GGML_TYPES["q4_k"]
     >>> t.block, t.block_bytes, t.bits_per_weight
@@ -28,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["GGML_TYPES", "GgmlType", "fitting_types", "ggml_type", "tensor_bytes"]
+__all__ = ["GGML_TYPES", "GgmlType", "available_types", "fitting_types", "ggml_type", "tensor_bytes"]
 
 Scales = Literal["d", "d_min", "e8m0", "k_min", "k_sym"]
 
@@ -84,6 +89,15 @@ class GgmlType:
         """Whether a row of `cols` elements can be stored in this type."""
         return cols > 0 and cols % self.block == 0
 
+    @property
+    def available(self) -> bool:
+        """Whether the installed `gguf` package knows the type (so a GGUF file can hold it)."""
+        try:
+            from gguf import GGMLQuantizationType
+        except ImportError:
+            return False
+        return self.gguf in GGMLQuantizationType.__members__
+
 
 def _types() -> dict[str, GgmlType]:
     k = 256
@@ -101,6 +115,7 @@ def _types() -> dict[str, GgmlType]:
         GgmlType("mxfp4", "MXFP4", 32, 17, 32, 4, "e8m0", 0, len(MXFP4_LEVELS) - 1, MXFP4_LEVELS),
         GgmlType("q3_k", "Q3_K", k, 110, 16, 3, "k_sym", -4, 3, sc_bits=6),
         GgmlType("q2_k", "Q2_K", k, 84, 16, 2, "k_min", 0, 3, sc_bits=4),
+        GgmlType("q2_0", "Q2_0", 64, 18, 64, 2, "d", -1, 2),
     ]
     return {t.name: t for t in table}
 
@@ -114,6 +129,11 @@ def ggml_type(name: str) -> GgmlType:
         return GGML_TYPES[name.strip().lower()]
     except KeyError:
         raise ValueError(f"unknown GGUF type {name!r}; known: {', '.join(GGML_TYPES)}") from None
+
+
+def available_types() -> list[GgmlType]:
+    """The types the installed `gguf` package knows, widest first."""
+    return [t for t in GGML_TYPES.values() if t.available]
 
 
 def fitting_types(cols: int) -> list[GgmlType]:
