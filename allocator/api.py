@@ -95,23 +95,13 @@ def profile(
             types its rows can take, and the bytes those of the GGUF file written from `gguf_source`).
         gguf_source: the GGUF file `model` was read from (`target_format="gguf"`).
     """
-    if target_format not in FORMATS:
-        raise AllocatorError(f"unknown format {target_format!r}; choose one of {', '.join(FORMATS)}")
-    if target_format == "gguf" and gguf_source is None:
-        raise AllocatorError(
-            "a GGUF plan is written from the GGUF file the model was read from; load the model from a .gguf file"
-            " (from a Hugging Face folder: convert it with llama.cpp's convert_hf_to_gguf.py --outtype f16 first)"
-        )
-    if choices is None:
-        choices = ggml_grid() if target_format == "gguf" else choice_grid()
-    elif target_format == "gguf" and any(c.quantized and c.ggml is None for c in choices):
-        raise AllocatorError("a GGUF plan takes llama.cpp block types and fp16 only (e.g. ggml_grid())")
+    choices = _format_choices(target_format, choices, gguf_source)
     limit = None if max_memory is None else parse_size(max_memory)
     with terminal_progress(progress) as update:
         table = make_profiler(profiler, draws=draws, seed=seed, max_memory=limit).profile(
             model,
             data,
-            choices=list(choices),
+            choices=choices,
             task=task,
             fractions=fractions,
             fraction_terms=fraction_terms,
@@ -128,16 +118,27 @@ def profile(
     if target_format == "gguf":  # the bytes of the GGUF file: its header, the tensors copied from the source
         from .quantized.gguf_export import GgufSource
 
-        source = GgufSource(gguf_source, model)  # type: ignore[arg-type]
-        sizes = source.sizes(table.names)
-        layers = tuple(layer.model_copy(update={"options": tuple(o.model_copy(update={"bytes": source.padded(o.bytes)})
-                                                                 for o in layer.options)})
-                       for layer in table.layers)  # fmt: skip
-        settings |= {"format": "gguf", "gguf_source": str(gguf_source)}
-        return table.model_copy(update={"layers": layers, "file_overhead": sizes.overhead, "fixed_bytes": sizes.fixed,
-                                        "settings": settings})  # fmt: skip
+        return GgufSource(gguf_source, model).priced(table.model_copy(update={"settings": settings}))  # type: ignore[arg-type]
     # Reserve the packed file's header, so a byte budget holds for the file on disk.
     return table.model_copy(update={"file_overhead": header_allowance(model, table), "settings": settings})
+
+
+def _format_choices(
+    target_format: str, choices: Sequence[Choice] | None, gguf_source: str | os.PathLike[str] | None
+) -> list[Choice]:
+    """The choices to profile for a format (its default grid when None), refused when the format cannot hold them."""
+    if target_format not in FORMATS:
+        raise AllocatorError(f"unknown format {target_format!r}; choose one of {', '.join(FORMATS)}")
+    if target_format == "native":
+        return list(choices) if choices is not None else choice_grid()
+    if gguf_source is None:
+        raise AllocatorError(
+            "a GGUF plan is written from the GGUF file the model was read from; load the model from a .gguf file"
+            " (from a Hugging Face folder: convert it with llama.cpp's convert_hf_to_gguf.py --outtype f16 first)"
+        )
+    if choices is not None and any(c.quantized and c.ggml is None for c in choices):
+        raise AllocatorError("a GGUF plan takes llama.cpp block types and fp16 only (e.g. ggml_grid())")
+    return list(choices) if choices is not None else ggml_grid()
 
 
 def solve(

@@ -12,12 +12,20 @@ Prints, from one run on this machine:
    mean KL to the F32 model per token, measured by `llama-perplexity` on 16 x 512 tokens of
    Wikipedia text (`allocator.sources.text.wikipedia_documents`, never calibrated on), and prompt /
    generation tokens per second from `llama-bench` (2 threads, 128-token prompt, 32 tokens);
-5. profile and apply times of the GGUF plans (and the native format's profile, with --native).
+5. profile and apply times of the GGUF plans (and the native format's profile, with --native);
+6. with `--layers`: on four of smollm2's layers, with their `H` from the calibration windows, the
+   output error `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)` (on the held-out windows' `H`) of each type as
+   llama.cpp quantizes it with the same importance (`ggml_quantize_chunk` with `diag(H)` as
+   its importance matrix) and as allocator rounds it (to nearest on its fitted grid, and GPTQ in
+   activation order).
+
+With `PYTHONPATH=<llama.cpp>/gguf-py` (llama.cpp's own gguf-py, which knows Q2_0) the profile
+also offers Q2_0, the one 2-bit type that fits smollm2's 576-wide rows.
 
 Prerequisite: llama.cpp, built by `benchmarks/llama_cpp.py` on first use (about 8 minutes).
 
 Usage: .venv/bin/python benchmarks/bench_gguf.py [--out DIR] [--mixes Q4_0,Q4_K_M] [--bpw 3.0,3.5,4.0]
-       [--profile PROFILE.json] [--no-speed] [--native]
+       [--profile PROFILE.json] [--no-speed] [--native] [--layers]
 """
 
 from __future__ import annotations
@@ -111,6 +119,49 @@ def decoder_bpw(model: Path) -> float:
     return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
 
 
+LAYERS = ("model.layers.5.self_attn.q_proj", "model.layers.5.mlp.gate_proj", "model.layers.5.mlp.down_proj",
+          "model.layers.20.self_attn.v_proj")  # fmt: skip
+
+
+def layer_errors() -> None:
+    """Step 6: single layers, llama.cpp's quantization against allocator's, under the layer's `H`."""
+    import gguf
+    import torch
+    from llama_cpp import ggml_quantize
+
+    from allocator.sources import load_data, load_model
+    from profilers.input_hessians import input_hessians
+    from profilers.layers import find_targets
+    from profilers.quant.ggml.quantize import quantize_ggml
+    from profilers.quant.ggml.types import fitting_types
+
+    loaded = load_model("smollm2")
+    data = load_data(loaded)
+    targets = [t for t in find_targets(loaded.model) if t.spec.name in LAYERS]
+    calib = input_hessians(loaded.model, data.calib, loaded.task, targets)
+    held = input_hessians(loaded.model, data.evals, loaded.task, targets)
+
+    def error(w: torch.Tensor, rec: torch.Tensor, h: torch.Tensor) -> float:
+        d, h, w = (rec - w).double(), h.double(), w.double()
+        return float(torch.einsum("ij,jk,ik->", d, h, d) / torch.einsum("ij,jk,ik->", w, h, w))
+
+    print("\n| layer | type | llama.cpp (imatrix) | allocator, to nearest | allocator, GPTQ act-order |")
+    print("|---|---|---|---|---|")
+    for i, t in enumerate(targets):
+        w, h = t.weight.detach().float(), calib[i]
+        types = [ty for ty in fitting_types(w.shape[1]) if ty.available and ty.name not in ("q8_0", "q4_1", "q5_1")]
+        nearest = quantize_ggml(w, types, method="rtn", hessian=h)
+        gptq = quantize_ggml(w, types, method="gptq-act", hessian=h)
+        for k, ty in enumerate(types):
+            qtype = gguf.GGMLQuantizationType[ty.gguf]
+            row_bytes = w.shape[1] // ty.block * ty.block_bytes
+            raw = ggml_quantize(w.numpy(), int(qtype), row_bytes, torch.diag(h).numpy())
+            theirs = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+            ours = [error(w, q[k].dequantize(), held[i]) for q in (nearest, gptq)]
+            print(f"| {t.spec.name.removeprefix('model.')} | {ty.gguf} | {error(w, theirs, held[i]):.5f} |"
+                  f" {ours[0]:.5f} | {ours[1]:.5f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "out" / "bench_gguf")
@@ -119,7 +170,11 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="reuse this GGUF profile of smollm2 instead of profiling")
     parser.add_argument("--no-speed", action="store_true", help="skip llama-bench")
     parser.add_argument("--native", action="store_true", help="also time the native format's profile")
+    parser.add_argument("--layers", action="store_true", help="only the single-layer comparison (step 6)")
     args = parser.parse_args()
+    if args.layers:
+        layer_errors()
+        return
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     calib, evaluation = texts(out)

@@ -40,10 +40,8 @@ def apply(
     a GGUF file for a plan of llama.cpp block types (--format gguf)."""
     from profilers.estimators.base import fingerprint_batches
 
-    from ..planning.budget import format_bytes
     from ..planning.plan import Plan
     from ..quantized.apply import quantize_plan_
-    from ..quantized.export import export_quantized
     from ..quantized.load import load_quantized
     from ..sources import DEFAULT_MODEL
     from ..sources.gguf import load_gguf
@@ -82,13 +80,31 @@ def apply(
         report.refinement(made.refined, plan.refine_steps)
     if made.tuned is not None:
         report.tuning(made.tuned)
+    _write(loaded, plan, output, source, made.layers, time.perf_counter() - t0)
+    if check:
+        import torch
+
+        assert setup is not None and loaded.task is not None
+        reloaded = load_quantized(output) if source is None else load_gguf(output, name=str(output)).model
+        batch = setup.data.evals[0]
+        with torch.no_grad():
+            a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)
+        report.line(f"reloaded model vs fake-quantized model: max |difference| {float((a - b).abs().max()):.2e}")
+
+
+def _write(loaded: Any, plan: Any, output: Path, source: Any, stored: dict, seconds: float) -> None:
+    """Write the file of the plan's format, and say how its size compares with the prediction."""
+    from ..planning.budget import format_bytes
+    from ..quantized.export import export_quantized
+
+    t0 = time.perf_counter()
     if source is not None:
         from ..quantized.gguf_export import export_gguf
 
-        export_gguf(loaded.model, plan, output, source=source, stored=made.layers)
+        export_gguf(loaded.model, plan, output, source=source, stored=stored)
     else:
-        export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, stored=made.layers)
-    seconds = time.perf_counter() - t0
+        export_quantized(loaded.model, plan, output, rebuild=loaded.rebuild, stored=stored)
+    seconds += time.perf_counter() - t0
     report.written.append(str(output))
     size = output.stat().st_size
     budget = plan.limits.get("bytes")
@@ -99,15 +115,6 @@ def apply(
         f"wrote {output}: {format_bytes(size)} on disk, plan predicted {format_bytes(plan.predicted.bytes)}"
         f" ({100 * (size / plan.predicted.bytes - 1):+.2f}%){within}; {seconds:.1f}s"
     )
-    if check:
-        import torch
-
-        assert setup is not None and loaded.task is not None
-        reloaded = load_quantized(output) if source is None else load_gguf(output, name=str(output)).model
-        batch = setup.data.evals[0]
-        with torch.no_grad():
-            a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)
-        report.line(f"reloaded model vs fake-quantized model: max |difference| {float((a - b).abs().max()):.2e}")
 
 
 def _output(output: Path | None, target_format: str) -> Path:

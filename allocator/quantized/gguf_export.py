@@ -29,6 +29,7 @@ import numpy as np
 from torch import nn
 
 from profilers.quant.ggml.pack import pack_ggml
+from profilers.types import ProfileTable
 
 from ..errors import PlanError
 from ..planning.plan import Plan
@@ -131,6 +132,17 @@ class GgufSource:
             header = probe.stat().st_size
         fixed = sum(self.padded(int(t.n_bytes)) for n, t in self.tensors.items() if n not in names)
         return GgufSizes(fixed=fixed, overhead=self.padded(header), planned=tuple(planned))
+
+    def priced(self, table: ProfileTable) -> ProfileTable:
+        """A profile of the model priced as this GGUF file: each option at its padded bytes, the
+        tensors copied from the source as fixed bytes, the header as the file overhead."""
+        sizes = self.sizes(table.names)
+        layers = tuple(layer.model_copy(update={"options": tuple(o.model_copy(update={"bytes": self.padded(o.bytes)})
+                                                                 for o in layer.options)})
+                       for layer in table.layers)  # fmt: skip
+        settings = {**table.settings, "format": "gguf", "gguf_source": str(self.path)}
+        return table.model_copy(update={"layers": layers, "file_overhead": sizes.overhead, "fixed_bytes": sizes.fixed,
+                                        "settings": settings})  # fmt: skip
 
     def padded(self, nbytes: int) -> int:
         """Bytes a tensor of `nbytes` takes in the file: its data padded to the alignment."""
