@@ -11,7 +11,8 @@ Prints, from one run on this machine:
 4. per file: bytes on disk, decoder bpw (the 210 decoder Linear tensors' bytes), perplexity and
    mean KL to the F32 model per token, measured by `llama-perplexity` on 16 x 512 tokens of
    Wikipedia text (`allocator.sources.text.wikipedia_documents`, never calibrated on), and prompt /
-   generation tokens per second from `llama-bench` (2 threads, 128-token prompt, 32 tokens);
+   generation tokens per second from `llama-bench` (2 threads, 128-token prompt, 32 tokens; an
+   allocator file and the mix of its size take turns, three rounds, the median of each);
 5. profile and apply times of the GGUF plans (and the native format's profile, with --native);
 6. with `--layers`: on four of smollm2's layers, with their `H` from the calibration windows, the
    output error `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)` (on the held-out windows' `H`) of each type as
@@ -102,13 +103,22 @@ def quality(model: Path, text: Path, base: Path) -> tuple[float, float]:
     return float(ppl.group(1)), float(kld.group(1))
 
 
-def speed(model: Path) -> tuple[float, float]:
-    """(prompt, generation) tokens per second from llama-bench, 2 threads."""
-    log = run([str(tool("llama-bench")), "-m", str(model), "-p", "128", "-n", "32", "-t", THREADS, "-o", "json"])
-    rows = json.loads(log[log.index("[") : log.rindex("]") + 1])
-    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    return float(pp), float(tg)
+def speeds(models: list[Path], rounds: int = 3) -> list[tuple[float, float]]:
+    """(prompt, generation) tokens per second of each file from llama-bench (2 threads, 3 runs each),
+    the files taking turns for `rounds` rounds so that a slow moment of the machine falls on all of
+    them: the median over the rounds."""
+    import statistics
+
+    seen: dict[Path, list[tuple[float, float]]] = {m: [] for m in models}
+    for _ in range(rounds):
+        for m in models:
+            log = run([str(tool("llama-bench")), "-m", str(m), "-p", "128", "-n", "32", "-t", THREADS, "-r", "3",
+                       "-o", "json"])  # fmt: skip
+            rows = json.loads(log[log.index("[") : log.rindex("]") + 1])
+            pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+            tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+            seen[m].append((float(pp), float(tg)))
+    return [(statistics.median(p for p, _ in seen[m]), statistics.median(t for _, t in seen[m])) for m in models]
 
 
 def decoder_bpw(model: Path) -> float:
@@ -209,12 +219,15 @@ def main() -> None:
         _, times[f"apply {tag}"] = allocator("apply", str(plan), "-o", str(gguf_file), "--no-check")
         return gguf_file
 
-    def measure(kind: str, label: str, path: Path) -> dict:
+    def measure(kind: str, label: str, path: Path, pair: Path | None = None) -> dict:
         ppl, kld = quality(path, evaluation, base)
         row = {"kind": kind, "label": label, "bytes": path.stat().st_size, "bpw": decoder_bpw(path), "ppl": ppl,
                "kld": kld}  # fmt: skip
-        if not args.no_speed:
-            row["pp"], row["tg"] = speed(path)
+        if not args.no_speed:  # measured in turns with the file it is compared with
+            both = speeds([path] if pair is None else [path, pair])
+            row["pp"], row["tg"] = both[0]
+            if pair is not None:
+                row["pair_pp"], row["pair_tg"] = both[1]
         print(f"  {kind:9s} {label:12s} {row['bytes'] / 1e6:8.2f} MB  {row['bpw']:.3f} bpw  ppl {ppl:.3f}"
               f" ({ppl / fp_ppl:.3f}x)  KL {kld:.4f}" + (f"  pp {row['pp']:.0f} tg {row['tg']:.1f} t/s"
                                                         if "pp" in row else ""), flush=True)  # fmt: skip
@@ -222,10 +235,11 @@ def main() -> None:
         return row
 
     for mix in [m for m in args.mixes.split(",") if m]:
-        mine = measure("llama.cpp", mix, llama_mix(f32, imatrix, mix, out))
+        theirs = llama_mix(f32, imatrix, mix, out)
+        mine = measure("llama.cpp", mix, theirs)
         ours = plan_file(f"{mine['bytes']}B", f"at-{mix}")
         if ours is not None:
-            measure("allocator", f"at {mix}", ours)
+            measure("allocator", f"at {mix}", ours, pair=theirs)
     for bpw in [b for b in args.bpw.split(",") if b]:
         ours = plan_file(f"{bpw}bpw", f"{bpw}bpw")
         if ours is not None:
@@ -235,13 +249,18 @@ def main() -> None:
 
 
 def print_table(rows: list[dict], fp_ppl: float, times: dict[str, float]) -> None:
-    speed_cols = "pp t/s | tg t/s |" if rows and "pp" in rows[0] else ""
-    print(f"\n| file | MB | decoder bpw | ppl / FP | KL per token | {speed_cols}")
-    print("|---|---|---|---|---|" + ("---|---|" if speed_cols else ""))
+    """The results as a markdown table; an allocator file at a mix's size shows its speed as a ratio
+    to the mix's, both measured in the same turns."""
+    speed = bool(rows) and "pp" in rows[0]
+    print("\n| file | MB | decoder bpw | ppl / FP | KL per token |" + (" pp t/s | tg t/s |" if speed else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if speed else ""))
     for r in rows:
         name = f"llama.cpp {r['label']}" if r["kind"] == "llama.cpp" else f"**allocator {r['label']}**"
         cells = f"| {name} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | {r['ppl'] / fp_ppl:.3f} | {r['kld']:.4f} |"
-        if "pp" in r:
+        if speed and "pair_pp" in r:
+            cells += f" {r['pp']:.0f} ({r['pp'] / r['pair_pp']:.2f}x) |"
+            cells += f" {r['tg']:.1f} ({r['tg'] / r['pair_tg']:.2f}x) |"
+        elif speed:
             cells += f" {r['pp']:.0f} | {r['tg']:.1f} |"
         print(cells)
     print("\ntimes: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))

@@ -119,12 +119,13 @@ def test_a_row_length_picks_the_types_it_can_take():
         ggml_type("q9_9")
 
 
-def test_the_default_grid_holds_the_types_the_installed_gguf_can_write():
-    from profilers.quant.options import ggml_grid
+def test_the_default_grid_holds_the_types_the_installed_gguf_can_write_but_the_slow_ones():
+    from profilers.quant.options import SLOW_GGML_TYPES, ggml_grid
 
+    writable = {t.name for t in TYPES if t.gguf in gguf.GGMLQuantizationType.__members__}
     labels = [c.label for c in ggml_grid()]
-    assert labels[0] == "fp16"
-    assert set(labels[1:]) == {t.name for t in TYPES if t.gguf in gguf.GGMLQuantizationType.__members__}
+    assert labels[0] == "fp16" and set(labels[1:]) == writable - set(SLOW_GGML_TYPES)
+    assert {c.label for c in ggml_grid(["all"])} == writable | {"fp16"}
     assert "q4_k" in labels and ("q2_0" in labels) == hasattr(gguf.GGMLQuantizationType, "Q2_0")
 
 
