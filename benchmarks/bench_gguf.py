@@ -219,31 +219,37 @@ def main() -> None:
         _, times[f"apply {tag}"] = allocator("apply", str(plan), "-o", str(gguf_file), "--no-check")
         return gguf_file
 
-    def measure(kind: str, label: str, path: Path, pair: Path | None = None) -> dict:
+    def measure(kind: str, label: str, path: Path) -> dict:
         ppl, kld = quality(path, evaluation, base)
         row = {"kind": kind, "label": label, "bytes": path.stat().st_size, "bpw": decoder_bpw(path), "ppl": ppl,
                "kld": kld}  # fmt: skip
-        if not args.no_speed:  # measured in turns with the file it is compared with
-            both = speeds([path] if pair is None else [path, pair])
-            row["pp"], row["tg"] = both[0]
-            if pair is not None:
-                row["pair_pp"], row["pair_tg"] = both[1]
         print(f"  {kind:9s} {label:12s} {row['bytes'] / 1e6:8.2f} MB  {row['bpw']:.3f} bpw  ppl {ppl:.3f}"
-              f" ({ppl / fp_ppl:.3f}x)  KL {kld:.4f}" + (f"  pp {row['pp']:.0f} tg {row['tg']:.1f} t/s"
-                                                        if "pp" in row else ""), flush=True)  # fmt: skip
+              f" ({ppl / fp_ppl:.3f}x)  KL {kld:.4f}", flush=True)  # fmt: skip
         rows.append(row)
         return row
+
+    def timed(*pairs: tuple[dict, Path]) -> None:
+        """Speeds of files measured in turns (an allocator file and the mix of its size)."""
+        if args.no_speed:
+            return
+        for (row, _), (pp, tg) in zip(pairs, speeds([p for _, p in pairs]), strict=True):
+            row["pp"], row["tg"] = pp, tg
+            print(f"  {row['kind']:9s} {row['label']:12s} prompt {pp:.0f} t/s, generation {tg:.1f} t/s", flush=True)
+        if len(pairs) == 2:
+            pairs[1][0]["pair_pp"], pairs[1][0]["pair_tg"] = pairs[0][0]["pp"], pairs[0][0]["tg"]
 
     for mix in [m for m in args.mixes.split(",") if m]:
         theirs = llama_mix(f32, imatrix, mix, out)
         mine = measure("llama.cpp", mix, theirs)
         ours = plan_file(f"{mine['bytes']}B", f"at-{mix}")
-        if ours is not None:
-            measure("allocator", f"at {mix}", ours, pair=theirs)
+        if ours is None:
+            timed((mine, theirs))
+            continue
+        timed((mine, theirs), (measure("allocator", f"at {mix}", ours), ours))
     for bpw in [b for b in args.bpw.split(",") if b]:
         ours = plan_file(f"{bpw}bpw", f"{bpw}bpw")
         if ours is not None:
-            measure("allocator", f"{bpw} bpw", ours)
+            timed((measure("allocator", f"{bpw} bpw", ours), ours))
     (out / "results.json").write_text(json.dumps({"fp_ppl": fp_ppl, "rows": rows, "times": times}, indent=1))
     print_table(rows, fp_ppl, times)
 

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "allocator.profile"
-PROFILE_VERSION = 1
+# 2: choices may be llama.cpp block types (`Choice.ggml`) and layers may differ in options; 1 is read too.
+PROFILE_VERSION = 2
 
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP_BITS = 16
@@ -402,7 +403,7 @@ class ProfileTable(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["allocator.profile"] = PROFILE_FORMAT
-    version: Literal[1] = PROFILE_VERSION
+    version: Literal[1, 2] = PROFILE_VERSION
     model_name: str = ""
     model_fingerprint: str
     data_fingerprint: str

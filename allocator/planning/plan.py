@@ -125,7 +125,7 @@ class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["allocator.plan"] = PLAN_FORMAT
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 2  # 2: GGUF plans (`target_format`, `Choice.ggml`); 1 is read too
     model_name: str = ""
     model_fingerprint: str
     data_fingerprint: str

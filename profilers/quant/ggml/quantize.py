@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..gptq import gptq_static, prepare_hessian
+from ..options import needs_hessian
 from .fit import GgmlTensor, fit_grid, round_to_grid
 from .types import GgmlType
 
@@ -41,7 +42,7 @@ def quantize_ggml(
     w = w2d.detach().float()
     importance = None if hessian is None else torch.diag(hessian).float()
     grids = [fit_grid(w, t, importance) for t in types]
-    if hessian is None or method not in ("gptq", "gptq-act"):
+    if hessian is None or not needs_hessian(method):
         return [round_to_grid(w, g) for g in grids]
     order = torch.argsort(torch.diag(hessian), descending=True, stable=True) if method == "gptq-act" else None
     h = hessian if order is None else hessian[order][:, order]
