@@ -1,7 +1,7 @@
 """The `allocator` command line: one module per command, shared options declared once in
 `options`, output rendered by `report`.
 
-    allocator profile | solve | evaluate | apply | convert | frontier | serve | version
+    allocator profile | solve | evaluate | apply | generate | convert | frontier | serve | version
 
 Every failure ends in one line on stderr and an exit status:
 
@@ -52,7 +52,7 @@ def _run(args: list[str], written: list[str]) -> int:
 
     import typer
 
-    from . import apply, convert, evaluate, frontier, profile, serve, solve  # noqa: F401 - register commands
+    from . import apply, convert, evaluate, frontier, generate, profile, serve, solve  # noqa: F401 - register commands
     from .app import app, report
 
     report.written = written

@@ -85,7 +85,10 @@ def apply(
         import torch
 
         assert setup is not None and loaded.task is not None
-        reloaded = load_quantized(output) if source is None else load_gguf(output, name=str(output)).model
+        if source is not None:
+            reloaded = load_gguf(output, name=str(output)).model
+        else:  # the exact weights (float32, dequantized), not the kernels' bfloat16 path
+            reloaded = load_quantized(output, kernels=False)
         batch = setup.data.evals[0]
         with torch.no_grad():
             a, b = loaded.task.forward(fake, batch), loaded.task.forward(reloaded, batch)

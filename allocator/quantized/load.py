@@ -10,6 +10,7 @@ file's values replace them, so the skeleton costs address space, not resident me
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .packing import unpack_bits
 
 __all__ = ["load_quantized"]
 
+_log = logging.getLogger(__name__)
 _READABLE = ("1", FILE_VERSION)  # version 1 files have no checksums
 
 
@@ -40,15 +42,27 @@ def _rebuild(info: dict[str, Any], path: Path) -> nn.Module:
         raise QuantizedFileError(f"{path} cannot rebuild its model: {e}") from None
 
 
-def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None, *, cache: bool = False) -> nn.Module:
-    """Rebuild a working model from a packed file: planned layers become `QuantLinear`,
-    `QuantConv2d` or `QuantEmbedding` holding their packed weight; the rest is loaded as stored.
+def load_quantized(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    *,
+    kernels: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    cache: bool = False,
+) -> nn.Module:
+    """Rebuild a working model from a packed file: planned Linear layers run on the CPU int4
+    kernel (`KernelLinear`, the weight never expanded), the others become `QuantLinear`,
+    `QuantConv2d` or `QuantEmbedding` dequantizing their packed weight when they run; the rest is
+    loaded as stored. `allocator.quantized.kernels.kernel_report(model)` says which layer runs where.
 
     Args:
         path: a file written by `export_quantized`.
         model: the architecture to fill (any weights); None rebuilds it from the file.
-        cache: let quantized layers keep their dequantized weight after first use (faster,
-            more memory).
+        kernels: run Linear layers on the int4 kernel where it takes them; False keeps every
+            layer dequantizing in float32 (the exact weights the plan measured).
+        compute_dtype: the kernel's activation dtype: bfloat16 (fast on x86 CPUs with
+            AVX512-BF16 or AMX), or float32 (the kernel's slow exact path).
+        cache: let dequantizing layers keep their weight after first use (faster, more memory).
 
     Raises:
         QuantizedFileError: the file is missing, corrupt, of another format, or does not fit
@@ -65,6 +79,14 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None,
     leftover = [k for k in tensors if "::" in k and k not in used]
     if leftover:
         raise QuantizedFileError(f"{p} holds packed tensors its plan does not use: {leftover[:3]}")
+    if kernels:
+        from .kernels import kernel_report, use_kernels
+
+        use_kernels(model, compute_dtype)
+        where = kernel_report(model)
+        slow = {n: w for n, w in where.items() if not w.startswith("int4")}
+        _log.info("%s: %d of %d packed layers on the int4 kernel%s", p, len(where) - len(slow), len(where),
+                  f"; {', '.join(f'{n}: {w}' for n, w in list(slow.items())[:5])}" if slow else "")  # fmt: skip
     return model.eval()
 
 

@@ -34,7 +34,7 @@ LLM_EVALUATION = 16  # held-out windows at most (8k tokens: about a minute per v
 LLM_BATCH_SIZE = 2  # windows (or token-id rows) per batch
 
 _EXPORTS = {
-    **dict.fromkeys(["LoadedModel", "load_model", "skeleton"], ".models"),
+    **dict.fromkeys(["LoadedModel", "load_model", "load_tokenizer", "skeleton"], ".models"),
     **dict.fromkeys(["Data", "load_data"], ".data"),
     **dict.fromkeys(
         [

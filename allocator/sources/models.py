@@ -24,7 +24,7 @@ from profilers.tasks import LogitsTask, Task
 from ..errors import ModelError
 from . import BUILTIN_MODELS, DEFAULT_MODEL, user
 
-__all__ = ["LoadedModel", "load_model", "skeleton"]
+__all__ = ["LoadedModel", "load_model", "load_tokenizer", "skeleton"]
 
 
 @dataclass
@@ -83,6 +83,36 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
     raise ModelError(
         f"unknown model {name_or_path!r}: use {' or '.join(map(repr, BUILTIN_MODELS))}, a Hugging Face model folder,"
         " a .gguf file, a torch.save file or package.module:function"
+    )
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a built-in model, a `.gguf` file or a Hugging Face folder, without its weights."""
+    from .hf import quiet_transformers
+
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    if name_or_path == "smollm2":
+        from .zoo import smollm2_path
+
+        path = smollm2_path()
+    elif name_or_path == DEFAULT_MODEL:
+        from .zoo import minilm_path
+
+        path = minilm_path()
+    else:
+        path = Path(name_or_path)
+    try:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            return AutoTokenizer.from_pretrained(path.resolve().parent, gguf_file=path.name)
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelError(f"cannot build the tokenizer of {name_or_path}: {str(e).splitlines()[0]}") from None
+    raise ModelError(
+        f"no tokenizer in {name_or_path!r}: name a built-in model ({', '.join(map(repr, BUILTIN_MODELS))}),"
+        " a .gguf file or a Hugging Face folder"
     )
 
 

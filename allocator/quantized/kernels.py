@@ -1,0 +1,256 @@
+"""Packed Linear layers that run on PyTorch's low-bit CPU matmul, never expanding their weight.
+
+`torch.ops.aten._weight_int4pack_mm_for_cpu` multiplies activations by 4-bit codes `q` in groups
+of 32, 64, 128 or 256 input columns, each group with a scale `s` and a zero `z`: the weight is
+`(q - 8) s + z`. Every choice the planner makes is a sum of such pieces:
+- a code of 2-4 bits is a 4-bit code with the same step (`z` absorbs the offset);
+- a code of 5-8 bits is two 4-bit digits, `q = 16 q_hi + q_lo`, the high digit with step `16 s`
+  (each digit centred on the kernel's 8, so that the zeros stay of the weight's size);
+- several terms (residual, tied, joint) are one call over the terms side by side along the
+  input: `Σ_t x W_tᵀ = [x, x, ...] [W_1 | W_2 | ...]ᵀ`;
+- a fractional extra term is a second call over its rows, added with `index_add_`;
+- a rotated choice rotates the input first (`x R`, one batched matmul per Hadamard block), since
+  the terms hold `W R`: `x Wᵀ = (x R) (W R)ᵀ`;
+- a group that is not one of the kernel's sizes (per channel, 96, ...) repeats its scale over the
+  largest kernel group dividing it and the row length.
+The kernel is fast for bfloat16 activations (AVX512-BF16 / AMX on x86); float32 inputs take a
+slow scalar path, so `compute_dtype` defaults to bfloat16 and the layer casts in and out. Its
+scales and zeros are stored in that dtype too. The packed layout depends on the CPU, so it is
+made when the file is loaded, never stored.
+
+What cannot take the kernel (row lengths not a multiple of 32, groups of 8 or 16, Conv and
+Embedding layers, llama.cpp block types) keeps the dequantizing module; `kernel_report` lists
+which layers run where.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from profilers.quant.rotation import rotation_block
+
+from .modules import PackedWeight, QuantLinear
+from .packing import unpack_bits
+
+__all__ = ["KERNEL_GROUPS", "Int4Matmul", "KernelLinear", "int4_available", "kernel_report", "use_kernels"]
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes `_weight_int4pack_mm_for_cpu` takes
+_ROW_MULTIPLE = 16  # the packed weight's rows (output features) come in multiples of 16
+_INNER_K_TILES = 8
+_MAX_DENSE_ROTATION = 1024  # Hadamard blocks up to this size rotate as one batched matmul
+
+
+def int4_available() -> bool:
+    """Whether this PyTorch build has the CPU int4 matmul."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def kernel_group(cols: int, group: int) -> int | None:
+    """The kernel group for a row length and the choice's group: the largest kernel size dividing
+    both (None when none does)."""
+    return next((g for g in KERNEL_GROUPS if cols % g == 0 and group % g == 0), None)
+
+
+def unsupported(packed: PackedWeight) -> str | None:
+    """Why a packed Linear weight cannot run on the int4 kernel (None when it can)."""
+    if not int4_available():
+        return "this PyTorch has no CPU int4 matmul"
+    choice = packed.choice
+    if choice.ggml is not None:
+        return f"llama.cpp type {choice.ggml}"
+    if len(packed.shape) != 2:
+        return f"a {len(packed.shape)}-D weight"
+    if kernel_group(packed.cols, packed.group) is None:
+        return f"row length {packed.cols} with groups of {packed.group}: the kernel takes groups of 32-256"
+    return None
+
+
+class _Pieces:
+    """4-bit codes with their kernel-group scales and zeros, gathered piece by piece."""
+
+    def __init__(self, rows: int, group: int) -> None:
+        self.rows, self.group = rows, group
+        self.codes: list[Tensor] = []  # [rows, cols] int32 in 0..15
+        self.meta: list[Tensor] = []  # [cols / group, rows, 2] float32 (scale, zero)
+
+    def add(self, codes: Tensor, scale: Tensor, zero: Tensor) -> None:
+        self.codes.append(codes.to(torch.int32))
+        self.meta.append(torch.stack((scale.t(), zero.t()), dim=-1))
+
+    def pack(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        codes, meta = torch.cat(self.codes, dim=1), torch.cat(self.meta, dim=0)
+        pad = -self.rows % _ROW_MULTIPLE
+        if pad:  # zero rows (code 8, scale 0, zero 0), cut off after the matmul
+            codes = torch.cat((codes, torch.full((pad, codes.shape[1]), 8, dtype=torch.int32)))
+            meta = torch.cat((meta, torch.zeros(meta.shape[0], pad, 2)), dim=1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), _INNER_K_TILES)
+        return packed, meta.to(dtype).contiguous()
+
+
+def _add_term(pieces: _Pieces, codes: Tensor, bits: int, bias: int, scale: Tensor, zero: Tensor | None) -> int:
+    """One term `(codes - bias) scale + zero` as 4-bit digits in `pieces`; returns the digit count.
+
+    Each digit is centred on the kernel's 8 (`(digit - m) step`, `m` half the digit's range), so
+    that what the kernel adds per group is of the weight's size, not 8 steps away from it: the
+    zero, stored in the compute dtype, then rounds by the weight's own precision. `scale` and
+    `zero` are per kernel group (`[rows, cols / group]`, float32)."""
+    zero = torch.zeros_like(scale) if zero is None else zero
+    if bits <= 4:  # (q - m) s + (z + (m - bias) s)
+        m = 1 << (bits - 1)
+        pieces.add(codes + (8 - m), scale, zero + (m - bias) * scale)
+        return 1
+    hi, lo = codes >> 4, codes & 15  # (q_hi - m) 16 s + (q_lo - 8) s + (z + (16 m + 8 - bias) s)
+    m = 1 << (bits - 5)
+    pieces.add(hi + (8 - m), 16 * scale, zero + (16 * m + 8 - bias) * scale)
+    pieces.add(lo, scale, torch.zeros_like(scale))
+    return 2
+
+
+class Int4Matmul(nn.Module):
+    """`x Wᵀ` for a packed weight on the CPU int4 kernel (no bias); see the module docstring."""
+
+    def __init__(self, packed: PackedWeight, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        reason = unsupported(packed)
+        if reason is not None:
+            raise ValueError(f"{packed.choice.label} cannot run on the int4 kernel: {reason}")
+        choice, rows, cols = packed.choice, packed.rows, packed.cols
+        self.rows, self.cols, self.label = rows, cols, choice.label
+        self.compute_dtype = compute_dtype
+        group = kernel_group(cols, packed.group)
+        assert group is not None
+        self.group = group
+        owner = torch.arange(cols // group) * group // packed.group  # each kernel group's group in the choice
+
+        def per_kernel_group(meta: Tensor | None) -> Tensor | None:
+            return None if meta is None else meta.float()[:, owner]
+
+        bias, n = packed._bias(), rows * cols
+        pieces = _Pieces(rows, self.group)
+        self.copies = 0  # how many times the input is repeated along the columns
+        for t in range(packed.n_terms):
+            codes = unpack_bits(getattr(packed, f"codes_{t}"), choice.bits, n).reshape(rows, cols)
+            self.copies += _add_term(pieces, codes, choice.bits, bias, per_kernel_group(packed._scale(t)),
+                                     per_kernel_group(packed._zero(t)))  # fmt: skip
+        weight, meta = pieces.pack(compute_dtype)
+        self.register_buffer("weight_packed", weight)
+        self.register_buffer("scale_zeros", meta)
+        self.extra_copies = 0
+        if packed.has_extra:
+            k = packed.extra_rows.numel()
+            codes = unpack_bits(packed.extra_codes, choice.bits, k * cols).reshape(k, cols)
+            extra = _Pieces(k, self.group)
+            zero = getattr(packed, "extra_zero", None)
+            self.extra_copies = _add_term(extra, codes, choice.bits, bias, per_kernel_group(packed.extra_scale),
+                                          per_kernel_group(zero))  # fmt: skip
+            weight, meta = extra.pack(compute_dtype)
+            self.register_buffer("extra_rows", packed.extra_rows.clone())
+            self.register_buffer("extra_packed", weight)
+            self.register_buffer("extra_scale_zeros", meta)
+        self.rotated = choice.rotated
+        if self.rotated:
+            self.register_buffer("signs", packed.signs.clone())
+            block = rotation_block(cols)
+            if 1 < block <= _MAX_DENSE_ROTATION:
+                self.register_buffer("hadamard", _hadamard(block))
+
+    def _rotate(self, x: Tensor) -> Tensor:
+        """`x R` (`R = D H`: the signs, then the block Hadamard), float32."""
+        x = x.float() * self.signs
+        hadamard = getattr(self, "hadamard", None)
+        if hadamard is None:
+            from profilers.quant.rotation import _hadamard_blocks
+
+            return _hadamard_blocks(x, rotation_block(self.cols))
+        b = hadamard.shape[0]
+        return (x.reshape(-1, self.cols // b, b) @ hadamard).reshape(x.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.cols)
+        if self.rotated:
+            x2 = self._rotate(x2)
+        xc = x2.to(self.compute_dtype).contiguous()
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(xc.repeat(1, self.copies) if self.copies > 1 else xc, self.weight_packed, self.group, self.scale_zeros)
+        y = y[:, : self.rows]
+        if self.extra_copies:
+            xe = xc.repeat(1, self.extra_copies) if self.extra_copies > 1 else xc
+            ye = mm(xe, self.extra_packed, self.group, self.extra_scale_zeros)[:, : self.extra_rows.numel()]
+            y = y.index_add(1, self.extra_rows, ye)
+        return y.to(x.dtype).reshape(*lead, self.rows)
+
+    def dequantize(self) -> Tensor:
+        """The weight the kernel multiplies by (`[rows, cols]`, float32), from the kernel itself."""
+        eye = torch.eye(self.cols)
+        with torch.no_grad():
+            return self.forward(eye).float().t().contiguous()
+
+    def nbytes(self) -> int:
+        """Bytes the kernel holds (codes, scales, zeros, rows, signs, rotation)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.rows}x{self.cols}, {self.label}, int4 groups of {self.group}, {self.compute_dtype}"
+
+
+def _hadamard(b: int) -> Tensor:
+    """The orthonormal `b x b` Sylvester Hadamard matrix (`b` a power of two)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < b:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(b)
+
+
+class KernelLinear(nn.Module):
+    """`nn.Linear` on an `Int4Matmul`: `y = x Wᵀ + b`, the weight never expanded.
+
+    `weight` rebuilds the matrix from the kernel (for inspection; slow, and in the kernel's
+    precision)."""
+
+    def __init__(self, in_features: int, out_features: int, matmul: Int4Matmul, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.matmul = matmul
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.matmul.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def use_kernels(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Swap, in place, every packed Linear layer that the int4 kernel takes for its `KernelLinear`
+    (layers sharing a packed weight share the kernel); the packed codes go with the old module."""
+    built: dict[int, Int4Matmul] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, QuantLinear) or unsupported(child.packed) is not None:
+                continue
+            key = id(child.packed)
+            if key not in built:
+                built[key] = Int4Matmul(child.packed, compute_dtype)
+            bias = None if child.bias is None else child.bias.detach()
+            setattr(parent, name, KernelLinear(child.in_features, child.out_features, built[key], bias))
+    return model
+
+
+def kernel_report(model: nn.Module) -> dict[str, str]:
+    """Per packed layer of a loaded model, where it runs: `int4 kernel` or why it dequantizes."""
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, KernelLinear):
+            out[name] = f"int4 kernel ({m.matmul.compute_dtype})"
+        elif hasattr(m, "packed") and isinstance(m.packed, PackedWeight):
+            reason = unsupported(m.packed) if isinstance(m, QuantLinear) else f"a {type(m).__name__}"
+            out[name] = f"dequantized on call ({reason or 'kernels off'})"
+    return out
