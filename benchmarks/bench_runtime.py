@@ -3,7 +3,8 @@ kernels against the FP model and the dequantizing path.
 
 Prints, from one run on this machine (2 threads, each model in a fresh process):
 1. per model (FP float32, FP bfloat16, and each plan at 3.0 / 3.5 / 4.25 bpw loaded with the
-   int4 kernels in bfloat16, with the kernel in float32, and dequantizing on every call):
+   int4 kernels in bfloat16, and dequantizing in float32 on every call; the kernel's own float32
+   path is a slow scalar loop, about 100x slower at 512 tokens, and is left out):
    - generation: tokens per second of greedy decoding with a KV cache (`generate`, 32 new
      tokens after a 128-token prompt: the time of 33 new tokens less the time of 1);
    - prompt processing: tokens per second of one 512-token forward pass;
@@ -11,7 +12,8 @@ Prints, from one run on this machine (2 threads, each model in a fresh process):
      the weight bytes the model holds;
    - perplexity on 8 x 512 tokens of Wikipedia text (`allocator.sources.text.wikipedia_documents`,
      never calibrated on) and, for the kernels, its ratio to the float32 dequantizing path's;
-   each speed the median of 3 runs, and as a ratio to FP float32 measured in the same run;
+   each speed the median of 3 runs (1 for the dequantizing path), and as a ratio to FP float32
+   measured in the same run;
 2. with `--gguf FILE ...`: llama.cpp (`llama-bench`, 2 threads, 128-token prompt, 32 tokens) on
    GGUF files of plans at similar sizes (benchmarks/bench_gguf.py writes them), for how far the
    PyTorch runtime is from the native one.
@@ -80,7 +82,7 @@ def worker(kind: str, path: str | None) -> dict:
 
     def timed(fn) -> float:
         times = []
-        for _ in range(RUNS):
+        for _ in range(RUNS if kind != "dequantized" else 1):  # the slow path: one run
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -175,7 +177,7 @@ def main() -> None:
         files[b] = packed
     rows = [measure("fp32"), measure("fp-bf16")]
     for b, packed in files.items():
-        for kind in ("kernel-bf16", "kernel-fp32") + (() if args.no_dequantized else ("dequantized",)):
+        for kind in ("kernel-bf16",) + (() if args.no_dequantized else ("dequantized",)):
             row = measure(kind, packed)
             row["bpw"] = b
             rows.append(row)
@@ -190,7 +192,6 @@ def main() -> None:
 
 def print_table(rows: list[dict], gguf: list[dict]) -> None:
     fp = rows[0]
-    slow = {r["bpw"]: r for r in rows if r["kind"] == "kernel-fp32"}
     exact = {r["bpw"]: r for r in rows if r["kind"] == "dequantized"}
     print("\n| model | path | generation t/s (x FP32) | prompt 512 t/s (x FP32) | RSS after load | weights |"
           " perplexity | x float32 path |")  # fmt: skip
@@ -198,8 +199,8 @@ def print_table(rows: list[dict], gguf: list[dict]) -> None:
     for r in rows:
         name = "FP" if r["kind"].startswith("fp") else f"{r['bpw']} bpw"
         path = {"fp32": "float32", "fp-bf16": "bfloat16", "kernel-bf16": "int4 kernel, bf16",
-                "kernel-fp32": "int4 kernel, fp32", "dequantized": "dequantize on call"}[r["kind"]]  # fmt: skip
-        base = exact.get(r.get("bpw")) or slow.get(r.get("bpw"))
+                "dequantized": "dequantize on call"}[r["kind"]]  # fmt: skip
+        base = exact.get(r.get("bpw"))
         ratio = f"{r['ppl'] / base['ppl']:.4f}" if base is not None and base is not r else ""
         kernel = f" ({r['on_kernel']}/{r['packed_layers']} layers)" if r["kind"].startswith("kernel") else ""
         print(f"| {name} | {path}{kernel} | {r['tg']:.1f} ({r['tg'] / fp['tg']:.2f}x) | {r['pp']:.0f}"

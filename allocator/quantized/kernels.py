@@ -9,11 +9,14 @@ of 32, 64, 128 or 256 input columns, each group with a scale `s` and a zero `z`:
 - several terms (residual, tied, joint) are one call over the terms side by side along the
   input: `Σ_t x W_tᵀ = [x, x, ...] [W_1 | W_2 | ...]ᵀ`;
 - a fractional extra term is a second call over its rows, added with `index_add_`;
-- a rotated choice rotates the input first (`x R`, one batched matmul per Hadamard block), since
+- a rotated choice rotates the input first (`x R`, two small batched matmuls per Hadamard block), since
   the terms hold `W R`: `x Wᵀ = (x R) (W R)ᵀ`;
 - a group that is not one of the kernel's sizes (per channel, 96, ...) repeats its scale over the
   largest kernel group dividing it and the row length.
-The kernel is fast for bfloat16 activations (AVX512-BF16 / AMX on x86); float32 inputs take a
+From `DENSE_FROM` rows of activations on (a prompt), a layer expands its weight from the packed
+codes into the compute dtype and makes one dense matmul (oneDNN, AMX where the CPU has it): at
+512 tokens that beats the int4 loop, which also grows with the number of pieces, while one-token
+steps stay on the kernel. The kernel is fast for bfloat16 activations (AVX512-BF16 / AMX on x86); float32 inputs take a
 slow scalar path, so `compute_dtype` defaults to bfloat16 and the layer casts in and out. Its
 scales and zeros are stored in that dtype too. The packed layout depends on the CPU, so it is
 made when the file is loaded, never stored.
@@ -25,22 +28,35 @@ which layers run where.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from profilers.quant.rotation import rotation_block
+from profilers.quant.rotation import rotation_block, unrotate
 
 from .modules import PackedWeight, QuantLinear
 from .packing import unpack_bits
 
-__all__ = ["KERNEL_GROUPS", "Int4Matmul", "KernelLinear", "int4_available", "kernel_report", "use_kernels"]
+__all__ = [
+    "DENSE_FROM",
+    "KERNEL_GROUPS",
+    "Int4Matmul",
+    "KernelLinear",
+    "blocked_layout",
+    "int4_available",
+    "kernel_report",
+    "unpack_codes",
+    "use_kernels",
+]
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes `_weight_int4pack_mm_for_cpu` takes
-_ROW_MULTIPLE = 16  # the packed weight's rows (output features) come in multiples of 16
 _INNER_K_TILES = 8
-_MAX_DENSE_ROTATION = 1024  # Hadamard blocks up to this size rotate as one batched matmul
+DENSE_FROM = 256  # rows of activations from which a layer expands its weight for one dense matmul
+_MAX_DENSE_ROTATION = 4096  # Hadamard blocks up to this size rotate as two batched matmuls
+_INNER_ROTATION = 64  # ... the inner one over 64 columns
 
 
 def int4_available() -> bool:
@@ -70,6 +86,33 @@ def unsupported(packed: PackedWeight) -> str | None:
     return None
 
 
+@functools.cache
+def blocked_layout() -> int:
+    """The row block of this CPU's int4 pack when it is the blocked layout `unpack_codes` reads
+    (byte `(block, k, d)` holding rows `d` and `d + block/2` of column `k`: 64 rows with AVX512,
+    32 with AVX2), probed once; 0 when it is not. With a known layout, prompts expand the weight
+    for a dense matmul, and rows are padded to whole blocks."""
+    if not int4_available():
+        return 0
+    for block in (64, 32):
+        q = torch.randint(0, 16, (2 * block, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
+        if tuple(p.shape) == (2 * block, 32) and torch.equal(unpack_codes(p, 2 * block, 64, block).int(), q):
+            return block
+    return 0
+
+
+def unpack_codes(packed: Tensor, rows: int, cols: int, block: int | None = None) -> Tensor:
+    """The `[rows, cols]` uint8 codes of an int4 pack in the blocked layout (`rows` whole blocks)."""
+    block = block or blocked_layout()
+    pairs = packed.reshape(rows // block, cols, block // 2)
+    return torch.cat((pairs & 15, pairs >> 4), dim=2).transpose(1, 2).reshape(rows, cols)
+
+
+def _row_multiple() -> int:
+    return max(blocked_layout(), 16)  # the kernel takes rows in multiples of 16
+
+
 class _Pieces:
     """4-bit codes with their kernel-group scales and zeros, gathered piece by piece."""
 
@@ -84,7 +127,7 @@ class _Pieces:
 
     def pack(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         codes, meta = torch.cat(self.codes, dim=1), torch.cat(self.meta, dim=0)
-        pad = -self.rows % _ROW_MULTIPLE
+        pad = -self.rows % _row_multiple()
         if pad:  # zero rows (code 8, scale 0, zero 0), cut off after the matmul
             codes = torch.cat((codes, torch.full((pad, codes.shape[1]), 8, dtype=torch.int32)))
             meta = torch.cat((meta, torch.zeros(meta.shape[0], pad, 2)), dim=1)
@@ -157,18 +200,48 @@ class Int4Matmul(nn.Module):
             self.register_buffer("signs", packed.signs.clone())
             block = rotation_block(cols)
             if 1 < block <= _MAX_DENSE_ROTATION:
-                self.register_buffer("hadamard", _hadamard(block))
+                inner = min(block, _INNER_ROTATION)
+                self.register_buffer("hadamard_inner", _hadamard(inner))
+                if block > inner:
+                    self.register_buffer("hadamard_outer", _hadamard(block // inner))
 
     def _rotate(self, x: Tensor) -> Tensor:
-        """`x R` (`R = D H`: the signs, then the block Hadamard), float32."""
+        """`x R` (`R = D H`: the signs, then the block Hadamard), float32. A block of `b = a c`
+        columns is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`) becomes `H_a X H_c`: two
+        small matmuls instead of one over a `b x b` matrix (1 MB at 512, read for every token)."""
         x = x.float() * self.signs
-        hadamard = getattr(self, "hadamard", None)
-        if hadamard is None:
+        if not hasattr(self, "hadamard_inner"):
             from profilers.quant.rotation import _hadamard_blocks
 
             return _hadamard_blocks(x, rotation_block(self.cols))
-        b = hadamard.shape[0]
-        return (x.reshape(-1, self.cols // b, b) @ hadamard).reshape(x.shape)
+        inner = self.hadamard_inner
+        c = inner.shape[0]
+        outer = getattr(self, "hadamard_outer", None)
+        if outer is None:
+            return (x.reshape(-1, self.cols // c, c) @ inner).reshape(x.shape)
+        a = outer.shape[0]
+        y = x.reshape(-1, a, c) @ inner
+        return (outer @ y).reshape(x.shape)
+
+    def _expand(self, packed: Tensor, meta: Tensor, copies: int, rows: int, dtype: torch.dtype) -> Tensor:
+        """`Σ_piece (q - 8) s + z` of one pack (`[rows, cols]` in `dtype`)."""
+        n, groups = packed.shape[0], self.cols // self.group
+        codes = unpack_codes(packed, n, copies * self.cols).view(n, copies, groups, self.group)
+        scale, zero = (meta[..., i].t().reshape(n, copies, groups, 1) for i in (0, 1))
+        work = dtype if copies == 1 else torch.float32  # digits and terms summed in float32
+        scale = scale.to(work)
+        w = torch.addcmul(zero.to(work) - 8 * scale, codes.to(work), scale)  # one pass: q s + (z - 8 s)
+        return (w[:, 0] if copies == 1 else w.sum(1)).reshape(n, self.cols)[:rows].to(dtype)
+
+    def expand(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The whole weight (`[rows, cols]`, in the compute dtype unless told), from the packed codes."""
+        dtype = dtype or self.compute_dtype
+        w = self._expand(self.weight_packed, self.scale_zeros, self.copies, self.rows, torch.float32)
+        if self.extra_copies:
+            k = self.extra_rows.numel()
+            extra = self._expand(self.extra_packed, self.extra_scale_zeros, self.extra_copies, k, torch.float32)
+            w = w.index_add(0, self.extra_rows, extra)
+        return w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -176,6 +249,8 @@ class Int4Matmul(nn.Module):
         if self.rotated:
             x2 = self._rotate(x2)
         xc = x2.to(self.compute_dtype).contiguous()
+        if xc.shape[0] >= DENSE_FROM and blocked_layout():  # a prompt: one dense matmul beats the int4 loop
+            return F.linear(xc, self.expand()).to(x.dtype).reshape(*lead, self.rows)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(xc.repeat(1, self.copies) if self.copies > 1 else xc, self.weight_packed, self.group, self.scale_zeros)
         y = y[:, : self.rows]
@@ -186,10 +261,13 @@ class Int4Matmul(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.rows)
 
     def dequantize(self) -> Tensor:
-        """The weight the kernel multiplies by (`[rows, cols]`, float32), from the kernel itself."""
-        eye = torch.eye(self.cols)
+        """The weight the kernel multiplies by (`[rows, cols]`, float32), as `W`, not `W R`."""
         with torch.no_grad():
-            return self.forward(eye).float().t().contiguous()
+            if not blocked_layout():  # the kernel itself, on the identity
+                eye = torch.eye(self.cols, dtype=torch.float32)
+                return self.forward(eye).float().t().contiguous()
+            w = self.expand(torch.float32)
+            return unrotate(w, self.signs) if self.rotated else w
 
     def nbytes(self) -> int:
         """Bytes the kernel holds (codes, scales, zeros, rows, signs, rotation)."""

@@ -6,7 +6,16 @@ from torch import nn
 
 import allocator
 from allocator.quantized.export import _pack_term, export_quantized
-from allocator.quantized.kernels import Int4Matmul, KernelLinear, kernel_report, unsupported, use_kernels
+from allocator.quantized.kernels import (
+    DENSE_FROM,
+    Int4Matmul,
+    KernelLinear,
+    blocked_layout,
+    kernel_report,
+    unpack_codes,
+    unsupported,
+    use_kernels,
+)
 from allocator.quantized.load import load_quantized
 from allocator.quantized.modules import PackedWeight, QuantLinear
 from profilers.quant.rotation import rotation_signs
@@ -47,6 +56,10 @@ def test_the_kernel_computes_what_the_dequantized_weight_does(label, cols):
     packed = packed_weight(w, label)
     x = torch.randn(5, 3, cols)
     want = x @ packed.dequantize().T
+    prompt = torch.randn(DENSE_FROM + 4, cols)  # prompts expand the weight for a dense matmul
+    fast_prompt = Int4Matmul(packed)(prompt)
+    want_prompt = prompt @ packed.dequantize().T
+    assert float((fast_prompt - want_prompt).norm() / want_prompt.norm()) < 1e-2, label
     exact = Int4Matmul(packed, torch.float32)
     assert exact(x).shape == want.shape
     assert torch.allclose(exact(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), label
@@ -55,6 +68,17 @@ def test_the_kernel_computes_what_the_dequantized_weight_does(label, cols):
     assert y.dtype == torch.float32
     assert float((y - want).norm() / want.norm()) < 1e-2, label
     assert torch.allclose(exact.dequantize(), packed.dequantize(), atol=1e-4 * float(w.abs().max())), label
+
+
+def test_the_codes_read_back_from_the_pack_where_the_layout_is_known():
+    block = blocked_layout()
+    q = torch.randint(0, 16, (3 * 64, 96), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+    if block:  # x86: AVX512 or AVX2
+        assert block in (32, 64) and torch.equal(unpack_codes(packed, 3 * 64, 96).int(), q)
+    else:  # another layout: prompts stay on the kernel, which still computes the weight's product
+        w = packed_weight(torch.randn(64, 96), "int4-g32")
+        assert torch.allclose(Int4Matmul(w, torch.float32)(torch.eye(96)).T, w.dequantize(), atol=1e-5)
 
 
 def test_the_kernel_holds_no_more_than_the_file_for_four_bits():
