@@ -4,6 +4,7 @@
   the packed file holds).
 - `packing`: bit-packing of integer codes.
 - `modules`: packed modules (`QuantLinear`, ...) registered per FP module type.
-- `export`, `load`: the packed safetensors file.
+- `kernels`: packed Linear layers on PyTorch's int4 CPU matmul (what `load` gives by default).
+- `export`, `load`: the packed safetensors file; `gguf_export`: a GGUF file for llama.cpp.
 - `formats`: the part of a plan other runtimes (GPTQModel, llama.cpp) can express.
 """
