@@ -55,8 +55,7 @@ __all__ = [
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes `_weight_int4pack_mm_for_cpu` takes
 _INNER_K_TILES = 8
 DENSE_FROM = 256  # rows of activations from which a layer expands its weight for one dense matmul
-_MAX_DENSE_ROTATION = 4096  # Hadamard blocks up to this size rotate as two batched matmuls
-_INNER_ROTATION = 64  # ... the inner one over 64 columns
+_INNER_ROTATION = 64  # a Hadamard block rotates as two batched matmuls, the inner one over 64 columns
 
 
 def int4_available() -> bool:
@@ -198,22 +197,17 @@ class Int4Matmul(nn.Module):
         self.rotated = choice.rotated
         if self.rotated:
             self.register_buffer("signs", packed.signs.clone())
-            block = rotation_block(cols)
-            if 1 < block <= _MAX_DENSE_ROTATION:
-                inner = min(block, _INNER_ROTATION)
-                self.register_buffer("hadamard_inner", _hadamard(inner))
-                if block > inner:
-                    self.register_buffer("hadamard_outer", _hadamard(block // inner))
+            block = rotation_block(cols)  # at least 32: the kernel takes rows of whole 32-groups
+            inner = min(block, _INNER_ROTATION)
+            self.register_buffer("hadamard_inner", _hadamard(inner))
+            if block > inner:
+                self.register_buffer("hadamard_outer", _hadamard(block // inner))
 
     def _rotate(self, x: Tensor) -> Tensor:
         """`x R` (`R = D H`: the signs, then the block Hadamard), float32. A block of `b = a c`
         columns is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`) becomes `H_a X H_c`: two
         small matmuls instead of one over a `b x b` matrix (1 MB at 512, read for every token)."""
         x = x.float() * self.signs
-        if not hasattr(self, "hadamard_inner"):
-            from profilers.quant.rotation import _hadamard_blocks
-
-            return _hadamard_blocks(x, rotation_block(self.cols))
         inner = self.hadamard_inner
         c = inner.shape[0]
         outer = getattr(self, "hadamard_outer", None)
