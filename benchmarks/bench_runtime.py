@@ -14,7 +14,11 @@ Prints, from one run on this machine (2 threads, each model in a fresh process):
      never calibrated on) and, for the kernels, its ratio to the float32 dequantizing path's;
    each speed the median of 3 runs (1 for the dequantizing path), and as a ratio to FP float32
    measured in the same run;
-2. with `--gguf FILE ...`: llama.cpp (`llama-bench`, 2 threads, 128-token prompt, 32 tokens) on
+2. all-MiniLM-L6-v2's 12MB plan (the demo's: `allocator solve --budget 12MB`, then `apply`), FP
+   float32 against the int4 kernels in bfloat16 and the dequantizing path: seconds per
+   16-document batch (128 tokens; the median over the 236 held-out documents' batches, each
+   timed 3 times), resident memory, and the embeddings' mean cosine to FP on those documents;
+3. with `--gguf FILE ...`: llama.cpp (`llama-bench`, 2 threads, 128-token prompt, 32 tokens) on
    GGUF files of plans at similar sizes (benchmarks/bench_gguf.py writes them), for how far the
    PyTorch runtime is from the native one.
 
@@ -22,7 +26,7 @@ The plans: `allocator solve --profile P --budget B` then `allocator apply` (CLI 
 profile of smollm2 (`--profile`, else `allocator profile smollm2` first, about 8 minutes).
 
 Usage: .venv/bin/python benchmarks/bench_runtime.py [--out DIR] [--profile PROFILE.json]
-       [--budgets 3.0,3.5,4.25] [--no-dequantized] [--gguf FILE ...]
+       [--budgets 3.0,3.5,4.25] [--no-dequantized] [--no-minilm] [--gguf FILE ...]
 """
 
 from __future__ import annotations
@@ -108,12 +112,80 @@ def worker(kind: str, path: str | None) -> dict:
     return out
 
 
+def minilm_worker(kind: str, path: str | None) -> dict:
+    """Load MiniLM (FP or packed) in this fresh process, time its held-out batches and save their
+    embeddings for the parent's cosine."""
+    import torch
+
+    torch.set_num_threads(2)
+    from allocator.measure.metrics import model_outputs
+    from allocator.quantized.load import load_quantized
+    from allocator.sources import lee_documents, load_model, split_documents, text_batches
+
+    before = rss_bytes()
+    if kind == "minilm-fp32":
+        model = load_model("minilm").model
+    else:
+        from allocator.quantized.kernels import kernel_report
+
+        model = load_quantized(path, kernels=kind != "minilm-dequantized")
+        where = kernel_report(model)
+    loaded_rss = rss_bytes() - before
+    loaded = load_model("minilm")  # the task and tokenizer (after the memory reading)
+    _, eval_docs = split_documents(lee_documents(), 64, seed=0)  # the demo's held-out documents
+    batches = text_batches(loaded.tokenizer, eval_docs)
+    times = []
+    with torch.no_grad():
+        for b in batches:
+            for _ in range(RUNS):
+                t0 = time.perf_counter()
+                loaded.task.forward(model, b)
+                times.append(time.perf_counter() - t0)
+    outs = [o.float() for o in model_outputs(model, batches, loaded.task)]
+    torch.save(outs, Path(__file__).resolve().parent.parent / "out" / "bench_runtime" / f"{kind}.outputs.pt")
+    row = {"kind": kind, "path": path, "batch_s": statistics.median(times), "rss": loaded_rss,
+           "weights": weight_bytes(model)}  # fmt: skip
+    if kind == "minilm-kernel-bf16":
+        row["on_kernel"], row["packed_layers"] = sum(w.startswith("int4") for w in where.values()), len(where)
+    return row
+
+
+def minilm(out: Path, no_dequantized: bool) -> None:
+    """The demo's 12MB plan of MiniLM: FP against the packed file on the kernels (see the docstring)."""
+    import torch
+
+    plan, packed = out / "plan.minilm.12MB.json", out / "minilm.12MB.safetensors"
+    if not packed.exists():
+        allocator("solve", "--budget", "12MB", "-o", str(plan))
+        allocator("apply", str(plan), "-o", str(packed), "--no-check")
+    rows = [measure(kind, packed if kind != "minilm-fp32" else None) for kind in
+            ("minilm-fp32", "minilm-kernel-bf16", *(() if no_dequantized else ("minilm-dequantized",)))]  # fmt: skip
+    outs = {r["kind"]: torch.load(out / f"{r['kind']}.outputs.pt") for r in rows}
+    ref = outs["minilm-fp32"]
+    print(f"\n| all-MiniLM-L6-v2 | path | s per 16-document batch (x FP32) | RSS after load | weights |"
+          f" cosine to FP ({packed.stat().st_size / 1e6:.2f} MB file) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        cos = torch.cat(
+            [torch.nn.functional.cosine_similarity(a, b) for a, b in zip(ref, outs[r["kind"]], strict=True)]
+        )
+        path = {"minilm-fp32": "float32", "minilm-kernel-bf16": "int4 kernel, bf16",
+                "minilm-dequantized": "dequantize on call"}[r["kind"]]  # fmt: skip
+        kernel = f" ({r['on_kernel']}/{r['packed_layers']} layers)" if "on_kernel" in r else ""
+        print(f"| {'FP' if r['kind'] == 'minilm-fp32' else '12MB plan'} | {path}{kernel} | {r['batch_s']:.3f}"
+              f" ({rows[0]['batch_s'] / r['batch_s']:.2f}x) | {r['rss'] / 1e6:.0f} MB | {r['weights'] / 1e6:.0f} MB |"
+              f" {float(cos.mean()):.5f} |")  # fmt: skip
+
+
 def measure(kind: str, path: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind] + ([str(path)] if path else [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         sys.exit(f"{kind} {path} failed:\n{res.stderr[-3000:]}")
     row = json.loads(res.stdout.strip().splitlines()[-1])
+    if "batch_s" in row:
+        print(f"  {kind:18s} {row['batch_s'] * 1e3:6.0f} ms per batch  RSS {row['rss'] / 1e6:6.0f} MB", flush=True)
+        return row
     print(f"  {kind:12s} {'' if path is None else path.name:22s} generation {row['tg']:6.1f} t/s  prompt"
           f" {row['pp']:6.0f} t/s  RSS {row['rss'] / 1e6:6.0f} MB  weights {row['weights'] / 1e6:6.0f} MB"
           f"  ppl {row['ppl']:.3f}", flush=True)  # fmt: skip
@@ -155,11 +227,13 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="a native profile of smollm2 (else profiled first)")
     parser.add_argument("--budgets", default="3.0,3.5,4.25")
     parser.add_argument("--no-dequantized", action="store_true", help="skip the dequantize-on-call path (slow)")
+    parser.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2's 12MB plan")
     parser.add_argument("--gguf", type=Path, nargs="*", default=[], help="GGUF files to time in llama.cpp too")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1] if len(args.worker) > 1 else None)))
+        kind, path = args.worker[0], args.worker[1] if len(args.worker) > 1 else None
+        print(json.dumps((minilm_worker if kind.startswith("minilm") else worker)(kind, path)))
         return
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +262,8 @@ def main() -> None:
         print(f"  llama.cpp   {path.name:22s} generation {tg:6.1f} t/s  prompt {pp:6.0f} t/s ({PROMPT} tokens)")
     (out / "results.json").write_text(json.dumps({"rows": rows, "gguf": gguf}, indent=1))
     print_table(rows, gguf)
+    if not args.no_minilm:
+        minilm(out, args.no_dequantized)
 
 
 def print_table(rows: list[dict], gguf: list[dict]) -> None:

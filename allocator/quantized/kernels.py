@@ -32,12 +32,11 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from profilers.quant.rotation import rotation_block, unrotate
 
-from .modules import PackedWeight, QuantLinear
+from .modules import PackedWeight, QuantEmbedding, QuantLinear
 from .packing import unpack_bits
 
 __all__ = [
@@ -48,6 +47,7 @@ __all__ = [
     "blocked_layout",
     "int4_available",
     "kernel_report",
+    "run_in_dtype_",
     "unpack_codes",
     "use_kernels",
 ]
@@ -124,8 +124,9 @@ class _Pieces:
         self.codes.append(codes.to(torch.int32))
         self.meta.append(torch.stack((scale.t(), zero.t()), dim=-1))
 
-    def pack(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        codes, meta = torch.cat(self.codes, dim=1), torch.cat(self.meta, dim=0)
+    def pack(self, dtype: torch.dtype, factor: float = 1.0) -> tuple[Tensor, Tensor]:
+        """The int4 pack and its `[groups, rows, 2]` scales and zeros in `dtype`, both times `factor`."""
+        codes, meta = torch.cat(self.codes, dim=1), torch.cat(self.meta, dim=0) * factor
         pad = -self.rows % _row_multiple()
         if pad:  # zero rows (code 8, scale 0, zero 0), cut off after the matmul
             codes = torch.cat((codes, torch.full((pad, codes.shape[1]), 8, dtype=torch.int32)))
@@ -179,7 +180,12 @@ class Int4Matmul(nn.Module):
             codes = unpack_bits(getattr(packed, f"codes_{t}"), choice.bits, n).reshape(rows, cols)
             self.copies += _add_term(pieces, codes, choice.bits, bias, per_kernel_group(packed._scale(t)),
                                      per_kernel_group(packed._zero(t)))  # fmt: skip
-        weight, meta = pieces.pack(compute_dtype)
+        self.rotated = choice.rotated
+        # a rotated layer's input is rotated by unnormalized ±1 Hadamard matrices (exact in any
+        # dtype) and its scales and zeros carry the 1/√b instead
+        block = rotation_block(cols) if self.rotated else 1  # at least 32: the kernel takes whole 32-groups
+        self.norm = 1 / math.sqrt(block)
+        weight, meta = pieces.pack(compute_dtype, self.norm)
         self.register_buffer("weight_packed", weight)
         self.register_buffer("scale_zeros", meta)
         self.extra_copies = 0
@@ -190,52 +196,64 @@ class Int4Matmul(nn.Module):
             zero = getattr(packed, "extra_zero", None)
             self.extra_copies = _add_term(extra, codes, choice.bits, bias, per_kernel_group(packed.extra_scale),
                                           per_kernel_group(zero))  # fmt: skip
-            weight, meta = extra.pack(compute_dtype)
+            weight, meta = extra.pack(compute_dtype, self.norm)
             self.register_buffer("extra_rows", packed.extra_rows.clone())
             self.register_buffer("extra_packed", weight)
             self.register_buffer("extra_scale_zeros", meta)
-        self.rotated = choice.rotated
         if self.rotated:
             self.register_buffer("signs", packed.signs.clone())
-            block = rotation_block(cols)  # at least 32: the kernel takes rows of whole 32-groups
             inner = min(block, _INNER_ROTATION)
             self.register_buffer("hadamard_inner", _hadamard(inner))
             if block > inner:
                 self.register_buffer("hadamard_outer", _hadamard(block // inner))
 
     def _rotate(self, x: Tensor) -> Tensor:
-        """`x R` (`R = D H`: the signs, then the block Hadamard), float32. A block of `b = a c`
-        columns is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`) becomes `H_a X H_c`: two
-        small matmuls instead of one over a `b x b` matrix (1 MB at 512, read for every token)."""
-        x = x.float() * self.signs
-        inner = self.hadamard_inner
+        """`√b x R` (`R = D H`: the signs, then the block Hadamard, unnormalized). A block of
+        `b = a c` columns is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`) becomes
+        `H_a X H_c`: two small matmuls instead of one over a `b x b` matrix (1 MB at 512, read for
+        every token). One token rotates in float32 (faster for a single row); a prompt in the
+        compute dtype (7x faster at 512 tokens than float32 and its casts)."""
+        work = torch.float32 if x.shape[0] < DENSE_FROM else self.compute_dtype
+        x = x.to(work) * self.signs.to(work)
+        inner = self.hadamard_inner.to(work)
         c = inner.shape[0]
         outer = getattr(self, "hadamard_outer", None)
         if outer is None:
             return (x.reshape(-1, self.cols // c, c) @ inner).reshape(x.shape)
         a = outer.shape[0]
         y = x.reshape(-1, a, c) @ inner
-        return (outer @ y).reshape(x.shape)
+        return (outer.to(work) @ y).reshape(x.shape)
 
-    def _expand(self, packed: Tensor, meta: Tensor, copies: int, rows: int, dtype: torch.dtype) -> Tensor:
-        """`Σ_piece (q - 8) s + z` of one pack (`[rows, cols]` in `dtype`)."""
-        n, groups = packed.shape[0], self.cols // self.group
-        codes = unpack_codes(packed, n, copies * self.cols).view(n, copies, groups, self.group)
-        scale, zero = (meta[..., i].t().reshape(n, copies, groups, 1) for i in (0, 1))
-        work = dtype if copies == 1 else torch.float32  # digits and terms summed in float32
-        scale = scale.to(work)
-        w = torch.addcmul(zero.to(work) - 8 * scale, codes.to(work), scale)  # one pass: q s + (z - 8 s)
-        return (w[:, 0] if copies == 1 else w.sum(1)).reshape(n, self.cols)[:rows].to(dtype)
+    def _expand_t(self, packed: Tensor, meta: Tensor, copies: int, dtype: torch.dtype) -> Tensor:
+        """`Σ_piece (q - 8) s + z` of one pack, transposed: `[cols, padded rows]` in `dtype`.
 
-    def expand(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The whole weight (`[rows, cols]`, in the compute dtype unless told), from the packed codes."""
+        The blocked pack holds, per block of rows and per column, byte `d` with rows `d` (low
+        nibble) and `d + block/2` (high nibble): read along a column, both halves are contiguous, so
+        the transposed weight is written by one vectorized `addcmul` per half and piece, in float32
+        arithmetic and rounded once to `dtype` (several pieces sum in float32 first)."""
+        n, groups, block = packed.shape[0], self.cols // self.group, blocked_layout()
+        half = block // 2
+        pairs = packed.view(n // block, copies, groups, self.group, half)
+        scale, zero = meta[..., 0].float(), meta[..., 1].float()  # [copies * groups, n]
+        offset = (zero - 8 * scale).view(copies, groups, 1, n // block, 2, half).sum(0)
+        scale = scale.view(copies, groups, 1, n // block, 2, half)
+        out = torch.empty(groups, self.group, n // block, 2, half, dtype=dtype if copies == 1 else torch.float32)
+        for h, nibble in enumerate((pairs & 15, pairs >> 4)):
+            codes = nibble.permute(1, 2, 3, 0, 4)  # [copies, groups, group, blocks, half]
+            torch.addcmul(offset[:, :, :, h], codes[0], scale[0, :, :, :, h], out=out[:, :, :, h])
+            for p in range(1, copies):
+                out[:, :, :, h].addcmul_(codes[p], scale[p, :, :, :, h])
+        return out.view(self.cols, n).to(dtype)
+
+    def expand_t(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The whole weight as the kernel multiplies by it, transposed (`[cols, padded rows]`, in the
+        compute dtype unless told), from the packed codes: a rotated one is `W R / √b`."""
         dtype = dtype or self.compute_dtype
-        w = self._expand(self.weight_packed, self.scale_zeros, self.copies, self.rows, torch.float32)
-        if self.extra_copies:
-            k = self.extra_rows.numel()
-            extra = self._expand(self.extra_packed, self.extra_scale_zeros, self.extra_copies, k, torch.float32)
-            w = w.index_add(0, self.extra_rows, extra)
-        return w.to(dtype)
+        if not self.extra_copies:
+            return self._expand_t(self.weight_packed, self.scale_zeros, self.copies, dtype)
+        w = self._expand_t(self.weight_packed, self.scale_zeros, self.copies, torch.float32)
+        extra = self._expand_t(self.extra_packed, self.extra_scale_zeros, self.extra_copies, torch.float32)
+        return w.index_add_(1, self.extra_rows, extra[:, : self.extra_rows.numel()]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -244,7 +262,7 @@ class Int4Matmul(nn.Module):
             x2 = self._rotate(x2)
         xc = x2.to(self.compute_dtype).contiguous()
         if xc.shape[0] >= DENSE_FROM and blocked_layout():  # a prompt: one dense matmul beats the int4 loop
-            return F.linear(xc, self.expand()).to(x.dtype).reshape(*lead, self.rows)
+            return (xc @ self.expand_t())[:, : self.rows].to(x.dtype).reshape(*lead, self.rows)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(xc.repeat(1, self.copies) if self.copies > 1 else xc, self.weight_packed, self.group, self.scale_zeros)
         y = y[:, : self.rows]
@@ -260,8 +278,8 @@ class Int4Matmul(nn.Module):
             if not blocked_layout():  # the kernel itself, on the identity
                 eye = torch.eye(self.cols, dtype=torch.float32)
                 return self.forward(eye).float().t().contiguous()
-            w = self.expand(torch.float32)
-            return unrotate(w, self.signs) if self.rotated else w
+            w = self.expand_t(torch.float32)[:, : self.rows].t() / self.norm
+            return unrotate(w, self.signs) if self.rotated else w.contiguous()
 
     def nbytes(self) -> int:
         """Bytes the kernel holds (codes, scales, zeros, rows, signs, rotation)."""
@@ -272,11 +290,11 @@ class Int4Matmul(nn.Module):
 
 
 def _hadamard(b: int) -> Tensor:
-    """The orthonormal `b x b` Sylvester Hadamard matrix (`b` a power of two)."""
+    """The `b x b` Sylvester Hadamard matrix of ±1 (`b` a power of two; orthonormal once divided by `√b`)."""
     h = torch.ones(1, 1)
     while h.shape[0] < b:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h / math.sqrt(b)
+    return h
 
 
 class KernelLinear(nn.Module):
@@ -313,6 +331,22 @@ def use_kernels(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -
                 built[key] = Int4Matmul(child.packed, compute_dtype)
             bias = None if child.bias is None else child.bias.detach()
             setattr(parent, name, KernelLinear(child.in_features, child.out_features, built[key], bias))
+    return model
+
+
+def run_in_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Make a packed model compute in `dtype` end to end, in place: every floating-point parameter
+    (embeddings, norms, biases, an unplanned head) is cast, and packed embeddings return their rows
+    in `dtype`, so activations reach the kernels already in their dtype (no casts around each layer)
+    and an unplanned head moves half the bytes per token in bfloat16. Buffers keep their dtype: the
+    packed scales and zeros, the kernels' own, and the model's (rotary frequencies stay float32)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # in place: tied parameters stay one tensor
+    for m in model.modules():
+        if isinstance(m, QuantEmbedding):
+            m.out_dtype = dtype
     return model
 
 

@@ -60,8 +60,11 @@ def load_quantized(
         model: the architecture to fill (any weights); None rebuilds it from the file.
         kernels: run Linear layers on the int4 kernel where it takes them; False keeps every
             layer dequantizing in float32 (the exact weights the plan measured).
-        compute_dtype: the kernel's activation dtype: bfloat16 (fast on x86 CPUs with
-            AVX512-BF16 or AMX), or float32 (the kernel's slow exact path).
+        compute_dtype: the dtype the model computes in with `kernels`: the kernels' activations,
+            and every float weight that is not packed (embeddings, norms, an unplanned head), so
+            the model's outputs come in it too. bfloat16 (fast on x86 CPUs with AVX512-BF16 or
+            AMX; SmolLM2's perplexity within 0.2% of the float32 path, measured in
+            benchmarks/bench_runtime.py), or float32 (the kernel's slow exact path).
         cache: let dequantizing layers keep their weight after first use (faster, more memory).
 
     Raises:
@@ -80,9 +83,10 @@ def load_quantized(
     if leftover:
         raise QuantizedFileError(f"{p} holds packed tensors its plan does not use: {leftover[:3]}")
     if kernels:
-        from .kernels import kernel_report, use_kernels
+        from .kernels import kernel_report, run_in_dtype_, use_kernels
 
         use_kernels(model, compute_dtype)
+        run_in_dtype_(model, compute_dtype)
         where = kernel_report(model)
         slow = {n: w for n, w in where.items() if not w.startswith("int4")}
         _log.info("%s: %d of %d packed layers on the int4 kernel%s", p, len(where) - len(slow), len(where),

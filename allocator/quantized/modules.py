@@ -261,6 +261,7 @@ class QuantEmbedding(nn.Module):
             emb.padding_idx,
         )
         self.packed = packed
+        self.out_dtype = torch.float32  # the dtype of the rows it returns (the model's activations)
 
     @classmethod
     def from_module(cls, module: nn.Embedding, packed: PackedWeight) -> QuantEmbedding:
@@ -271,4 +272,4 @@ class QuantEmbedding(nn.Module):
         return self.packed.dequantize()
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.packed.rows_of(ids).reshape(*ids.shape, self.embedding_dim)
+        return self.packed.rows_of(ids).reshape(*ids.shape, self.embedding_dim).to(self.out_dtype)

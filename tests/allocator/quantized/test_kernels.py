@@ -12,12 +12,13 @@ from allocator.quantized.kernels import (
     KernelLinear,
     blocked_layout,
     kernel_report,
+    run_in_dtype_,
     unpack_codes,
     unsupported,
     use_kernels,
 )
 from allocator.quantized.load import load_quantized
-from allocator.quantized.modules import PackedWeight, QuantLinear
+from allocator.quantized.modules import PackedWeight, QuantEmbedding, QuantLinear
 from profilers.quant.rotation import rotation_signs
 from profilers.quant.rounding import layer_terms
 from profilers.types import Choice
@@ -127,6 +128,35 @@ def test_a_packed_llama_runs_on_kernels_and_generates_the_same_tokens(tmp_path):
         a, b = slow(prompt).logits, fast(prompt).logits
     assert reference.shape[1] == prompt.shape[1] + 32
     assert float((a - b).norm() / a.norm()) < 2e-2
+
+
+def test_a_model_on_bfloat16_kernels_computes_in_bfloat16_end_to_end(tmp_path):
+    data, path = llama_file(tmp_path)
+    fast = load_quantized(path, model=tiny_llama(layers=2, tied=False))
+    floats = {p.dtype for p in fast.parameters() if p.is_floating_point()}
+    assert floats == {torch.bfloat16}, floats  # embeddings, norms and the unplanned head
+    with torch.no_grad():
+        assert fast(data[0]["input_ids"]).logits.dtype == torch.bfloat16
+    exact = load_quantized(path, model=tiny_llama(layers=2, tied=False), compute_dtype=torch.float32)
+    assert {p.dtype for p in exact.parameters() if p.is_floating_point()} == {torch.float32}
+
+
+def test_casting_a_model_keeps_tied_weights_tied_and_buffers_and_packed_scales_as_they_are():
+    tied = run_in_dtype_(tiny_llama(layers=1, tied=True), torch.bfloat16)
+    assert tied.lm_head.weight.dtype == torch.bfloat16
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # one tensor, cast once
+    model = tiny_llama(layers=1, tied=False)
+    frequencies = model.model.rotary_emb.inv_freq.clone()
+    emb = model.model.embed_tokens
+    packed = packed_weight(emb.weight.detach(), "int4-g32")
+    model.model.embed_tokens = QuantEmbedding(emb, packed)
+    run_in_dtype_(model, torch.bfloat16)
+    assert torch.equal(model.model.rotary_emb.inv_freq, frequencies)  # buffers untouched (float32)
+    assert packed.scale_0.dtype == torch.float16  # the packed scales stay as stored
+    ids = torch.tensor([[1, 5, 7]])
+    rows = model.model.embed_tokens(ids)
+    assert rows.dtype == torch.bfloat16
+    assert torch.equal(rows, packed.rows_of(ids.reshape(-1)).reshape(1, 3, -1).to(torch.bfloat16))
 
 
 def test_layers_sharing_a_weight_share_the_kernel():
