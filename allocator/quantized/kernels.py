@@ -113,26 +113,31 @@ def _row_multiple() -> int:
 
 
 class _Pieces:
-    """4-bit codes with their kernel-group scales and zeros, gathered piece by piece."""
+    """4-bit codes with their scales and zeros (one per group of the choice), gathered piece by piece."""
 
-    def __init__(self, rows: int, group: int) -> None:
-        self.rows, self.group = rows, group
+    def __init__(self, rows: int, owner: Tensor) -> None:
+        self.rows, self.owner = rows, owner  # owner: each kernel group's group of the choice
         self.codes: list[Tensor] = []  # [rows, cols] int32 in 0..15
-        self.meta: list[Tensor] = []  # [cols / group, rows, 2] float32 (scale, zero)
+        self.meta: list[Tensor] = []  # [choice groups, rows, 2] float32 (scale, zero)
 
     def add(self, codes: Tensor, scale: Tensor, zero: Tensor) -> None:
         self.codes.append(codes.to(torch.int32))
         self.meta.append(torch.stack((scale.t(), zero.t()), dim=-1))
 
-    def pack(self, dtype: torch.dtype, factor: float = 1.0) -> tuple[Tensor, Tensor]:
-        """The int4 pack and its `[groups, rows, 2]` scales and zeros in `dtype`, both times `factor`."""
-        codes, meta = torch.cat(self.codes, dim=1), torch.cat(self.meta, dim=0) * factor
+    def pack(self, dtype: torch.dtype, factor: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """The int4 pack; its scales and zeros per kernel group in `dtype` (what the kernel reads,
+        `[pieces * kernel groups, rows, 2]`); and the same per group of the choice, for expanding the
+        weight, in float16 (`[pieces * choice groups, rows, 2]`, 8x finer than bfloat16; float32
+        when `dtype` is). Rows are padded to the pack's block; scales and zeros are times `factor`."""
+        codes, meta = torch.cat(self.codes, dim=1), torch.stack(self.meta) * factor
         pad = -self.rows % _row_multiple()
         if pad:  # zero rows (code 8, scale 0, zero 0), cut off after the matmul
             codes = torch.cat((codes, torch.full((pad, codes.shape[1]), 8, dtype=torch.int32)))
-            meta = torch.cat((meta, torch.zeros(meta.shape[0], pad, 2)), dim=1)
+            meta = torch.cat((meta, torch.zeros(*meta.shape[:2], pad, 2)), dim=2)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), _INNER_K_TILES)
-        return packed, meta.to(dtype).contiguous()
+        kernel = meta[:, self.owner].flatten(0, 1).to(dtype).contiguous()
+        fine = meta.flatten(0, 1).to(torch.float32 if dtype == torch.float32 else torch.float16)
+        return packed, kernel, fine.contiguous()
 
 
 def _add_term(pieces: _Pieces, codes: Tensor, bits: int, bias: int, scale: Tensor, zero: Tensor | None) -> int:
@@ -154,6 +159,48 @@ def _add_term(pieces: _Pieces, codes: Tensor, bits: int, bias: int, scale: Tenso
     return 2
 
 
+class InputRotation(nn.Module):
+    """`√b x R` for every layer whose weight is stored rotated with the same signs (`R = D H`: the
+    column signs, then block Hadamard, `profilers.quant.rotation`), as `[tokens, cols]` rows in the
+    compute dtype. The ±1 Hadamard matrices are exact in any dtype; the layers' scales carry the
+    `1/√b`. A block of `b = a c` columns is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`)
+    becomes `H_a X H_c`: two small matmuls instead of one over a `b x b` matrix (1 MB at 512, read
+    for every token). One token rotates in float32 (faster for a single row), a prompt in the
+    compute dtype (7x faster at 512 tokens than float32 and its casts).
+
+    Layers reading the same input (q/k/v, gate/up) share one rotation, which keeps its last input
+    and output: the second and third layers take the rotated rows without computing them again.
+    """
+
+    def __init__(self, signs: Tensor) -> None:
+        super().__init__()
+        self.cols = signs.numel()
+        block = rotation_block(self.cols)
+        inner = min(block, _INNER_ROTATION)
+        self.register_buffer("signs", signs.float().clone())
+        self.register_buffer("hadamard_inner", _hadamard(inner))
+        self.register_buffer("hadamard_outer", _hadamard(block // inner) if block > inner else None)
+        self._last: tuple[Tensor, int, torch.dtype, Tensor] | None = None
+
+    def forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == dtype:
+            return last[3]
+        rows = x.reshape(-1, self.cols)
+        work = torch.float32 if rows.shape[0] < DENSE_FROM else dtype
+        y = rows.to(work) * self.signs.to(work)
+        inner = self.hadamard_inner.to(work)
+        c = inner.shape[0]
+        if self.hadamard_outer is None:
+            y = y.reshape(-1, self.cols // c, c) @ inner
+        else:
+            a = self.hadamard_outer.shape[0]
+            y = self.hadamard_outer.to(work) @ (y.reshape(-1, a, c) @ inner)
+        y = y.reshape(rows.shape).to(dtype).contiguous()
+        self._last = (x, x._version, dtype, y)
+        return y
+
+
 class Int4Matmul(nn.Module):
     """`x Wᵀ` for a packed weight on the CPU int4 kernel (no bias); see the module docstring."""
 
@@ -168,75 +215,58 @@ class Int4Matmul(nn.Module):
         group = kernel_group(cols, packed.group)
         assert group is not None
         self.group = group
-        owner = torch.arange(cols // group) * group // packed.group  # each kernel group's group in the choice
+        self.register_buffer("owner", torch.arange(cols // group) * group // packed.group)  # kernel -> choice group
 
-        def per_kernel_group(meta: Tensor | None) -> Tensor | None:
-            return None if meta is None else meta.float()[:, owner]
+        def per_group(meta: Tensor | None) -> Tensor | None:
+            return None if meta is None else meta.float()
 
         bias, n = packed._bias(), rows * cols
-        pieces = _Pieces(rows, self.group)
+        pieces = _Pieces(rows, self.owner)
         self.copies = 0  # how many times the input is repeated along the columns
         for t in range(packed.n_terms):
             codes = unpack_bits(getattr(packed, f"codes_{t}"), choice.bits, n).reshape(rows, cols)
-            self.copies += _add_term(pieces, codes, choice.bits, bias, per_kernel_group(packed._scale(t)),
-                                     per_kernel_group(packed._zero(t)))  # fmt: skip
+            self.copies += _add_term(pieces, codes, choice.bits, bias, per_group(packed._scale(t)),
+                                     per_group(packed._zero(t)))  # fmt: skip
         self.rotated = choice.rotated
         # a rotated layer's input is rotated by unnormalized ±1 Hadamard matrices (exact in any
         # dtype) and its scales and zeros carry the 1/√b instead
         block = rotation_block(cols) if self.rotated else 1  # at least 32: the kernel takes whole 32-groups
         self.norm = 1 / math.sqrt(block)
-        weight, meta = pieces.pack(compute_dtype, self.norm)
+        weight, meta, fine = pieces.pack(compute_dtype, self.norm)
         self.register_buffer("weight_packed", weight)
         self.register_buffer("scale_zeros", meta)
+        self.register_buffer("fine_meta", fine)
         self.extra_copies = 0
         if packed.has_extra:
             k = packed.extra_rows.numel()
             codes = unpack_bits(packed.extra_codes, choice.bits, k * cols).reshape(k, cols)
-            extra = _Pieces(k, self.group)
+            extra = _Pieces(k, self.owner)
             zero = getattr(packed, "extra_zero", None)
-            self.extra_copies = _add_term(extra, codes, choice.bits, bias, per_kernel_group(packed.extra_scale),
-                                          per_kernel_group(zero))  # fmt: skip
-            weight, meta = extra.pack(compute_dtype, self.norm)
+            self.extra_copies = _add_term(extra, codes, choice.bits, bias, per_group(packed.extra_scale),
+                                          per_group(zero))  # fmt: skip
+            weight, meta, fine = extra.pack(compute_dtype, self.norm)
             self.register_buffer("extra_rows", packed.extra_rows.clone())
             self.register_buffer("extra_packed", weight)
             self.register_buffer("extra_scale_zeros", meta)
-        if self.rotated:
-            self.register_buffer("signs", packed.signs.clone())
-            inner = min(block, _INNER_ROTATION)
-            self.register_buffer("hadamard_inner", _hadamard(inner))
-            if block > inner:
-                self.register_buffer("hadamard_outer", _hadamard(block // inner))
+            self.register_buffer("extra_fine_meta", fine)
+        self.rotation = InputRotation(packed.signs) if self.rotated else None
 
-    def _rotate(self, x: Tensor) -> Tensor:
-        """`√b x R` (`R = D H`: the signs, then the block Hadamard, unnormalized). A block of
-        `b = a c` columns is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`) becomes
-        `H_a X H_c`: two small matmuls instead of one over a `b x b` matrix (1 MB at 512, read for
-        every token). One token rotates in float32 (faster for a single row); a prompt in the
-        compute dtype (7x faster at 512 tokens than float32 and its casts)."""
-        work = torch.float32 if x.shape[0] < DENSE_FROM else self.compute_dtype
-        x = x.to(work) * self.signs.to(work)
-        inner = self.hadamard_inner.to(work)
-        c = inner.shape[0]
-        outer = getattr(self, "hadamard_outer", None)
-        if outer is None:
-            return (x.reshape(-1, self.cols // c, c) @ inner).reshape(x.shape)
-        a = outer.shape[0]
-        y = x.reshape(-1, a, c) @ inner
-        return (outer.to(work) @ y).reshape(x.shape)
-
-    def _expand_t(self, packed: Tensor, meta: Tensor, copies: int, dtype: torch.dtype) -> Tensor:
+    def _expand_t(self, packed: Tensor, fine: Tensor, copies: int, dtype: torch.dtype) -> Tensor:
         """`Σ_piece (q - 8) s + z` of one pack, transposed: `[cols, padded rows]` in `dtype`.
 
         The blocked pack holds, per block of rows and per column, byte `d` with rows `d` (low
         nibble) and `d + block/2` (high nibble): read along a column, both halves are contiguous, so
         the transposed weight is written by one vectorized `addcmul` per half and piece, in float32
-        arithmetic and rounded once to `dtype` (several pieces sum in float32 first)."""
+        arithmetic from the float16 scales and zeros (bfloat16 ones, as the kernel reads them, put
+        SmolLM2's 4.25 bpw plan at 1.0023x the float32 path's perplexity, these at 1.0013x), and
+        rounded once to `dtype` (several pieces sum in float32 first)."""
         n, groups, block = packed.shape[0], self.cols // self.group, blocked_layout()
         half = block // 2
         pairs = packed.view(n // block, copies, groups, self.group, half)
-        scale, zero = meta[..., 0].float(), meta[..., 1].float()  # [copies * groups, n]
-        offset = (zero - 8 * scale).view(copies, groups, 1, n // block, 2, half).sum(0)
-        scale = scale.view(copies, groups, 1, n // block, 2, half)
+        meta = fine.float().view(copies, -1, n, 2)[:, self.owner]  # [copies, groups, n, 2]
+        scale, zero = meta[..., 0], meta[..., 1]
+        offset = (zero - 8 * scale).sum(0).view(groups, 1, n // block, 2, half)
+        scale = scale.reshape(copies, groups, 1, n // block, 2, half)
         out = torch.empty(groups, self.group, n // block, 2, half, dtype=dtype if copies == 1 else torch.float32)
         for h, nibble in enumerate((pairs & 15, pairs >> 4)):
             codes = nibble.permute(1, 2, 3, 0, 4)  # [copies, groups, group, blocks, half]
@@ -250,17 +280,17 @@ class Int4Matmul(nn.Module):
         compute dtype unless told), from the packed codes: a rotated one is `W R / √b`."""
         dtype = dtype or self.compute_dtype
         if not self.extra_copies:
-            return self._expand_t(self.weight_packed, self.scale_zeros, self.copies, dtype)
-        w = self._expand_t(self.weight_packed, self.scale_zeros, self.copies, torch.float32)
-        extra = self._expand_t(self.extra_packed, self.extra_scale_zeros, self.extra_copies, torch.float32)
+            return self._expand_t(self.weight_packed, self.fine_meta, self.copies, dtype)
+        w = self._expand_t(self.weight_packed, self.fine_meta, self.copies, torch.float32)
+        extra = self._expand_t(self.extra_packed, self.extra_fine_meta, self.extra_copies, torch.float32)
         return w.index_add_(1, self.extra_rows, extra[:, : self.extra_rows.numel()]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.cols)
-        if self.rotated:
-            x2 = self._rotate(x2)
-        xc = x2.to(self.compute_dtype).contiguous()
+        if self.rotation is not None:
+            xc = self.rotation(x, self.compute_dtype)
+        else:
+            xc = x.reshape(-1, self.cols).to(self.compute_dtype).contiguous()
         if xc.shape[0] >= DENSE_FROM and blocked_layout():  # a prompt: one dense matmul beats the int4 loop
             return (xc @ self.expand_t())[:, : self.rows].to(x.dtype).reshape(*lead, self.rows)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -279,7 +309,7 @@ class Int4Matmul(nn.Module):
                 eye = torch.eye(self.cols, dtype=torch.float32)
                 return self.forward(eye).float().t().contiguous()
             w = self.expand_t(torch.float32)[:, : self.rows].t() / self.norm
-            return unrotate(w, self.signs) if self.rotated else w.contiguous()
+            return unrotate(w, self.rotation.signs) if self.rotation is not None else w.contiguous()
 
     def nbytes(self) -> int:
         """Bytes the kernel holds (codes, scales, zeros, rows, signs, rotation)."""
@@ -320,15 +350,19 @@ class KernelLinear(nn.Module):
 
 def use_kernels(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Swap, in place, every packed Linear layer that the int4 kernel takes for its `KernelLinear`
-    (layers sharing a packed weight share the kernel); the packed codes go with the old module."""
+    (layers sharing a packed weight share the kernel, layers rotated alike share the rotation of
+    their input); the packed codes go with the old module."""
     built: dict[int, Int4Matmul] = {}
+    rotations: dict[bytes, InputRotation] = {}  # by their signs: layers of one width share one
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, QuantLinear) or unsupported(child.packed) is not None:
                 continue
             key = id(child.packed)
             if key not in built:
-                built[key] = Int4Matmul(child.packed, compute_dtype)
+                built[key] = matmul = Int4Matmul(child.packed, compute_dtype)
+                if matmul.rotation is not None:
+                    matmul.rotation = rotations.setdefault(matmul.rotation.signs.numpy().tobytes(), matmul.rotation)
             bias = None if child.bias is None else child.bias.detach()
             setattr(parent, name, KernelLinear(child.in_features, child.out_features, built[key], bias))
     return model
