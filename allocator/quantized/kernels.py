@@ -9,17 +9,19 @@ of 32, 64, 128 or 256 input columns, each group with a scale `s` and a zero `z`:
 - several terms (residual, tied, joint) are one call over the terms side by side along the
   input: `Σ_t x W_tᵀ = [x, x, ...] [W_1 | W_2 | ...]ᵀ`;
 - a fractional extra term is a second call over its rows, added with `index_add_`;
-- a rotated choice rotates the input first (`x R`, two small batched matmuls per Hadamard block), since
-  the terms hold `W R`: `x Wᵀ = (x R) (W R)ᵀ`;
+- a rotated choice rotates the input first (`x R`, `InputRotation`: ±1 Hadamard matrices, exact
+  in any dtype, with the `1/√b` in the layer's scales), since the terms hold `W R`:
+  `x Wᵀ = (x R) (W R)ᵀ`; layers reading one input with the same signs rotate it once;
 - a group that is not one of the kernel's sizes (per channel, 96, ...) repeats its scale over the
   largest kernel group dividing it and the row length.
-From `DENSE_FROM` rows of activations on (a prompt), a layer expands its weight from the packed
-codes into the compute dtype and makes one dense matmul (oneDNN, AMX where the CPU has it): at
-512 tokens that beats the int4 loop, which also grows with the number of pieces, while one-token
-steps stay on the kernel. The kernel is fast for bfloat16 activations (AVX512-BF16 / AMX on x86); float32 inputs take a
-slow scalar path, so `compute_dtype` defaults to bfloat16 and the layer casts in and out. Its
-scales and zeros are stored in that dtype too. The packed layout depends on the CPU, so it is
-made when the file is loaded, never stored.
+The kernel is fast for bfloat16 activations (AVX512-BF16 / AMX on x86); float32 inputs take a slow
+scalar path. So `compute_dtype` defaults to bfloat16, the scales and zeros the kernel reads are
+bfloat16, and a loaded model computes in bfloat16 end to end (`run_in_dtype_`: no casts around
+each layer). From `DENSE_FROM` rows of activations on (a prompt), a layer expands its weight from
+the packed codes and float16 scales (kept per group of the choice, finer than the kernel's) into
+one dense matmul (oneDNN, AMX where the CPU has it): at 512 tokens that beats the int4 loop,
+which also grows with the number of pieces, while one-token steps stay on the kernel. The packed
+layout depends on the CPU, so it is made when the file is loaded, never stored.
 
 What cannot take the kernel (row lengths not a multiple of 32, groups of 8 or 16, Conv and
 Embedding layers, llama.cpp block types) keeps the dequantizing module; `kernel_report` lists
