@@ -9,10 +9,11 @@ Prints, from one run on this machine:
 2. one layer's GPTQ error stack, default grid (28 stack rows), one thread, for the three
    decoder shapes (rows x cols);
 3. per budget, `allocator solve` + `allocator evaluate --peers minmax,hqq`: perplexity on the
-   held-out windows of FP, the plan, the best fitting uniform setting, the best plain min/max
-   round-to-nearest and the best HQQ setting (decoder Linear layers planned; embedding and LM
-   head kept; bits per weight with scales and zero points), and the plan's KL per window:
-   predicted, measured on the calibration windows, measured held out;
+   held-out windows of the news text, and after a slash on 16 windows of Wikipedia articles
+   (text of another domain, never calibrated on), of FP, the plan, the best fitting uniform
+   setting, the best plain min/max round-to-nearest and the best HQQ setting (decoder Linear
+   layers planned; embedding and LM head kept; bits per weight with scales and zero points),
+   and the plan's KL per window: predicted, measured on the calibration windows, measured held out and on Wikipedia;
 4. with `--uniform`: every layer at one setting (int3/int4 x g64/g128/channel), perplexity
    of each rounding: the default (gptq-act on Hadamard-rotated weights), GPTQ as published
    (activation order and sequential calibration, no rotation), the project's RTN, plain
@@ -38,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli_runs import allocator, best  # benchmarks/ (scripts run from their folder)
+from cli_runs import allocator, best, value  # benchmarks/ (scripts run from their folder)
 
 
 def forward_backward_seconds(calibration: int | None = None) -> tuple[float, int]:
@@ -172,9 +173,12 @@ def main() -> None:
         return
 
     after = args.refine or args.tune
-    header = (f"{'bpw':>5} | {'FP':>6} | {'plan':>7} |{' as rounded |' if after else ''}"
-              f" {'best uniform':>24} | {'best min/max RTN':>24}"
-              f" | {'best HQQ':>24} | {'KL pred/calib/held-out':>22} | evaluate")  # fmt: skip
+    print("perplexity on the held-out news windows / on 16 windows of Wikipedia articles (never calibrated on);"
+          " KL per window predicted / on the scored calibration windows / held out / Wikipedia")  # fmt: skip
+    rounded = f" {'as rounded':>13} |" if after else ""
+    header = (f"{'bpw':>5} | {'FP':>13} | {'plan':>13} |{rounded}"
+              f" {'best uniform':>30} | {'best min/max RTN':>32}"
+              f" | {'best HQQ':>32} | {'KL pred/calib/held-out/wiki':>28} | evaluate")  # fmt: skip
     lines = [header, "-" * len(header)]
     for bpw in args.budgets.split(","):
         plan = out / f"plan-{bpw}bpw.json"
@@ -187,14 +191,15 @@ def main() -> None:
         fp = next(r for r in rows if r["kind"] == "fp")
         planned = next(r for r in rows if r["kind"] == "plan")
         unrefined = next((r for r in rows if r["label"].startswith("plan without")), None)
-        bare = "" if unrefined is None else f" {unrefined['perplexity']:10.2f} |"
+        bare = "" if unrefined is None else f" {value(unrefined, 'perplexity'):>13} |"
         checked = unrefined or planned  # the prediction is the rounding's, without --refine and --tune
+        wiki = checked.get("elsewhere") or {}
         lines.append(
-            f"{float(bpw):>5.2f} | {fp['perplexity']:6.2f} | {planned['perplexity']:7.2f} |{bare}"
-            f" {best(rows, 'uniform', 'perplexity'):>24} | {best(rows, 'peer', 'perplexity', 'RTN'):>24}"
-            f" | {best(rows, 'peer', 'perplexity', 'HQQ'):>24}"
-            f" | {planned['predicted_loss']:6.1f} / {doc['plan_loss_on_calibration']:6.1f}"
-            f" / {checked['divergence']:6.1f}"
+            f"{float(bpw):>5.2f} | {value(fp, 'perplexity'):>13} | {value(planned, 'perplexity'):>13} |{bare}"
+            f" {best(rows, 'uniform', 'perplexity'):>30} | {best(rows, 'peer', 'perplexity', 'RTN'):>32}"
+            f" | {best(rows, 'peer', 'perplexity', 'HQQ'):>32}"
+            f" | {planned['predicted_loss']:5.1f} / {doc['plan_loss_on_calibration']:5.1f}"
+            f" / {checked['divergence']:5.1f} / {wiki.get('divergence', float('nan')):5.1f}"
             f" | {seconds:.0f}s"
         )
         print(lines[-1], flush=True)

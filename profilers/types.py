@@ -363,6 +363,10 @@ class DataSplit(BaseModel):
     max_length: int | None = Field(default=None, description="tokens per document (text)")
     batch_size: int = Field(ge=1)
     builtin: bool = Field(default=False, description="the model's own data (no --data given)")
+    corpus: str | None = Field(
+        default=None,
+        description="the built-in text read: news or mix (None: a --data path, or news in files made before the mix)",
+    )
 
 
 class Validation(BaseModel):

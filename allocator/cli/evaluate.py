@@ -42,6 +42,7 @@ def run_evaluation(
     from ..measure.metrics import wordsim_spearman
     from ..measure.peers import peer_variants
     from ..quantized.apply import layer_hessians
+    from ..sources.data import other_domain_batches
     from ..sources.text import wordsim353
 
     started = time.perf_counter()
@@ -51,6 +52,11 @@ def run_evaluation(
         pairs = wordsim353()
         words = lambda m: wordsim_spearman(m, loaded.tokenizer, loaded.task, pairs)  # noqa: E731
     check_metric_fits(setup, metric)
+    other, other_name = None, None
+    if loaded.kind == "causal-lm" and setup.data.unit == "windows":  # and text of another domain, side by side
+        assert setup.data.max_length is not None
+        other, other_name = other_domain_batches(loaded, window=setup.data.max_length,
+                                                 batch_size=setup.data.batch_size)  # fmt: skip
     uniform = default_uniform(plan, top=top_uniform)
     variants, skipped = peer_variants(peers, loaded.model, plan, setup.calib, loaded.task)
     bare = [label] if (label := unrefined_label(plan)) else []
@@ -62,12 +68,12 @@ def run_evaluation(
         cmp = compare(loaded.model, plan, setup.data.evals, loaded.task, uniform=uniform, words=words,
                       fp_bytes=fp16_bytes, progress=lambda label: update("measuring", labels.index(label), len(labels)),
                       hessians=hessians, calibration=setup.calib, peers=variants, skipped=skipped,
-                      metric=metric, block_progress=update)  # fmt: skip
+                      metric=metric, block_progress=update, other=other)  # fmt: skip
     if cmp.refined:
         report.refinement(cmp.refined, plan.refine_steps)
     if cmp.tuned is not None:
         report.tuning(cmp.tuned)
-    report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", fp16_bytes, plan)
+    report.comparison(cmp, f"{setup.data.n_eval} held-out {setup.data.unit}", fp16_bytes, plan, other=other_name)
     return cmp, time.perf_counter() - started
 
 
@@ -130,6 +136,7 @@ def _as_json(cmp: Any, setup: Setup, plan_path: Path) -> dict[str, Any]:
         "plan": str(plan_path),
         "metric": cmp.metric,
         "held_out": {"items": setup.data.n_eval, "unit": setup.data.unit, "source": setup.data.source},
+        "other_text": None if cmp.fp.elsewhere is None else "Wikipedia articles (gensim's enwiki test dump)",
         "rows": [asdict(m) for m in cmp.rows],
         "best_uniform": best_u.label if best_u else None,
         "best_peer": best_p.label if best_p else None,

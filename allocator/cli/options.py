@@ -112,7 +112,8 @@ Token = Annotated[
 _DATA_HELP = (
     "Text file (a document per line) or folder of .txt files, for text models (causal LMs read it as token"
     " windows); a tensor file (.pt/.npy/.npz/.safetensors: inputs, optionally labels); or an image folder"
-    " (a subfolder per class)."
+    " (a subfolder per class); or a built-in text: news (lee_background.cor) or mix (news, Python code, Python's"
+    " documentation and dialogue in ten languages, as token windows; causal LMs)."
 )
 # Options left out take the model's defaults (`sources.load_data`): causal LMs reading text get
 # token windows, the other models documents, images or samples.
@@ -135,7 +136,7 @@ class DataOptions:
 
     data: Annotated[
         str | None,
-        typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: lee_background.cor; lenet-mnist: its images]"),
+        typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: news; causal LMs: mix; lenet-mnist: its images]"),
     ] = None
     calibration: Annotated[int | None, typer.Option(min=1, help=_CALIBRATION_HELP, show_default=False)] = None
     max_length: Annotated[int | None, typer.Option(min=2, help=_MAX_LENGTH_HELP, show_default=False)] = None
@@ -173,6 +174,8 @@ class RecordedDataOptions:
         data = self.data
         if recorded is not None and data is None and not recorded.builtin:
             data = recorded.source
+        elif recorded is not None and data is None and recorded.unit == "windows":  # a causal LM's built-in text
+            data = recorded.corpus or "news"  # files made before the mix read the news
 
         def pick(given: Any, name: str, default: Any) -> Any:
             if given is not None:

@@ -44,6 +44,13 @@ def _versus(cmp: Comparison, a: Measured, b: Measured) -> str:
     return f"{name} {va:.4f} vs {vb:.4f} ({va - vb:+.4f})"
 
 
+def _elsewhere(cmp: Comparison, a: Measured, b: Measured) -> str:
+    """`; other text: metric a vs b (difference)` when both were measured on text of another domain."""
+    if a.elsewhere is None or b.elsewhere is None:
+        return ""
+    return f"; other text: {_versus(cmp, a.elsewhere, b.elsewhere)}"
+
+
 def _loss(value: float) -> str:
     """A loss with five decimals, or three significant digits when it is smaller than that shows."""
     return f"{value:.5f}" if value == 0 or value >= 1e-3 else f"{value:.3g}"
@@ -209,10 +216,17 @@ class Reporter:
                 f"{_loss(best.loss)} = {ratio:.2f}x the plan's"
             )
 
-    def comparison(self, cmp: Comparison, held_out: str, fp_size: int, plan: Plan | None = None) -> None:
-        table = Table(title=f"Measured on {held_out}", title_justify="left")
+    def comparison(
+        self, cmp: Comparison, held_out: str, fp_size: int, plan: Plan | None = None, other: str | None = None
+    ) -> None:
+        """The measured table (with `other`, every row measured on text of another domain too)."""
+        title = f"Measured on {held_out}" + (f"; other text: {other}" if other else "")
+        table = Table(title=title, title_justify="left")
         shown = [(name, title, fmt) for name, title, fmt in _METRIC_COLUMNS if cmp.fp.value(name) is not None]
-        cols = ["model", "size", "bpw", "predicted loss", "measured loss", *(t for _, t, _ in shown), "time"]
+        elsewhere = cmp.fp.elsewhere is not None
+        cols = ["model", "size", "bpw", "predicted loss", "measured loss", *(t for _, t, _ in shown)]
+        cols += [f"{t}, other text" for t in ("measured loss", *(t for _, t, _ in shown))] if elsewhere else []
+        cols.append("time")
         for col in cols:
             table.add_column(col, justify="left" if col == "model" else "right")
         for m in cmp.rows:
@@ -225,6 +239,11 @@ class Reporter:
                 f"{_loss(m.divergence)}",
             ]
             row += ["-" if m.value(name) is None else fmt(m.value(name)) for name, _, fmt in shown]
+            if elsewhere:
+                e = m.elsewhere
+                row += ["-"] * (1 + len(shown)) if e is None else [_loss(e.divergence)] + [
+                    "-" if e.value(name) is None else fmt(e.value(name)) for name, _, fmt in shown
+                ]
             made = f"{m.quantize_seconds:.1f}+" if m.quantize_seconds >= 0.05 else ""
             row.append(f"{made}{m.seconds:.1f}s")
             table.add_row(*row)
@@ -237,11 +256,15 @@ class Reporter:
             predicted = cmp.plan.predicted_loss
             checked = cmp.unrefined or cmp.plan  # the prediction is the rounding's, without --refine/--tune
             without = cmp.unrefined.label.removeprefix("plan") if cmp.unrefined else ""
+            other = checked.elsewhere
+            on_other = "" if other is None else f", other text {_loss(other.divergence)}"
+            on_other += "" if other is None else f" ({other.divergence / predicted:.2f}x)"
             self.line(
                 f"estimate check: the plan's predicted loss {_loss(predicted)}; measured"
                 f"{without} on the calibration data it was scored on"
                 f" {_loss(cmp.plan_on_calibration)} ({cmp.plan_on_calibration / predicted:.2f}x),"
                 f" held out {_loss(checked.divergence)} ({checked.divergence / predicted:.2f}x)"
+                f"{on_other}"
             )
         if plan is not None and plan.constraints.max_loss is not None:
             target = plan.best_uniform()
@@ -261,13 +284,14 @@ class Reporter:
             verdict = "beats" if delta > 0 else "does not beat"
             self.line(
                 f"plan {verdict} the best measured uniform setting that fits ({best_fit.label}): "
-                f"{_versus(cmp, cmp.plan, best_fit)}"
+                f"{_versus(cmp, cmp.plan, best_fit)}" + _elsewhere(cmp, cmp.plan, best_fit)
             )
         peer = cmp.best_peer()
         if peer is not None:
             verdict = "beats" if cmp.score(cmp.plan) > cmp.score(peer) else "does not beat"
             versus = _versus(cmp, cmp.plan, peer)
-            self.line(f"plan {verdict} the best peer ({peer.label}, {peer.bpw:.3f} bpw): {versus}")
+            self.line(f"plan {verdict} the best peer ({peer.label}, {peer.bpw:.3f} bpw): {versus}"
+                      + _elsewhere(cmp, cmp.plan, peer))  # fmt: skip
 
 
 def _scored(table: ProfileTable) -> str:

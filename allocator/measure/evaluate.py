@@ -95,6 +95,7 @@ def compare(
     skipped: Sequence[str] = (),
     metric: str | None = None,
     block_progress: Callable[[str, int, int], None] | None = None,
+    other: Sequence[Any] | None = None,
 ) -> Comparison:
     """Measure FP, the plan, uniform settings and peers on `batches`.
 
@@ -118,6 +119,8 @@ def compare(
             peers whose build says it cannot serve this plan, `PeerSkipped`).
         metric: a name of `METRICS` to rank by (default: `default_metric`).
         block_progress: `(stage, done, total)` callback for the plan's block reconstruction.
+        other: batches of text of another domain than the calibration data's; every row is also
+            measured there (`Measured.elsewhere`).
 
     A plan with block reconstruction or end-to-end tuning (`plan.refine_steps`, `plan.tune_steps`)
     is also measured without them (`Comparison.unrefined`), and that is the model its prediction
@@ -128,7 +131,7 @@ def compare(
     if fp_bytes is None:
         fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     note("FP")
-    bench = _Bench(model, batches, task, words)
+    bench = _Bench(model, batches, task, words, other)
     fp = bench.measure_fp(size=fp_bytes, bpw=None, predicted=0.0)
 
     def variant(label: str, make: Callable[[], nn.Module], **kw: Any) -> Measured:
@@ -193,18 +196,25 @@ def unrefined_label(plan: Plan) -> str | None:
 
 
 class _Bench:
-    """The held-out batches, the FP outputs on them, and measuring a variant against those."""
+    """The held-out batches (and those of another domain), the FP outputs on them, and measuring a
+    variant against those."""
 
     def __init__(
-        self, model: nn.Module, batches: Sequence[Any], task: Task, words: Callable[[nn.Module], float] | None
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        task: Task,
+        words: Callable[[nn.Module], float] | None,
+        other: Sequence[Any] | None = None,
     ) -> None:
-        self.model, self.batches, self.task, self.words = model, batches, task, words
+        self.model, self.batches, self.task, self.words, self.other = model, batches, task, words, other
         self.started = time.perf_counter()
         self.reference = model_outputs(model, batches, task)
+        self.other_reference = model_outputs(model, other, task) if other else None
 
     def measure_fp(self, **kw: Any) -> Measured:
         """The FP model's own row (its outputs are the reference)."""
-        return self._row("FP", self.model, self.reference, self.started, 0.0, kw)
+        return self._row("FP", self.model, self.reference, self.started, 0.0, kw, self.other_reference)
 
     def measure(self, label: str, model: nn.Module, made: float, **kw: Any) -> Measured:
         """`model`'s metrics on the batches; `made`: seconds it took to make the variant."""
@@ -212,11 +222,23 @@ class _Bench:
         return self._row(label, model, model_outputs(model, self.batches, self.task), started, made, kw)
 
     def _row(
-        self, label: str, model: nn.Module, outs: list[Tensor], started: float, made: float, kw: dict[str, Any]
+        self,
+        label: str,
+        model: nn.Module,
+        outs: list[Tensor],
+        started: float,
+        made: float,
+        kw: dict[str, Any],
+        other_outs: list[Tensor] | None = None,
     ) -> Measured:
         score = self.words(model) if self.words is not None else None
-        return measure_outputs(label, outs, self.batches, self.task, self.reference, wordsim=score, started=started,
-                               quantize_seconds=made, **kw)  # fmt: skip
+        row = measure_outputs(label, outs, self.batches, self.task, self.reference, wordsim=score, started=started,
+                              quantize_seconds=made, **kw)  # fmt: skip
+        if self.other:
+            outs = model_outputs(model, self.other, self.task) if other_outs is None else other_outs
+            row.elsewhere = measure_outputs(label, outs, self.other, self.task, self.other_reference, wordsim=None,
+                                            started=time.perf_counter(), **kw)  # fmt: skip
+        return row
 
 
 def default_uniform(plan: Plan, *, top: int = 3) -> list[UniformPoint]:

@@ -54,6 +54,7 @@ class Measured:
     seconds: float = 0.0  # measuring on the evaluation batches
     quantize_seconds: float = 0.0  # making the variant (applying the plan, running a peer)
     kind: str = "fp"  # fp, plan, uniform or peer
+    elsewhere: Measured | None = None  # the same model measured on text of another domain, when asked
 
     def value(self, metric: str) -> float | None:
         """The value of a metric name of `METRICS` (None when not measured for this model)."""

@@ -32,6 +32,9 @@ LLM_CALIBRATION = 32
 LLM_SCORED = 8
 LLM_EVALUATION = 16  # held-out windows at most (8k tokens: about a minute per variant on 2 cores)
 LLM_BATCH_SIZE = 2  # windows (or token-id rows) per batch
+# Built-in texts `--data` names: the news corpus alone (every text model's default but causal
+# LMs'), and the calibration mix of news, code, documentation and dialogue (`mix`: causal LMs').
+BUILTIN_TEXTS = ("news", "mix")
 
 _EXPORTS = {
     **dict.fromkeys(["LoadedModel", "load_model", "load_tokenizer", "skeleton"], ".models"),
@@ -45,10 +48,12 @@ _EXPORTS = {
             "text_batches",
             "token_windows",
             "window_batches",
+            "wikipedia_documents",
             "wordsim353",
         ],
         ".text",
     ),
+    **dict.fromkeys(["mix_documents", "mix_shares"], ".mix"),
     **dict.fromkeys(["check_gguf", "load_gguf"], ".gguf"),
     **dict.fromkeys(["image_folder", "import_model", "load_saved_module", "tensor_file"], ".user"),
     **dict.fromkeys(["lenet_mnist", "minilm_path", "mnist_5k", "smollm2_path"], ".zoo"),

@@ -16,6 +16,7 @@ from profilers.types import DataSplit
 
 from ..errors import ModelError
 from . import (
+    BUILTIN_TEXTS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CALIBRATION,
     DEFAULT_MAX_LENGTH,
@@ -30,7 +31,7 @@ from . import (
 from .models import LoadedModel
 from .text import load_documents, split_documents, split_windows, text_batches, token_windows, window_batches
 
-__all__ = ["Data", "default_calibration_windows", "default_window", "load_data"]
+__all__ = ["Data", "default_calibration_windows", "default_window", "load_data", "other_domain_batches"]
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Data:
     max_length: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     builtin: bool = True  # the model's own data, no --data given
+    corpus: str | None = None  # the built-in text read: news or mix
 
     def split(self) -> DataSplit:
         """What a profile and plan record of this split, to rebuild it later."""
@@ -60,6 +62,7 @@ class Data:
             max_length=self.max_length,
             batch_size=self.batch_size,
             builtin=self.builtin,
+            corpus=self.corpus,
         )
 
 
@@ -76,9 +79,11 @@ def load_data(
     """The calibration and held-out batches a model reads, split disjointly with `seed`.
 
     `data` is a text file or folder of `.txt` files (models with a tokenizer), a tensor file or an
-    image folder (`allocator.sources`); None means the model's own data: the news corpus for text
-    models, the 5,000 MNIST images for `lenet-mnist`. A model loaded without a known output kind
-    gets it here, from one forward pass on a calibration batch.
+    image folder (`allocator.sources`), or a built-in text: "news" (`lee_background.cor`) or "mix"
+    (news, code, documentation and dialogue, `mix`; causal LMs only). None means the model's own
+    data: the mix for causal LMs, the news for other text models, the 5,000 MNIST images for
+    `lenet-mnist`. A model loaded without a known output kind gets it here, from one forward pass
+    on a calibration batch.
 
     A causal LM (`kind` "causal-lm") reads text as token windows (`text.token_windows`): the
     documents joined into one stream, cut into windows of `max_length` tokens, `calibration`
@@ -92,10 +97,13 @@ def load_data(
     data; `MNIST_CALIBRATION` images for `lenet-mnist`'s own data; otherwise
     `DEFAULT_CALIBRATION`, `DEFAULT_MAX_LENGTH`, `DEFAULT_BATCH_SIZE`.
     """
-    path = Path(data) if data is not None else None
-    if path is not None and not path.exists():
-        raise ModelError(f"--data {data} does not exist")
     llm = loaded.kind == "causal-lm"
+    named = data in BUILTIN_TEXTS
+    path = Path(data) if data is not None and not named else None
+    if path is not None and not path.exists():
+        raise ModelError(f"--data {data} does not exist (or name a built-in text: {', '.join(BUILTIN_TEXTS)})")
+    if data is None and llm and loaded.tokenizer is not None:
+        data = "mix"
     if batch_size is None:
         batch_size = LLM_BATCH_SIZE if llm else DEFAULT_BATCH_SIZE
     if path is not None and _is_samples(path):
@@ -134,7 +142,7 @@ def load_data(
             max_length=max_length,
             batch_size=batch_size,
         )
-    found.builtin = data is None
+    found.builtin = data is None or named or found.corpus is not None
     _check_runs(loaded, found)
     return found
 
@@ -164,6 +172,9 @@ def _window_data(
     default for the text's length), and at most `evaluation` others held out."""
     if evaluation < 1:
         raise ModelError(f"evaluation {evaluation} holds out no window; hold out at least 1")
+    if data == "mix":
+        return _mix_data(loaded, window=window, calibration=calibration, evaluation=evaluation, seed=seed,
+                         batch_size=batch_size)  # fmt: skip
     docs, source = load_documents(data)
     windows = token_windows(loaded.tokenizer, docs, window=window)
     if len(windows) < 2:
@@ -179,14 +190,61 @@ def _window_data(
         evals=window_batches(windows, held_out, batch_size=batch_size),
         # The built-in corpus is named with its windows; a --data path stays the path (a plan
         # records it to read the same file again).
-        source=f"{source} ({window}-token windows)" if data is None else source,
+        source=f"{source} ({window}-token windows)" if data in (None, "news") else source,
         unit="windows",
         n_calib=len(calib),
         n_eval=len(held_out),
         seed=seed,
         max_length=window,
         batch_size=batch_size,
+        corpus="news" if data in (None, "news") else None,
     )
+
+
+def _mix_data(loaded: LoadedModel, *, window: int, calibration: int | None, evaluation: int, seed: int,
+              batch_size: int) -> Data:  # fmt: skip
+    """The calibration mix (`mix`): each part's windows drawn in its share, part after part (so that
+    evenly spaced scored windows spread over the parts); held out: news windows."""
+    from .mix import mix_documents, mix_shares
+
+    shares = mix_shares(LLM_CALIBRATION if calibration is None else calibration)
+    chosen, held_out = [], None
+    for k, (part, docs) in enumerate(mix_documents().items()):
+        windows = token_windows(loaded.tokenizer, docs, window=window)
+        if len(windows) <= shares[part]:
+            raise ModelError(f"the mix's {part} text holds {len(windows)} windows of {window} tokens, fewer than the"
+                             f" {shares[part]} it draws: use a smaller --calibration or --max-length")  # fmt: skip
+        calib, rest = split_windows(len(windows), shares[part], evaluation if part == "news" else 0, seed=seed + k)
+        chosen.append(windows[torch.tensor(calib, dtype=torch.long)])
+        if part == "news":
+            held_out = windows[torch.tensor(rest, dtype=torch.long)]
+    assert held_out is not None
+    calib_windows = torch.cat(chosen)
+    parts = ", ".join(f"{part} {n}" for part, n in shares.items())
+    return Data(
+        calib=window_batches(calib_windows, list(range(len(calib_windows))), batch_size=batch_size),
+        evals=window_batches(held_out, list(range(len(held_out))), batch_size=batch_size),
+        source=f"the calibration mix ({parts}; {window}-token windows; held out: news)",
+        unit="windows",
+        n_calib=len(calib_windows),
+        n_eval=len(held_out),
+        seed=seed,
+        max_length=window,
+        batch_size=batch_size,
+        corpus="mix",
+    )
+
+
+def other_domain_batches(
+    loaded: LoadedModel, *, window: int, batch_size: int, windows: int = LLM_EVALUATION
+) -> tuple[list, str]:
+    """Evaluation text of another domain than every built-in calibration text, for a causal LM:
+    the first `windows` windows of `window` tokens of gensim's Wikipedia articles
+    (`text.wikipedia_documents`), never calibrated or tuned on; and what they are, in words."""
+    from .text import wikipedia_documents
+
+    ids = token_windows(loaded.tokenizer, wikipedia_documents(), window=window)[:windows]
+    return window_batches(ids, list(range(len(ids))), batch_size=batch_size), f"{len(ids)} Wikipedia windows"
 
 
 def _check_runs(loaded: LoadedModel, found: Data) -> None:

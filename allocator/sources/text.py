@@ -44,11 +44,14 @@ def load_documents(data: str | None = None) -> tuple[list[str], str]:
     """Documents to calibrate and evaluate on, and a short description of where they came from.
 
     Args:
-        data: None for the built-in news corpus (`lee_background.cor`); a text file (one
-            document per non-empty line); or a folder (every `*.txt` file in it, by name).
+        data: None or "news" for the built-in news corpus (`lee_background.cor`); a text file
+            (one document per non-empty line); or a folder (every `*.txt` file in it, by name).
     """
-    if data is None:
+    if data is None or data == "news":
         return lee_documents(), "lee_background.cor"
+    if data == "mix":
+        raise ModelError("--data mix (news, code, docs and dialogue in token windows) is for causal LMs;"
+                         " give --data news or your own text")  # fmt: skip
     path = Path(data)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))

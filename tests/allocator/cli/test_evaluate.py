@@ -102,6 +102,12 @@ def test_causal_lm_folder_goes_through_profile_solve_apply_evaluate_with_perplex
     assert abs(planned["perplexity"] / fp["perplexity"] - 1) < 0.05
     assert all(r["perplexity"] is not None for r in doc["rows"])
     assert planned["agreement"] > 0.5 and planned["divergence"] >= 0
+    # every row measured on text of another domain too (Wikipedia), side by side
+    assert doc["other_text"].startswith("Wikipedia")
+    assert all(math.isfinite(r["elsewhere"]["perplexity"]) and r["elsewhere"]["label"] == r["label"]
+               for r in doc["rows"])  # fmt: skip
+    assert doc["rows"][0]["elsewhere"]["divergence"] == 0  # FP against itself
+    assert planned["elsewhere"]["divergence"] > 0
 
     # Block reconstruction and end-to-end tuning, recorded by solve, run by apply and evaluate (which also
     # measures the plan as rounded)
