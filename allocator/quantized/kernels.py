@@ -372,9 +372,10 @@ def use_kernels(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -
 
 def run_in_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Make a packed model compute in `dtype` end to end, in place: every floating-point parameter
-    (embeddings, norms, biases, an unplanned head) is cast, and packed embeddings return their rows
-    in `dtype`, so activations reach the kernels already in their dtype (no casts around each layer)
-    and an unplanned head moves half the bytes per token in bfloat16. Buffers keep their dtype: the
+    (embeddings, norms, biases, an unplanned head) is cast, packed embeddings return their rows in
+    `dtype`, and the model casts floating-point inputs (images) to it, so activations reach the
+    kernels already in their dtype (no casts around each layer) and an unplanned head moves half
+    the bytes per token in bfloat16. Buffers keep their dtype: the
     packed scales and zeros, the kernels' own, and the model's (rotary frequencies stay float32)."""
     with torch.no_grad():
         for p in model.parameters():
@@ -383,7 +384,17 @@ def run_in_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for m in model.modules():
         if isinstance(m, QuantEmbedding):
             m.out_dtype = dtype
+    model.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=dtype), with_kwargs=True)
     return model
+
+
+def _cast_inputs(module: nn.Module, args: tuple, kwargs: dict, *, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Floating-point inputs of a model run in `dtype` (images, embeddings) cast to it; ids stay."""
+
+    def cast(v: object) -> object:
+        return v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def kernel_report(model: nn.Module) -> dict[str, str]:

@@ -1,5 +1,7 @@
 """The int4 CPU kernel path of packed Linear layers against the dequantizing path."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -161,6 +163,24 @@ def test_casting_a_model_keeps_tied_weights_tied_and_buffers_and_packed_scales_a
     rows = model.model.embed_tokens(ids)
     assert rows.dtype == torch.bfloat16
     assert torch.equal(rows, packed.rows_of(ids.reshape(-1)).reshape(1, 3, -1).to(torch.bfloat16))
+
+
+def test_a_model_reading_float_inputs_runs_in_the_compute_dtype_whatever_layer_comes_first(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    data = [torch.randn(8, 24) for _ in range(2)]
+    plan = allocator.solve(model, data, budget="6bpw", method="rtn", fractions=0, exclude=["0"],
+                           choices=allocator.choice_grid((4, 8), (1,), (32,)))  # fmt: skip
+    path = export_quantized(model, plan, tmp_path / "mlp.safetensors")
+    fast = load_quantized(path, model=copy.deepcopy(model))  # the first layer unplanned: float weights, cast
+    assert isinstance(fast[0], nn.Linear) and fast[0].weight.dtype == torch.bfloat16
+    assert all(w.startswith("int4 kernel") for w in kernel_report(fast).values())
+    exact = load_quantized(path, model=copy.deepcopy(model), kernels=False)
+    x = torch.randn(5, 24)  # float32, as a user's data comes
+    with torch.no_grad():
+        y, want = fast(x), exact(x)
+    assert y.dtype == torch.bfloat16
+    assert float((y.float() - want).norm() / want.norm()) < 2e-2
 
 
 def test_layers_sharing_a_weight_share_the_kernel():

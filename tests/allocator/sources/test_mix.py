@@ -80,7 +80,7 @@ def test_the_news_alone_is_still_there_and_older_files_read_it(tiny_lm):
     older = DataSplit(source=news.source, unit="windows", calibration=32, evaluation=16, seed=0, max_length=128,
                       batch_size=2, builtin=True)  # a plan made before the mix: no corpus recorded
     assert RecordedDataOptions().resolve(older).data == "news"
-    with pytest.raises(ModelError, match="--data mix .* is for causal LMs"):
+    with pytest.raises(ModelError, match=r"--data mix .* is for causal LMs"):
         sources.load_documents("mix")
     with pytest.raises(ModelError, match="or name a built-in text: news, mix"):
         sources.load_data(tiny_lm, "no-such-file.txt")
