@@ -136,7 +136,7 @@ class DataOptions:
 
     data: Annotated[
         str | None,
-        typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: news; causal LMs: mix; lenet-mnist: its images]"),
+        typer.Option(metavar="PATH", help=f"{_DATA_HELP} [default: news; lenet-mnist: its images]"),
     ] = None
     calibration: Annotated[int | None, typer.Option(min=1, help=_CALIBRATION_HELP, show_default=False)] = None
     max_length: Annotated[int | None, typer.Option(min=2, help=_MAX_LENGTH_HELP, show_default=False)] = None

@@ -81,9 +81,8 @@ def load_data(
     `data` is a text file or folder of `.txt` files (models with a tokenizer), a tensor file or an
     image folder (`allocator.sources`), or a built-in text: "news" (`lee_background.cor`) or "mix"
     (news, code, documentation and dialogue, `mix`; causal LMs only). None means the model's own
-    data: the mix for causal LMs, the news for other text models, the 5,000 MNIST images for
-    `lenet-mnist`. A model loaded without a known output kind gets it here, from one forward pass
-    on a calibration batch.
+    data: the news for text models, the 5,000 MNIST images for `lenet-mnist`. A model loaded
+    without a known output kind gets it here, from one forward pass on a calibration batch.
 
     A causal LM (`kind` "causal-lm") reads text as token windows (`text.token_windows`): the
     documents joined into one stream, cut into windows of `max_length` tokens, `calibration`
@@ -102,8 +101,6 @@ def load_data(
     path = Path(data) if data is not None and not named else None
     if path is not None and not path.exists():
         raise ModelError(f"--data {data} does not exist (or name a built-in text: {', '.join(BUILTIN_TEXTS)})")
-    if data is None and llm and loaded.tokenizer is not None:
-        data = "mix"
     if batch_size is None:
         batch_size = LLM_BATCH_SIZE if llm else DEFAULT_BATCH_SIZE
     if path is not None and _is_samples(path):

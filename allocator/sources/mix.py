@@ -1,4 +1,4 @@
-"""The built-in calibration text of causal LMs: a mix of news, code, documentation and dialogue.
+"""A calibration text for causal LMs of several domains: news, code, documentation and dialogue.
 
 A causal LM calibrated on one small news corpus alone lost about twice as much, in log
 perplexity, on encyclopedia text as on held-out news (SmolLM2-135M at 3.0-4.25 bpw). The mix
@@ -15,6 +15,10 @@ tokenized into windows of its own (`text.token_windows`) and drawn in a fixed sh
 Held-out windows stay news windows, so that held-out figures compare with plans calibrated on the
 news alone. gensim's other test texts (the Wikipedia dump, ...) are evaluation text and never
 part of the mix.
+
+It is `--data mix`, not the default: on SmolLM2-135M its plans measured worse than plans
+calibrated on 32 news windows, on held-out news and on Wikipedia alike (perplexity / FP on
+Wikipedia 1.617 / 1.297 / 1.095 at 3.0 / 3.5 / 4.25 bpw, against 1.531 / 1.257 / 1.087).
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def test_smollm2_loads_with_windows_of_the_news_corpus_and_rebuilds():
 
     loaded = load_gguf(sources.smollm2_path(), name="smollm2")
     assert loaded.kind == "causal-lm" and loaded.keep == ("model.embed_tokens", "lm_head")
-    data = sources.load_data(loaded, "news")  # the default is the calibration mix (tests/allocator/sources/test_mix.py)
+    data = sources.load_data(loaded)
     assert data.source == f"lee_background.cor ({LLM_WINDOW}-token windows)" and data.builtin
     assert (data.unit, data.n_calib, data.n_eval, data.max_length) == ("windows", LLM_CALIBRATION, LLM_EVALUATION,
                                                                        LLM_WINDOW)  # fmt: skip

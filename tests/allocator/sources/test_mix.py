@@ -48,8 +48,8 @@ def _rows(batches: list[dict]) -> torch.Tensor:
     return torch.cat([b["input_ids"] for b in batches])
 
 
-def test_causal_lms_calibrate_on_the_mix_part_by_part_and_hold_out_news(tiny_lm):
-    data = sources.load_data(tiny_lm)
+def test_the_mix_calibrates_part_by_part_and_holds_out_news(tiny_lm):
+    data = sources.load_data(tiny_lm, "mix")
     window = min(sources.LLM_WINDOW, POSITIONS)
     assert (data.corpus, data.builtin, data.unit, data.max_length) == ("mix", True, "windows", window)
     assert (data.n_calib, data.n_eval, data.batch_size) == (LLM_CALIBRATION, LLM_EVALUATION, LLM_BATCH_SIZE)
@@ -74,9 +74,11 @@ def test_causal_lms_calibrate_on_the_mix_part_by_part_and_hold_out_news(tiny_lm)
     assert torch.equal(_rows(again.calib), calib) and torch.equal(_rows(again.evals), _rows(data.evals))
 
 
-def test_the_news_alone_is_still_there_and_older_files_read_it(tiny_lm):
-    news = sources.load_data(tiny_lm, "news")
+def test_causal_lms_calibrate_on_the_news_by_default_and_older_files_read_it(tiny_lm):
+    news = sources.load_data(tiny_lm)
     assert news.corpus == "news" and news.builtin and news.source.startswith("lee_background.cor")
+    named = sources.load_data(tiny_lm, "news")
+    assert named.corpus == "news" and named.builtin and torch.equal(_rows(named.calib), _rows(news.calib))
     older = DataSplit(source=news.source, unit="windows", calibration=32, evaluation=16, seed=0, max_length=128,
                       batch_size=2, builtin=True)  # a plan made before the mix: no corpus recorded
     assert RecordedDataOptions().resolve(older).data == "news"
@@ -90,5 +92,5 @@ def test_the_other_domain_is_wikipedia_windows_the_calibration_never_reads(tiny_
     batches, name = other_domain_batches(tiny_lm, window=64, batch_size=2)
     rows = _rows(batches)
     assert rows.shape == (LLM_EVALUATION, 64) and name == f"{LLM_EVALUATION} Wikipedia windows"
-    calib = _rows(sources.load_data(tiny_lm, max_length=64).calib)
+    calib = _rows(sources.load_data(tiny_lm, "mix", max_length=64).calib)
     assert not {tuple(r) for r in rows.tolist()} & {tuple(r) for r in calib.tolist()}
