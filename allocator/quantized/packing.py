@@ -48,13 +48,12 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def _words(packed: Tensor, bits: int, groups: Tensor) -> Tensor:
-    """The 64-bit words of the given 8-code groups."""
-    full = packed_size(int(groups.max()) * 8 + 8, bits) if groups.numel() else 0
-    padded = torch.zeros(max(full, packed.numel()), dtype=torch.int64)
-    padded[: packed.numel()] = packed.to(torch.int64)
+    """The 64-bit words of the given 8-code groups (bytes past the stream's end read as 0), reading
+    only their bytes: an embedding's lookup touches the rows it asks for, not the whole table."""
     index = groups.unsqueeze(1) * bits + torch.arange(bits, dtype=torch.int64)
-    parts = padded[index] << (torch.arange(bits, dtype=torch.int64) * 8)
-    return parts.sum(dim=1)
+    inside = index < packed.numel()
+    parts = packed[index.clamp(max=max(packed.numel() - 1, 0))].to(torch.int64) * inside
+    return (parts << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=1)
 
 
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
