@@ -9,6 +9,7 @@ predicted loss was estimated, to check that estimate.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -236,8 +237,9 @@ class _Bench:
                               quantize_seconds=made, **kw)  # fmt: skip
         if self.other:
             outs = model_outputs(model, self.other, self.task) if other_outs is None else other_outs
-            row.elsewhere = measure_outputs(label, outs, self.other, self.task, self.other_reference, wordsim=None,
-                                            started=time.perf_counter(), **kw)  # fmt: skip
+            elsewhere = measure_outputs(label, outs, self.other, self.task, self.other_reference, wordsim=None,
+                                        started=time.perf_counter(), **kw)  # fmt: skip
+            row = dataclasses.replace(row, elsewhere=elsewhere)
         return row
 
 
