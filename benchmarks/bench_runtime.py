@@ -33,6 +33,7 @@ Usage: .venv/bin/python benchmarks/bench_runtime.py [--out DIR] [--profile PROFI
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -58,6 +59,16 @@ def weight_bytes(model) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def best_seconds(fn, runs: int) -> float:
+    """Seconds of the least disturbed of `runs` calls: this machine's neighbours move medians by 20%."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def worker(kind: str, path: str | None) -> dict:
@@ -86,14 +97,8 @@ def worker(kind: str, path: str | None) -> dict:
     ids = torch.load(Path(__file__).resolve().parent.parent / "out" / "bench_runtime" / "tokens.pt")
     prompt, long_prompt = ids[:PROMPT].unsqueeze(0), ids[:LONG_PROMPT].unsqueeze(0)
 
-    def timed(fn) -> float:
-        times = []
-        for _ in range(RUNS if kind != "dequantized" else 1):  # the slow path: one run
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)  # the least disturbed run: this machine's neighbours move medians by 20%
-
+    runs = RUNS if kind != "dequantized" else 1  # the slow path: one run
+    timed = functools.partial(best_seconds, runs=runs)
     kw = {"do_sample": False, "use_cache": True}
     with torch.no_grad():
         model(prompt[:, :8])  # warm-up
@@ -137,14 +142,8 @@ def minilm_worker(kind: str, path: str | None) -> dict:
     loaded = load_model("minilm")  # the task and tokenizer (after the memory reading)
     _, eval_docs = split_documents(lee_documents(), 64, seed=0)  # the demo's held-out documents
     batches = text_batches(loaded.tokenizer, eval_docs)
-    times, batch_times = [], []
     with torch.no_grad():
-        for b in batches:
-            for _ in range(RUNS):
-                t0 = time.perf_counter()
-                loaded.task.forward(model, b)
-                times.append(time.perf_counter() - t0)
-            batch_times.append(min(times[-RUNS:]))
+        batch_times = [best_seconds(lambda b=b: loaded.task.forward(model, b), RUNS) for b in batches]
     outs = [o.float() for o in model_outputs(model, batches, loaded.task)]
     torch.save(outs, Path(__file__).resolve().parent.parent / "out" / "bench_runtime" / f"{kind}.outputs.pt")
     row = {"kind": kind, "path": path, "batch_s": statistics.median(batch_times), "rss": loaded_rss,

@@ -51,6 +51,11 @@ def _elsewhere(cmp: Comparison, a: Measured, b: Measured) -> str:
     return f"; other text: {_versus(cmp, a.elsewhere, b.elsewhere)}"
 
 
+def _against(value: float, predicted: float) -> str:
+    """A measured loss and its ratio to the predicted one: `0.00395 (1.00x)`."""
+    return f"{_loss(value)} ({value / predicted:.2f}x)"
+
+
 def _loss(value: float) -> str:
     """A loss with five decimals, or three significant digits when it is smaller than that shows."""
     return f"{value:.5f}" if value == 0 or value >= 1e-3 else f"{value:.3g}"
@@ -257,14 +262,11 @@ class Reporter:
             checked = cmp.unrefined or cmp.plan  # the prediction is the rounding's, without --refine/--tune
             without = cmp.unrefined.label.removeprefix("plan") if cmp.unrefined else ""
             other = checked.elsewhere
-            on_other = "" if other is None else f", other text {_loss(other.divergence)}"
-            on_other += "" if other is None else f" ({other.divergence / predicted:.2f}x)"
             self.line(
                 f"estimate check: the plan's predicted loss {_loss(predicted)}; measured"
-                f"{without} on the calibration data it was scored on"
-                f" {_loss(cmp.plan_on_calibration)} ({cmp.plan_on_calibration / predicted:.2f}x),"
-                f" held out {_loss(checked.divergence)} ({checked.divergence / predicted:.2f}x)"
-                f"{on_other}"
+                f"{without} on the calibration data it was scored on {_against(cmp.plan_on_calibration, predicted)},"
+                f" held out {_against(checked.divergence, predicted)}"
+                + ("" if other is None else f", other text {_against(other.divergence, predicted)}")
             )
         if plan is not None and plan.constraints.max_loss is not None:
             target = plan.best_uniform()

@@ -168,9 +168,10 @@ class InputRotation(nn.Module):
     """`√b x R` for every layer whose weight is stored rotated with the same signs (`R = D H`: the
     column signs, then block Hadamard, `profilers.quant.rotation`), as `[tokens, cols]` rows in the
     compute dtype. The ±1 Hadamard matrices are exact in any dtype; the layers' scales carry the
-    `1/√b`. A block of `b = a c` columns is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`)
-    becomes `H_a X H_c`: two small matmuls instead of one over a `b x b` matrix (1 MB at 512, read
-    for every token). One token rotates in float32 (faster for a single row), a prompt in the
+    `1/√b`. A block of up to `_ONE_ROTATION` columns is one matmul; a larger one, of `b = a c`
+    columns, is `H_b = H_a ⊗ H_c` (Sylvester), so a row `X` (`a x c`) becomes `H_a X H_c`: two
+    small matmuls instead of one over a `b x b` matrix (1 MB at 512, read for every token). One
+    token rotates in float32 (faster for a single row), a prompt in the
     compute dtype (7x faster at 512 tokens than float32 and its casts).
 
     Layers reading the same input (q/k/v, gate/up) share one rotation, which keeps its last input
@@ -232,10 +233,9 @@ class Int4Matmul(nn.Module):
             codes = unpack_bits(getattr(packed, f"codes_{t}"), choice.bits, n).reshape(rows, cols)
             self.copies += _add_term(pieces, codes, choice.bits, bias, per_group(packed._scale(t)),
                                      per_group(packed._zero(t)))  # fmt: skip
-        self.rotated = choice.rotated
         # a rotated layer's input is rotated by unnormalized ±1 Hadamard matrices (exact in any
         # dtype) and its scales and zeros carry the 1/√b instead
-        block = rotation_block(cols) if self.rotated else 1  # at least 32: the kernel takes whole 32-groups
+        block = rotation_block(cols) if choice.rotated else 1  # at least 32: the kernel takes whole 32-groups
         self.norm = 1 / math.sqrt(block)
         weight, meta, fine = pieces.pack(compute_dtype, self.norm)
         self.register_buffer("weight_packed", weight)
@@ -254,7 +254,7 @@ class Int4Matmul(nn.Module):
             self.register_buffer("extra_packed", weight)
             self.register_buffer("extra_scale_zeros", meta)
             self.register_buffer("extra_fine_meta", fine)
-        self.rotation = InputRotation(packed.signs) if self.rotated else None
+        self.rotation = InputRotation(packed.signs) if choice.rotated else None
 
     def _expand_t(self, packed: Tensor, fine: Tensor, copies: int, dtype: torch.dtype) -> Tensor:
         """`Σ_piece (q - 8) s + z` of one pack, transposed: `[cols, padded rows]` in `dtype`.
@@ -378,8 +378,8 @@ def run_in_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     (embeddings, norms, biases, an unplanned head) is cast, packed embeddings return their rows in
     `dtype`, and the model casts floating-point inputs (images) to it, so activations reach the
     kernels already in their dtype (no casts around each layer) and an unplanned head moves half
-    the bytes per token in bfloat16. Buffers keep their dtype: the
-    packed scales and zeros, the kernels' own, and the model's (rotary frequencies stay float32)."""
+    the bytes per token in bfloat16. Buffers keep their dtype: the packed scales and zeros, the
+    kernels' own, and the model's (rotary frequencies stay float32)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != dtype:

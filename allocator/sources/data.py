@@ -139,7 +139,7 @@ def load_data(
             max_length=max_length,
             batch_size=batch_size,
         )
-    found.builtin = data is None or named or found.corpus is not None
+    found.builtin = data is None or named
     _check_runs(loaded, found)
     return found
 
@@ -173,6 +173,7 @@ def _window_data(
         return _mix_data(loaded, window=window, calibration=calibration, evaluation=evaluation, seed=seed,
                          batch_size=batch_size)  # fmt: skip
     docs, source = load_documents(data)
+    news = data in (None, "news")
     windows = token_windows(loaded.tokenizer, docs, window=window)
     if len(windows) < 2:
         raise ModelError(
@@ -187,14 +188,14 @@ def _window_data(
         evals=window_batches(windows, held_out, batch_size=batch_size),
         # The built-in corpus is named with its windows; a --data path stays the path (a plan
         # records it to read the same file again).
-        source=f"{source} ({window}-token windows)" if data in (None, "news") else source,
+        source=f"{source} ({window}-token windows)" if news else source,
         unit="windows",
         n_calib=len(calib),
         n_eval=len(held_out),
         seed=seed,
         max_length=window,
         batch_size=batch_size,
-        corpus="news" if data in (None, "news") else None,
+        corpus="news" if news else None,
     )
 
 
