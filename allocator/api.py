@@ -31,7 +31,7 @@ from .errors import AllocatorError
 from .planning.budget import Budget, parse_size
 from .planning.build import plan_from_profile
 from .planning.plan import Plan
-from .planning.ties import profiled_ties
+from .planning.ties import check_tie_specs, profiled_ties
 from .progress import terminal_progress
 from .quantized.export import header_allowance
 
@@ -180,6 +180,7 @@ def solve(
     for name, steps in (("refine_steps", refine_steps), ("tune_steps", tune_steps)):
         if steps < 0:
             raise AllocatorError(f"{name} must be 0 (none) or more, got {steps}")
+    check_tie_specs(ties)
     budgets = [budget] if isinstance(budget, (str, Budget)) else list(budget)
     tie_names: list[list[str]] = []
     if isinstance(model_or_profile, ProfileTable):

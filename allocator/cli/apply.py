@@ -11,7 +11,7 @@ from profilers.quant.options import needs_hessian
 
 from ..errors import AllocatorError
 from .app import app, report
-from .options import PlanArg, PlanModelArg, Progress, RecordedDataOptions, with_options
+from .options import PlanArg, PlanModel, PlanModelArg, Progress, RecordedDataOptions, with_options
 from .setup import check_outputs, check_weights, load_setup, model_and_plan
 
 __all__ = ["apply"]
@@ -23,6 +23,7 @@ def apply(
     model: PlanModelArg = None,
     plan_file: PlanArg = None,
     *,
+    model_option: PlanModel = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", metavar="OUT.safetensors|OUT.gguf",
@@ -47,7 +48,7 @@ def apply(
     from ..sources.gguf import load_gguf
     from ..sources.models import load_model
 
-    model, plan_file = model_and_plan(model, plan_file)
+    model, plan_file = model_and_plan(model, plan_file, model_option)
     plan = Plan.load(plan_file)
     output = _output(output, plan.target_format)
     check_outputs({"--output": output}, [plan_file, model, data.data])

@@ -12,7 +12,7 @@ import typer
 from profilers.quant.options import needs_hessian
 
 from .app import app, report
-from .options import Metric, PlanArg, PlanModelArg, Progress, RecordedDataOptions, with_options
+from .options import Metric, PlanArg, PlanModel, PlanModelArg, Progress, RecordedDataOptions, with_options
 from .setup import Setup, check_outputs, check_weights, load_setup, model_and_plan
 
 __all__ = ["check_metric_fits", "evaluate", "run_evaluation"]
@@ -83,6 +83,7 @@ def evaluate(
     model: PlanModelArg = None,
     plan_file: PlanArg = None,
     *,
+    model_option: PlanModel = None,
     data: RecordedDataOptions,
     metric: Metric = None,
     peers: Annotated[
@@ -101,7 +102,7 @@ def evaluate(
 
     from ..planning.plan import Plan
 
-    model, plan_path = model_and_plan(model, plan_file)
+    model, plan_path = model_and_plan(model, plan_file, model_option)
     check_outputs({"--plot": plot}, [plan_path, model, data.data])
     plan = Plan.load(plan_path)
     peer_names = tuple(p.strip().lower() for p in peers.split(",") if p.strip() and p.strip().lower() != "none")

@@ -83,6 +83,11 @@ PlanModelArg = Annotated[
     str | None,
     typer.Argument(metavar="MODEL", help="The model the plan is for. [default: the plan's]", show_default=False),
 ]
+PlanModel = Annotated[
+    str | None,
+    typer.Option("--model", "-m", metavar="NAME|PATH", show_default=False,
+                 help="The model the plan is for, as MODEL names it. [default: the plan's]"),
+]
 PlanArg = Annotated[
     Path | None,
     typer.Argument(metavar="PLAN.json", help="The plan (allocator solve -o). [default: plan.json]", show_default=False),

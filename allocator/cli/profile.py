@@ -10,8 +10,8 @@ from profilers.quant.options import DEFAULT_METHOD, DEFAULT_ROTATION, LLM_METHOD
 from profilers.types import ProfileTable
 
 from .app import app, report
-from .options import DataOptions, GridOptions, ModelArg, Progress, with_options
-from .setup import Setup, check_outputs, load_setup
+from .options import DataOptions, GridOptions, Model, ModelArg, Progress, with_options
+from .setup import Setup, check_outputs, load_setup, one_model
 
 __all__ = ["profile", "run_profile"]
 
@@ -66,6 +66,7 @@ def run_profile(
 def profile(
     model: ModelArg = None,
     *,
+    model_option: Model = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", metavar="PROFILE.json", help="Write the profile (JSON) here.")
     ] = Path("profile.json"),
@@ -82,6 +83,7 @@ def profile(
     progress: Progress = True,
 ) -> None:
     """Estimate cost and sensitivity of every (layer, option) once; solve any budget from the file."""
+    model = one_model(model, model_option)
     check_outputs({"--output": output}, [model, data.data])
     choices = grid.choices()
     setup = load_setup(model, data)

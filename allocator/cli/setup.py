@@ -63,8 +63,21 @@ def check_profile(table: Any, loaded: Any, profile_file: Path) -> None:
         raise AllocatorError(f"{profile_file} does not fit {loaded.name}: {e}") from None
 
 
-def model_and_plan(model: str | None, plan_file: Path | None) -> tuple[str | None, Path]:
-    """`allocator CMD PLAN.json` (no model) reads the model from the plan."""
+def one_model(positional: str | None, option: str | None) -> str | None:
+    """The model named positionally (`allocator profile MODEL`) or with `--model` (either, as on
+    every command); both only when they agree."""
+    if positional is not None and option is not None and positional != option:
+        raise AllocatorError(f"two models named: {positional!r} and --model {option!r}; name one")
+    return option if option is not None else positional
+
+
+def model_and_plan(model: str | None, plan_file: Path | None, option: str | None = None) -> tuple[str | None, Path]:
+    """`allocator CMD PLAN.json` (no model) reads the model from the plan; `--model` (`option`)
+    names it as the positional MODEL does, the one positional then being the plan."""
+    if option is not None:
+        if plan_file is None:
+            return option, Path(model) if model is not None else Path("plan.json")
+        return one_model(model, option), plan_file
     if plan_file is None:
         if model is not None and model.endswith(".json"):
             return None, Path(model)

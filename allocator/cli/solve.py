@@ -132,6 +132,10 @@ def solve(
     constraints = Constraints(pins=_pairs(pin, "--pin"), forbid=_pairs(forbid, "--forbid"),
                               keep=tuple(grid.keep or ()) if profile_file is not None else (),
                               device_bits=grid.device_bits, max_loss=max_loss)  # fmt: skip
+    if tie:
+        from ..planning.ties import check_tie_specs
+
+        check_tie_specs(tie)
     if metric is not None and not evaluate:
         raise AllocatorError("--metric ranks the --evaluate table; add --evaluate or drop --metric")
     if grid.format == "gguf" and (refine or tune):

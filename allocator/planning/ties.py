@@ -26,12 +26,18 @@ from profilers.tasks import Task, call_model
 
 from ..errors import AllocatorError
 
-__all__ = ["TIE_PRESETS", "build_graph", "tie_groups"]
+__all__ = ["TIE_PRESETS", "build_graph", "check_tie_specs", "tie_groups"]
 
 # Preset name -> regex of a layer name; layers with the same group(1) (their parent) are tied.
 TIE_PRESETS: dict[str, str] = {
     "qkv": r"^(?:(.*)\.)?(?:query|key|value|q_proj|k_proj|v_proj|q|k|v)$",
     "gate_up": r"^(?:(.*)\.)?(?:gate_proj|up_proj|w1|w3)$",
+}
+# Layers that hold a preset's group as one weight (phi3's qkv_proj and gate_up_proj, GPT-2's c_attn,
+# Falcon's query_key_value): one layer, one choice, so the preset holds there as it is.
+FUSED_PRESETS: dict[str, str] = {
+    "qkv": r"^(?:.*\.)?(?:qkv_proj|query_key_value|c_attn|Wqkv|W_pack)$",
+    "gate_up": r"^(?:.*\.)?(?:gate_up_proj|w13)$",
 }
 
 
@@ -103,14 +109,14 @@ def _resolve_tie(graph: nx.DiGraph, spec: str | Sequence[str]) -> list[list[str]
             if m := pattern.match(n):
                 by_parent.setdefault(m.group(1) or "", []).append(weight[n])
         groups = [list(dict.fromkeys(g)) for g in by_parent.values() if len(set(g)) > 1]
-        if not groups:
-            raise AllocatorError(f"tie preset {spec!r} matches no group of layers in this model")
+        if not groups and not any(re.match(FUSED_PRESETS[spec], n) for n in modules):
+            raise AllocatorError(
+                f"tie preset {spec!r} matches no group of layers in this model (nor a fused layer such as"
+                f" qkv_proj); name the layers with patterns joined by '|' instead"
+            )
         return groups
+    check_tie_specs([spec])
     patterns = spec.split("|") if isinstance(spec, str) else list(spec)
-    if isinstance(spec, str) and len(patterns) == 1 and not any(c in spec for c in "*?["):
-        raise AllocatorError(
-            f"unknown tie preset {spec!r}; use one of {', '.join(TIE_PRESETS)} or patterns joined by '|'"
-        )
     group: list[str] = []
     for p in patterns:
         hits = [weight[n] for n in modules if fnmatch.fnmatchcase(n, p)]
@@ -118,6 +124,19 @@ def _resolve_tie(graph: nx.DiGraph, spec: str | Sequence[str]) -> list[list[str]
             raise AllocatorError(f"tie pattern {p!r} matches no quantizable layer")
         group.extend(hits)
     return [list(dict.fromkeys(group))]
+
+
+def check_tie_specs(ties: Sequence[str | Sequence[str]]) -> None:
+    """Refuse a tie that is neither a preset nor a pattern (checked before any model is loaded).
+
+    Raises:
+        AllocatorError: a single name without wildcards that no preset has.
+    """
+    for spec in ties:
+        if isinstance(spec, str) and spec not in TIE_PRESETS and "|" not in spec and not any(c in spec for c in "*?["):
+            raise AllocatorError(
+                f"unknown tie preset {spec!r}; use one of {', '.join(TIE_PRESETS)} or patterns joined by '|'"
+            )
 
 
 def profiled_ties(

@@ -96,11 +96,13 @@ def ws(tmp_path_factory, cli):
     (root / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x10\x00")  # the header stops inside the tensor count
     (root / "a_folder").mkdir()
     common = ["--data", "data.pt", "--calibration", "8", "--batch-size", "4", "--no-progress"]
-    res = cli("profile", "tinynet:make", "-o", "profile.json", "--bits", "2,4,8", "--fractions", "0", *common, cwd=root)
+    # the model named with --model here, positionally below: every command takes both
+    res = cli("profile", "--model", "tinynet:make", "-o", "profile.json", "--bits", "2,4,8", "--fractions", "0", *common,
+              cwd=root)  # fmt: skip
     assert res.returncode == 0, res.stderr
     res = cli("solve", "-p", "profile.json", "-b", "5bpw", "-o", "plan.json", "--no-progress", cwd=root)
     assert res.returncode == 0, res.stderr
-    res = cli("apply", "tinynet:make", "plan.json", "-o", "packed.safetensors", cwd=root)
+    res = cli("apply", "-m", "tinynet:make", "plan.json", "-o", "packed.safetensors", cwd=root)
     assert res.returncode == 0, res.stderr
     table = json.loads((root / "profile.json").read_text())
     table["layers"][0]["spec"]["name"] = "renamed"
@@ -217,6 +219,10 @@ CLI_CASES = [
     ("profile-other-shapes", ["solve", "-p", "profile.json", "-b", "5bpw", "--model", "tinynet:wider",
                               "--data", "data.pt", "--calibration", "8", "--batch-size", "4"], 2,
      "made for different weights"),
+    ("tie-preset-unknown", ["solve", "-p", "profile.json", "-b", "5bpw", "--tie", "bogus"], 2,
+     "unknown tie preset 'bogus'"),
+    ("two-models", ["profile", "tinynet:make", "--model", "tinynet:wider"], 2,
+     "two models named: 'tinynet:make' and --model 'tinynet:wider'"),
     ("plan-missing", ["apply", "tinynet:make", "nothing.json"], 2, "does not exist"),
     ("plan-truncated", ["apply", "tinynet:make", "truncated.json"], 2, "is not valid JSON"),
     ("plan-for-other-model", ["apply", "tinynet:wider", "plan.json", "-o", "other.safetensors"], 2,
