@@ -30,6 +30,7 @@ OutputKind = Literal["embedding", "logits"]
 # Classifiers with at most this many classes get the exact Fisher: one backward pass per class.
 EXACT_CLASSES = 16
 _ROWS = 64  # output positions per chunk of a pseudo-gradient sketch
+_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of a divergence (32 MB in float32)
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -199,9 +200,16 @@ class LogitsTask(Task):
         return v.to(out.dtype)
 
     def divergence(self, ref: Tensor, out: Tensor, batch: Any) -> Tensor:
-        logp_ref = ref.float().log_softmax(dim=-1)
-        logp = out.float().log_softmax(dim=-1)
-        kl = (logp_ref.exp() * (logp_ref - logp)).sum(dim=-1)
+        """KL(p_ref ‖ p_out) per sample, over a few positions at a time: a 262k-token vocabulary's
+        float32 log-softmax of a 512-token window is 0.5 GB, and three such copies were made."""
+        flat_ref, flat = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
+        rows = max(1, _CHUNK_ELEMENTS // ref.shape[-1])
+        parts = []
+        for start in range(0, flat_ref.shape[0], rows):
+            logp_ref = flat_ref[start : start + rows].float().log_softmax(dim=-1)
+            logp = flat[start : start + rows].float().log_softmax(dim=-1)
+            parts.append((logp_ref.exp() * (logp_ref - logp)).sum(dim=-1))
+        kl = torch.cat(parts).reshape(ref.shape[:-1])
         mask = self._position_mask(ref, batch)
         if mask is not None:
             kl = kl * mask

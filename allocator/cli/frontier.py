@@ -66,7 +66,7 @@ def frontier(
 def _measure(result: list[Any], table: ProfileTable, profile_file: Path, model: str | None, data: DataOptions,
              progress: bool) -> None:  # fmt: skip
     """Fill every point's measured loss: the plan applied, its divergence on held-out data."""
-    from ..measure.metrics import model_outputs
+    from ..measure.metrics import each_output, model_outputs
     from ..quantized.apply import apply_plan_, plan_hessians
 
     setup = load_setup(model or table.model_name, data)
@@ -80,6 +80,6 @@ def _measure(result: list[Any], table: ProfileTable, profile_file: Path, model: 
             update("measuring", k, len(result))
             quantized = apply_plan_(copy.deepcopy(loaded.model), point.plan, hessians=hessians, calibration=setup.calib,
                                     task=loaded.task)  # fmt: skip
-            outs = model_outputs(quantized, evals, loaded.task)
+            outs = each_output(quantized, evals, loaded.task)  # one batch's logits at a time
             div = [loaded.task.divergence(r, o, b).mean() for r, o, b in zip(reference, outs, evals, strict=True)]
             point.measured_loss = float(sum(float(d) for d in div) / len(div))

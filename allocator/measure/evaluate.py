@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..planning.plan import Plan, UniformPoint
 from ..quantized.apply import apply_choices_, apply_plan_, quantize_plan_
 from ..quantized.refine import BlockRefinement
 from ..quantized.tune import Tuning
-from .metrics import METRICS, Measured, check_metric, measure_outputs, metrics_for, model_outputs
+from .metrics import METRICS, Measured, check_metric, each_output, measure_outputs, metrics_for, model_outputs
 from .peers import PeerSkipped, PeerVariant
 
 __all__ = ["Comparison", "compare", "default_metric", "default_uniform"]
@@ -220,23 +220,23 @@ class _Bench:
     def measure(self, label: str, model: nn.Module, made: float, **kw: Any) -> Measured:
         """`model`'s metrics on the batches; `made`: seconds it took to make the variant."""
         started = time.perf_counter()
-        return self._row(label, model, model_outputs(model, self.batches, self.task), started, made, kw)
+        return self._row(label, model, each_output(model, self.batches, self.task), started, made, kw)
 
     def _row(
         self,
         label: str,
         model: nn.Module,
-        outs: list[Tensor],
+        outs: Iterable[Tensor],
         started: float,
         made: float,
         kw: dict[str, Any],
-        other_outs: list[Tensor] | None = None,
+        other_outs: Sequence[Tensor] | None = None,
     ) -> Measured:
         score = self.words(model) if self.words is not None else None
         row = measure_outputs(label, outs, self.batches, self.task, self.reference, wordsim=score, started=started,
                               quantize_seconds=made, **kw)  # fmt: skip
         if self.other:
-            outs = model_outputs(model, self.other, self.task) if other_outs is None else other_outs
+            outs = each_output(model, self.other, self.task) if other_outs is None else other_outs
             elsewhere = measure_outputs(label, outs, self.other, self.task, self.other_reference, wordsim=None,
                                         started=time.perf_counter(), **kw)  # fmt: skip
             row = dataclasses.replace(row, elsewhere=elsewhere)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "Measured",
     "batch_labels",
     "check_metric",
+    "each_output",
     "measure_outputs",
     "metrics_for",
     "model_outputs",
@@ -93,14 +94,22 @@ def check_metric(metric: str | None, available: Sequence[str]) -> None:
 
 def model_outputs(model: nn.Module, batches: Sequence[Any], task: Task) -> list[Tensor]:
     """The task outputs of `model` on each batch (no gradients)."""
+    return list(each_output(model, batches, task))
+
+
+def each_output(model: nn.Module, batches: Iterable[Any], task: Task) -> Iterator[Tensor]:
+    """The task output of `model` on one batch after another (no gradients), so a measurement
+    holds one batch's output at a time (a 262k-token vocabulary's logits are 0.5 GB per window)."""
     model.eval()
-    with torch.no_grad():
-        return [task.forward(model, b).detach() for b in batches]
+    for b in batches:
+        with torch.no_grad():
+            out = task.forward(model, b).detach()
+        yield out
 
 
 def measure_outputs(
     label: str,
-    outs: Sequence[Tensor],
+    outs: Iterable[Tensor],
     batches: Sequence[Any],
     task: Task,
     reference: Sequence[Tensor],
@@ -114,32 +123,32 @@ def measure_outputs(
     kind: str = "fp",
     quantize_seconds: float = 0.0,
 ) -> Measured:
-    div = torch.cat([task.divergence(r, o, b) for r, o, b in zip(reference, outs, batches, strict=True)])
-    pairs = list(zip(reference, outs, strict=True))
-    cosine = agreement = accuracy = perplexity = None
-    if task.output == "embedding":
-        cos = torch.cat([F.cosine_similarity(r.float().flatten(1), o.float().flatten(1), dim=1) for r, o in pairs])
-        cosine = float(cos.mean())
-    else:
-        same = torch.cat([(r.argmax(-1) == o.argmax(-1)).float().flatten() for r, o in pairs])
-        agreement = float(same.mean())
-        labels = [batch_labels(b) for b in batches]
-        if all(y is not None for y in labels):
-            right = torch.cat([(o.argmax(-1) == y).float().flatten() for o, y in zip(outs, labels, strict=True)])
-            accuracy = float(right.mean())
+    """A variant's row from its outputs on `batches` against the FP `reference`; `outs` is read
+    one batch at a time (a list or `each_output`)."""
+    div, cos, same, right, nll = [], [], [], [], _Nll()
+    labels = [batch_labels(b) for b in batches]
+    for out, ref, batch, y in zip(outs, reference, batches, labels, strict=True):
+        div.append(task.divergence(ref, out, batch))
+        if task.output == "embedding":
+            cos.append(F.cosine_similarity(ref.float().flatten(1), out.float().flatten(1), dim=1))
+            continue
+        same.append((ref.argmax(-1) == out.argmax(-1)).float().flatten())
+        if y is not None:
+            right.append((out.argmax(-1) == y).float().flatten())
         if getattr(task, "causal", False):
-            perplexity = perplexity_of(outs, batches)
+            nll.add(out, batch)
+    causal_lm = task.output != "embedding" and getattr(task, "causal", False)
     return Measured(
         label=label,
         bytes=size,
         bpw=bpw,
         predicted_loss=predicted,
-        divergence=float(div.mean()),
+        divergence=float(torch.cat(div).mean()),
         fits=fits,
-        cosine=cosine,
-        agreement=agreement,
-        accuracy=accuracy,
-        perplexity=perplexity,
+        cosine=float(torch.cat(cos).mean()) if cos else None,
+        agreement=float(torch.cat(same).mean()) if same else None,
+        accuracy=float(torch.cat(right).mean()) if right and len(right) == len(labels) else None,
+        perplexity=nll.perplexity() if causal_lm else None,
         wordsim=wordsim,
         seconds=time.perf_counter() - started,
         quantize_seconds=quantize_seconds,
@@ -147,22 +156,39 @@ def measure_outputs(
     )
 
 
-def perplexity_of(outs: Sequence[Tensor], batches: Sequence[Any]) -> float | None:
-    """exp(mean negative log-likelihood of each next token), over the real (unpadded) tokens."""
-    nll = 0.0
-    count = 0
-    for logits, batch in zip(outs, batches, strict=True):
+class _Nll:
+    """The negative log-likelihood of each next real (unpadded) token, summed batch by batch."""
+
+    def __init__(self) -> None:
+        self.total, self.count, self.defined = 0.0, 0, True
+
+    def add(self, logits: Tensor, batch: Any) -> None:
         ids = batch.get("input_ids") if isinstance(batch, dict) else None
         if ids is None or logits.dim() != 3:
-            return None
+            self.defined = False
+            return
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        logp = logits[:, :-1].float().log_softmax(-1)
-        token = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         keep = (mask[:, 1:] * mask[:, :-1]).bool()
-        nll -= float(token[keep].sum())
-        count += int(keep.sum())
-    return float(torch.tensor(nll / count).exp()) if count else None
+        rows = max(1, (1 << 23) // logits.shape[-1])  # a few positions at a time, as the divergence
+        for start in range(0, ids.shape[1] - 1, rows):
+            stop = min(start + rows, ids.shape[1] - 1)
+            logp = logits[:, start:stop].float().log_softmax(-1)
+            token = logp.gather(-1, ids[:, start + 1 : stop + 1].unsqueeze(-1)).squeeze(-1)
+            part = keep[:, start:stop]
+            self.total -= float(token[part].sum())
+            self.count += int(part.sum())
+
+    def perplexity(self) -> float | None:
+        return float(torch.tensor(self.total / self.count).exp()) if self.defined and self.count else None
+
+
+def perplexity_of(outs: Iterable[Tensor], batches: Sequence[Any]) -> float | None:
+    """exp(mean negative log-likelihood of each next token), over the real (unpadded) tokens."""
+    nll = _Nll()
+    for logits, batch in zip(outs, batches, strict=True):
+        nll.add(logits, batch)
+    return nll.perplexity()
 
 
 def batch_labels(batch: Any) -> Tensor | None:

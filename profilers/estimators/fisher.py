@@ -49,267 +49,24 @@ weights are scored jointly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..capture import Call, batch_size, conv_patches
+from ..capture import batch_size
 from ..input_hessians import call_hessian
-from ..quant.options import OptionLayout, needs_hessian
+from ..quant.options import needs_hessian
 from ..quant.quantize import as_matrix
-from ..quant.rounding import error_stack
-from ..types import Choice, ProfileError
+from ..types import ProfileError
 from . import DEFAULT_DRAWS
-from .base import Estimates, LayerEstimate, Profiler, ProfileRun
+from .base import Estimates, Profiler, ProfileRun
+from .fisher_sums import LayerSums, shrunk_ratios
 from .memory import default_max_memory, format_size, memory_budget, release_freed_memory
 from .segments import Segment, SegmentPasses
+from .weight_grads import RowErrors, dense_products, embedding_products, output_rows, per_sample_weight_grads
 
 __all__ = ["FisherProfiler", "per_sample_weight_grads", "shrunk_ratios"]
-
-# Per-sample weight gradients are built in chunks of at most this many elements.
-_MAX_CHUNK_ELEMENTS = 1 << 25
-
-
-def per_sample_weight_grads(call: Call, g: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-    """`G[s] = dL_s/dW` as `[n, rows, cols]` for samples `start:stop` of a Linear/Conv2d call."""
-    mod = call.module
-    g = g[start:stop].float()
-    x = call.inp[start:stop].detach().float()
-    n = g.shape[0]
-    if isinstance(mod, nn.Conv2d):
-        cols = conv_patches(mod, x)
-        length = cols.shape[-1]
-        if mod.groups == 1:
-            return torch.bmm(g.reshape(n, mod.out_channels, length), cols.transpose(1, 2))
-        gg = g.reshape(n, mod.groups, mod.out_channels // mod.groups, length)
-        cc = cols.reshape(n, mod.groups, -1, length)
-        return torch.einsum("ngol,ngil->ngoi", gg, cc).reshape(n, mod.out_channels, -1)
-    x3 = x.reshape(n, -1, x.shape[-1])
-    g3 = g.reshape(n, -1, g.shape[-1])
-    return torch.bmm(g3.transpose(1, 2), x3)
-
-
-def _products(grad_w: Tensor, stack: Tensor, n_paired: int) -> tuple[Tensor, Tensor | None]:
-    """`a [b, K]` = `⟨ΔW_k, G_b⟩`, and per row `[b, n_paired, rows]` for the first `n_paired`
-    stack rows (the ones fractional options mix), from per-sample gradients `grad_w [b, rows, cols]`."""
-    b = grad_w.shape[0]
-    if not n_paired:
-        return grad_w.reshape(b, -1) @ stack.reshape(stack.shape[0], -1).T, None
-    per_row = torch.einsum("boi,koi->bko", grad_w, stack[:n_paired])
-    a = per_row.sum(dim=-1)
-    if n_paired < stack.shape[0]:
-        rest = grad_w.reshape(b, -1) @ stack[n_paired:].reshape(stack.shape[0] - n_paired, -1).T
-        a = torch.cat([a, rest], dim=1)
-    return a, per_row
-
-
-def _dense_products(call: Call, g: Tensor, stack: Tensor, n_paired: int) -> tuple[Tensor, Tensor | None]:
-    """`_products` for a Linear/Conv call with output-gradient `g`, in chunks of samples."""
-    n = g.shape[0]
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, stack.shape[1] * stack.shape[2]))
-    parts = [_products(per_sample_weight_grads(call, g, i, i + chunk), stack, n_paired) for i in range(0, n, chunk)]
-    if len(parts) == 1:
-        return parts[0]
-    per_row = torch.cat([p[1] for p in parts]) if n_paired else None
-    return torch.cat([p[0] for p in parts]), per_row
-
-
-def _embedding_products(
-    call: Call, g: Tensor, rows: Tensor, stack: Tensor, n_paired: int
-) -> tuple[Tensor, Tensor | None]:
-    """`_products` for an embedding lookup; `rows` are the sorted rows of `stack [K, U, dim]`
-    (ids outside `rows` are left out)."""
-    n = g.shape[0]
-    dim = g.shape[-1]
-    ids = call.inp.reshape(n, -1).contiguous()
-    local = torch.searchsorted(rows, ids).clamp_max(rows.numel() - 1)
-    hit = (rows[local] == ids).reshape(-1)
-    flat = (torch.arange(n, device=local.device).unsqueeze(1) * rows.numel() + local).reshape(-1)
-    grad_rows = torch.zeros(n * rows.numel(), dim, dtype=torch.float32, device=g.device)
-    grad_rows.index_add_(0, flat[hit], g.float().reshape(-1, dim)[hit])
-    return _products(grad_rows.reshape(n, rows.numel(), dim), stack, n_paired)
-
-
-def _output_rows(call: Call, g: Tensor, rows: slice) -> Tensor:
-    """The part of a Linear/Conv2d output-gradient that belongs to weight rows `rows`."""
-    return g[:, rows] if isinstance(call.module, nn.Conv2d) else g[..., rows]
-
-
-class _RowErrors:
-    """Quantization errors of an embedding's rows, computed once per row as batches look them up."""
-
-    def __init__(self, weight: Tensor, stack: list[Choice]) -> None:
-        self.weight = weight
-        self.stack = stack
-        self.slot = torch.full((weight.shape[0],), -1, dtype=torch.long)
-        self.errors = torch.empty(len(stack), 0, weight.shape[1])
-
-    def get(self, rows: Tensor) -> Tensor:
-        """`[K, len(rows), dim]` errors of the sorted `rows`."""
-        missing = rows[self.slot[rows] < 0]
-        if missing.numel():
-            self.slot[missing] = torch.arange(missing.numel()) + self.errors.shape[1]
-            new = error_stack(self.weight.detach()[missing], self.stack)
-            self.errors = torch.cat([self.errors, new], dim=1)
-        return self.errors[:, self.slot[rows]]
-
-
-def _half_mean(total: Tensor, total_sq: Tensor, n: float) -> tuple[Tensor, Tensor]:
-    """Half the mean of `n` samples given their sum and sum of squares, and its standard error."""
-    mean, mean_sq = total / n, total_sq / n
-    return 0.5 * mean, 0.5 * ((mean_sq - mean.square()).clamp_min(0) / n).sqrt()
-
-
-def shrunk_ratios(loss: Tensor, stderr: Tensor, diag: Tensor) -> Tensor:
-    """Per option, its ratio of whole score `loss` (standard error `stderr`) to row-diagonal
-    score `diag`, shrunk towards the layer's ratio `Σ loss / Σ diag` by how noisy it is.
-
-    In logs, each option's ratio is the layer's plus an offset of spread `τ²` (the options' own
-    cross-row terms), seen through noise of variance `σ²_c = (stderr_c / loss_c)²`. `τ²` is
-    the offsets' mean square less the mean noise; each offset is kept in the proportion
-    `τ² / (τ² + σ²_c)` (empirical Bayes). A few samples give noise far above the spread and the
-    layer's ratio (the whole sums were too noisy to rank options by: the winner's curse); many
-    give the option's own ratio (LeNet-5, 512 images: one layer's options' ratios differed by 2x).
-    """
-    layer = float(loss.sum() / diag.sum()) if float(diag.sum()) > 0 else 1.0
-    ratio = torch.full_like(diag, layer)
-    scored = (diag > 0) & (loss > 0)
-    if layer <= 0 or int(scored.sum()) < 2:
-        return ratio
-    offset = (loss[scored] / diag[scored]).log() - np.log(layer)
-    noise = (stderr[scored] / loss[scored]).square()
-    spread = max(0.0, float(offset.square().mean() - noise.mean()))
-    ratio[scored] = layer * (offset * spread / (spread + noise)).exp()
-    return ratio
-
-
-@dataclass
-class _LayerState:
-    """Running sums of one weight's first-order terms over samples and draws.
-
-    Fractional options need an order of rows. It is taken from the first `warmup` samples;
-    the share of the base-to-next gain that the first `k` rows of that order carry is measured
-    on the other samples, so the rows are not chosen for the noise of the samples that score
-    them (the winner's curse). Whole-term options use every sample.
-    """
-
-    layout: OptionLayout
-    n_rows: int
-    warmup: int
-    pool_rows: bool = True
-    sum2: Tensor = field(init=False)
-    sum4: Tensor = field(init=False)
-    diag: Tensor = field(init=False)
-    diag2: Tensor = field(init=False)
-    marginal: Tensor = field(init=False)
-    held: Tensor = field(init=False)
-    count: int = 0
-    _batch: tuple[int, Tensor, Tensor, int] | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        k, p = len(self.layout.stack), len(self.layout.pairs)
-        self.sum2 = torch.zeros(k, dtype=torch.float64)
-        self.sum4 = torch.zeros(k, dtype=torch.float64)
-        self.diag = torch.zeros(k, dtype=torch.float64)
-        self.diag2 = torch.zeros(k, dtype=torch.float64)
-        self.marginal = torch.zeros(p, self.n_rows, dtype=torch.float64)
-        self.held = torch.zeros(p, self.n_rows, dtype=torch.float64)
-        self._base = torch.tensor([pair.base for pair in self.layout.pairs], dtype=torch.long)
-        self._next = torch.tensor([pair.next for pair in self.layout.pairs], dtype=torch.long)
-
-    @property
-    def fractional(self) -> bool:
-        return bool(self.layout.pairs)
-
-    def add(self, a: Tensor, per_row: Tensor | None, rows: Tensor, first_sample: int) -> None:
-        """Add one draw's `a [n, K]` for calibration samples `first_sample ...`, and when
-        fractional, `per_row [n, K, U]` for the global `rows [U]` it covers."""
-        a2 = a.double().square()
-        d = per_row.double().square().sum(dim=2) if self.pool_rows and per_row is not None else torch.zeros_like(a2)
-        if self._batch is not None and self._batch[0] != first_sample:
-            self._close_batch()
-        if self._batch is None:
-            self._batch = (first_sample, a2, d, 1)
-        else:
-            _, b2, bd, draws = self._batch
-            self._batch = (first_sample, b2 + a2, bd + d, draws + 1)
-        if not self.fractional:
-            return
-        assert per_row is not None
-        # Each row's own share of the score, before minus after the extra term: the diagonal
-        # of the score in rows (the signed cross terms are too noisy to rank or split by).
-        gain = (per_row[:, self._base].square() - per_row[:, self._next].square()).double()  # [n, P, U]
-        split = min(a.shape[0], max(0, self.warmup - first_sample))
-        if split:
-            self.marginal.index_add_(1, rows, -gain[:split].sum(dim=0))
-        if split < a.shape[0]:
-            self.held.index_add_(1, rows, gain[split:].sum(dim=0))
-
-    def _close_batch(self) -> None:
-        """Add the batch's samples, each with its terms averaged over its draws (so the standard
-        error is that of a mean over samples, whether the draws are sampled or exact)."""
-        if self._batch is None:
-            return
-        _, a2, d, draws = self._batch
-        a2, d = a2 / draws, d / draws  # [n, K] per sample; d: its rows' own squared terms
-        self.sum2 += a2.sum(dim=0)
-        self.sum4 += a2.square().sum(dim=0)
-        self.diag += d.sum(dim=0)
-        self.diag2 += d.square().sum(dim=0)
-        self.count += a2.shape[0]
-        self._batch = None
-
-    def _orders(self) -> list[Tensor]:
-        """Per pair, its rows by warmup gain, largest first."""
-        return [torch.from_numpy(np.argsort(m.numpy(), kind="stable")) for m in self.marginal]
-
-    def _shares(self, orders: list[Tensor]) -> Tensor:
-        """Per option, the share of its pair's base-to-next gain its extra rows carry (0 for
-        whole options): the held-out diagonal gains of the first `k` rows of the pair's order
-        over all rows', clipped to [0, 1]."""
-        shares = torch.zeros(len(self.layout.whole), dtype=torch.float64)
-        for j, (p, k) in enumerate(zip(self.layout.pair, self.layout.rows, strict=True)):
-            if p < 0 or k == 0:
-                continue
-            ordered = self.held[p][orders[p]]
-            total = float(ordered.sum())
-            shares[j] = min(1.0, max(0.0, float(ordered[:k].sum()) / total)) if total > 0 else 0.0
-        return shares
-
-    def _pooled(self, loss: Tensor, stderr: Tensor, n: float) -> tuple[Tensor, Tensor]:
-        """Each option's row-diagonal score times its `shrunk_ratios`, and its standard error
-        (the ratio taken as exact)."""
-        diag, diag_err = _half_mean(self.diag, self.diag2, n)
-        ratio = shrunk_ratios(loss, stderr, diag)
-        return diag * ratio, diag_err * ratio
-
-    def finish(self) -> LayerEstimate:
-        self._close_batch()
-        layout = self.layout
-        n = float(max(1, self.count))
-        loss, stderr = _half_mean(self.sum2, self.sum4, n)
-        if self.pool_rows:
-            loss, stderr = self._pooled(loss, stderr, n)
-        # A fractional option lies between its base and its next term, by the share of the gain
-        # its rows carry. (Its own first-order sum over a few samples, squared, was too noisy to
-        # choose by: on SmolLM2, seeds 0 and 1 gave 0.22 and 2.27 for a layer measured at 2.31.)
-        orders = self._orders()
-        shares = self._shares(orders)
-        out_loss = torch.zeros(len(layout.whole), dtype=torch.float64)
-        out_err = torch.zeros(len(layout.whole), dtype=torch.float64)
-        for j, k in enumerate(layout.whole):
-            if k >= 0:
-                out_loss[j], out_err[j] = loss[k], stderr[k]
-                continue
-            pair = layout.pairs[layout.pair[j]]
-            base, nxt, share = loss[pair.base], loss[pair.next], shares[j]
-            out_loss[j] = base - share * (base - nxt).clamp_min(0)
-            out_err[j] = (1 - share) * stderr[pair.base] + share * stderr[pair.next]
-        labelled = {layout.pair_label(p): order.numpy() for p, order in enumerate(orders)}
-        return LayerEstimate(loss=out_loss.numpy(), stderr=out_err.numpy(), orders=labelled)
 
 
 class FisherProfiler(Profiler):
@@ -363,7 +120,7 @@ class FisherProfiler(Profiler):
         chunks = self._row_chunks(run, passes)
         total = sum(batch_size(b) or 1 for b in run.batches)
         warmup = max(1, min(self.warmup_samples, total // 2))
-        states = [_LayerState(run.layouts[i], t.spec.rows, warmup, self.pool_rows) for i, t in enumerate(run.targets)]
+        states = [LayerSums(run.layouts[i], t.spec.rows, warmup, self.pool_rows) for i, t in enumerate(run.targets)]
         sums = {i: _Terms(n) for i, n in passes.segments_of.items()}
         for s, segment in enumerate(passes):
             run.report("scoring", s, passes.total)
@@ -384,7 +141,7 @@ class FisherProfiler(Profiler):
         segment: Segment,
         passes: SegmentPasses,
         step: int | None,
-        state: _LayerState,
+        state: LayerSums,
         sums: _Terms,
     ) -> None:
         """Add target `i`'s first-order terms from `segment` to its state: its error stack is
@@ -392,7 +149,7 @@ class FisherProfiler(Profiler):
         segments has its terms summed until the last one."""
         t = run.targets[i]
         if passes.segments_of[i] == 1 and all(isinstance(m, nn.Embedding) for m in t.modules):
-            errors = _RowErrors(t.weight, run.layouts[i].stack)  # lookups only: rows on demand
+            errors = RowErrors(t.weight, run.layouts[i].stack)  # lookups only: rows on demand
             for b, _, a, per_row, rows in self._terms(run, i, segment, errors, slice(None)):
                 state.add(a, per_row, rows, passes.first_sample[b])
             return
@@ -441,7 +198,7 @@ class FisherProfiler(Profiler):
         finally:
             run.quantizer.hessians.pop(i, None)
 
-    def _terms(self, run: ProfileRun, i: int, segment: Segment, stack: Tensor | _RowErrors, rows: slice):
+    def _terms(self, run: ProfileRun, i: int, segment: Segment, stack: Tensor | RowErrors, rows: slice):
         """Per batch and draw, target `i`'s first-order terms `a [n, K]` (and per row, for
         fractions) over weight rows `rows`, summed over its calls in `segment`, with the rows
         they cover."""
@@ -450,7 +207,7 @@ class FisherProfiler(Profiler):
             mine = [s for s in seen if s.call.target == i]
             if not mine:
                 continue
-            if isinstance(stack, _RowErrors):
+            if isinstance(stack, RowErrors):
                 covered = torch.unique(torch.cat([s.call.inp.reshape(-1) for s in mine]))
                 errors = stack.get(covered)
             else:
@@ -460,9 +217,9 @@ class FisherProfiler(Profiler):
                 for s in mine:
                     g = s.grads[d]
                     if isinstance(s.call.module, nn.Embedding):
-                        a1, p1 = _embedding_products(s.call, g, covered, errors, n_paired)
+                        a1, p1 = embedding_products(s.call, g, covered, errors, n_paired)
                     else:
-                        a1, p1 = _dense_products(s.call, _output_rows(s.call, g, rows), errors, n_paired)
+                        a1, p1 = dense_products(s.call, output_rows(s.call, g, rows), errors, n_paired)
                     a = a1 if a is None else a + a1
                     per_row = p1 if per_row is None or p1 is None else per_row + p1
                 yield b, d, a, per_row, covered

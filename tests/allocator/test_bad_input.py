@@ -97,8 +97,8 @@ def ws(tmp_path_factory, cli):
     (root / "a_folder").mkdir()
     common = ["--data", "data.pt", "--calibration", "8", "--batch-size", "4", "--no-progress"]
     # the model named with --model here, positionally below: every command takes both
-    res = cli("profile", "--model", "tinynet:make", "-o", "profile.json", "--bits", "2,4,8", "--fractions", "0", *common,
-              cwd=root)  # fmt: skip
+    res = cli("profile", "--model", "tinynet:make", "-o", "profile.json", "--bits", "2,4,8", "--fractions", "0",
+              *common, cwd=root)  # fmt: skip
     assert res.returncode == 0, res.stderr
     res = cli("solve", "-p", "profile.json", "-b", "5bpw", "-o", "plan.json", "--no-progress", cwd=root)
     assert res.returncode == 0, res.stderr

@@ -141,3 +141,17 @@ def test_the_torch_free_names_and_defaults_match_the_estimators():
     assert tuple(PROFILERS) == PROFILER_NAMES and DEFAULT_PROFILER in PROFILER_NAMES
     for name, draws in DEFAULT_DRAWS.items():
         assert inspect.signature(PROFILERS[name].__init__).parameters["draws"].default == draws
+
+
+def test_the_divergence_of_a_large_vocabulary_is_computed_in_chunks_of_positions_exactly():
+    from profilers.tasks import LogitsTask
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 40, 262_144, generator=g)  # 80 positions, 32 per chunk
+    out = ref + 0.1 * torch.randn(ref.shape, generator=g)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    kl = LogitsTask(causal=True).divergence(ref, out, {"attention_mask": mask})
+    whole = (ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1) * mask
+    assert kl.shape == (2,)
+    assert torch.allclose(kl, whole.sum(1), rtol=1e-5)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from profilers.capture import Call
-from profilers.estimators.fisher import FisherProfiler, _dense_products, _embedding_products, shrunk_ratios
+from profilers.estimators.fisher import FisherProfiler, dense_products, embedding_products, shrunk_ratios
 from profilers.quant.rounding import fake_quantize
 from profilers.tasks import EmbeddingTask, LogitsTask
 from profilers.types import Choice, ProfileError
@@ -38,10 +38,10 @@ def test_linear_first_order_terms_equal_output_space_products():
     x, g = torch.randn(5, 9, 12), torch.randn(5, 9, 7)
     errors = _errors(lin.weight)
     call = Call(0, lin, x, torch.empty(0))
-    got, none = _dense_products(call, g, errors, n_paired=0)
+    got, none = dense_products(call, g, errors, n_paired=0)
     want = torch.stack([(g * F.linear(x, e)).sum(dim=(1, 2)) for e in errors], dim=1)
     assert none is None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    a, per_row = _dense_products(call, g, errors, n_paired=2)  # per row for the first two stack rows
+    a, per_row = dense_products(call, g, errors, n_paired=2)  # per row for the first two stack rows
     want_rows = torch.stack([(g * F.linear(x, e)).sum(dim=1) for e in errors[:2]], dim=1)  # [n, 2, out]
     assert torch.allclose(per_row, want_rows, rtol=1e-4, atol=1e-5)
     assert torch.allclose(a, want, rtol=1e-4, atol=1e-5)
@@ -62,7 +62,7 @@ def test_conv_first_order_terms_equal_output_space_products(conv):
     out = conv(x)
     g = torch.randn_like(out)
     errors = _errors(conv.weight)
-    got, _ = _dense_products(Call(0, conv, x, out), g, errors, n_paired=0)
+    got, _ = dense_products(Call(0, conv, x, out), g, errors, n_paired=0)
     want = torch.stack(
         [(g * conv._conv_forward(x, e.reshape(conv.weight.shape), None)).sum(dim=(1, 2, 3)) for e in errors],
         dim=1,
@@ -78,11 +78,11 @@ def test_embedding_first_order_terms_use_only_looked_up_rows():
     rows = torch.unique(ids)
     row_errors = _errors(emb.weight)[:, rows]
     call = Call(0, emb, ids, torch.empty(0))
-    got, _ = _embedding_products(call, g, rows, row_errors, n_paired=0)
+    got, _ = embedding_products(call, g, rows, row_errors, n_paired=0)
     full = _errors(emb.weight)
     want = torch.stack([(g * F.embedding(ids, e)).sum(dim=(1, 2)) for e in full], dim=1)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    a, per_row = _embedding_products(call, g, rows, row_errors, n_paired=len(CHOICES))
+    a, per_row = embedding_products(call, g, rows, row_errors, n_paired=len(CHOICES))
     assert torch.allclose(per_row.sum(dim=-1), want, rtol=1e-4, atol=1e-5)
     assert torch.allclose(a, want, rtol=1e-4, atol=1e-5)
 
