@@ -9,7 +9,10 @@ at a time, each with the inputs and output-gradients of its own layers only:
 1. one forward pass per batch (no gradients) records each block's input;
 2. the head runs on the last block's recorded output, the pseudo-labels are drawn there (same
    order and generator as a whole-model pass), and `dL/dh` at the last block's output is kept
-   per batch and draw;
+   per batch and draw. A causal LM's head whose logits exceed `HEAD_CHUNK_BYTES` and holds no
+   scored layer runs a few positions at a time (`_head_in_chunks`: a 262k-token vocabulary's
+   logits of two 512-token windows are 1.07 GB, and the pass held four such tensors), once per
+   draw; the draws are the same when the windows are a multiple of 64 positions;
 3. each block, last to first, is run again from its recorded input and `dL/dh` is carried back
    through it (`autograd.grad` of the block alone);
 4. the stem runs up to the first block and takes the gradient that reached it.
@@ -42,7 +45,10 @@ from ..input_hessians import accumulate_hessians, call_hessian
 from ..quant.options import needs_hessian
 from .base import CallCounter, ProfileRun
 
-__all__ = ["Seen", "Segment", "SegmentPasses"]
+__all__ = ["HEAD_CHUNK_BYTES", "Seen", "Segment", "SegmentPasses"]
+
+HEAD_CHUNK_BYTES = 256 * 2**20  # float32 logits a chunked head pass computes at once
+_DRAW_ROWS = 64  # positions per block of a pseudo-gradient's random signs (`LogitsTask`)
 
 
 @dataclass
@@ -201,8 +207,22 @@ class SegmentPasses:
         hidden = sum(_nbytes(h) for h in self.chain.hidden[0]) if self.chain.hidden else 0
         last = _nbytes(self.chain.hidden[0][-1]) if self.chain.hidden else 0
         self.carried_bytes = (hidden + self.draws * last) * batches
-        # The head's output, its softmax, a pseudo-gradient and autograd's copy, per batch.
-        self.transient_bytes = 4 * out.numel() * 4
+        # The head's output, its softmax, a pseudo-gradient and autograd's copy, per batch (of a
+        # chunk of positions where the head runs in chunks; the recording pass holds one output).
+        self.head_rows = self._head_rows(out)
+        held_out = out.numel() if self.head_rows is None else out.shape[0] * self.head_rows * out.shape[-1]
+        self.transient_bytes = max(4 * held_out * 4, _nbytes(out))
+
+    def _head_rows(self, out: Tensor) -> int | None:
+        """Positions per chunk of the head pass, or None where it runs whole: a causal LM's logits
+        over `HEAD_CHUNK_BYTES` in a cut model whose head holds no scored layer."""
+        head_scored = any("head" in names for names in self.where.values())
+        if not self.chain.blocks or head_scored or out.dim() != 3 or not getattr(self.run.task, "causal", False):
+            return None
+        if out.numel() * 4 <= HEAD_CHUNK_BYTES:
+            return None
+        fit = HEAD_CHUNK_BYTES // (4 * out.shape[-1])
+        return max(_DRAW_ROWS, fit // _DRAW_ROWS * _DRAW_ROWS)
 
     def _targets(self, name: str) -> list[int]:
         return sorted(i for i, names in self.where.items() if name in names)
@@ -249,6 +269,10 @@ class SegmentPasses:
         self.dh: list[list[Tensor]] = []
         with self._grad_weights(seg.targets):
             for b, batch in enumerate(run.batches):
+                if self.head_rows is not None:
+                    self.dh.append(self._head_in_chunks(b, batch, self.head_rows))
+                    seg.seen.append([])
+                    continue
                 leaf = chain.hidden[b][-1].detach().requires_grad_(True) if chain.blocks else None
                 stub = chain.stubbed(b, leaf) if leaf is not None else nullcontext()
                 with stub, capture_calls(run.targets, batch) as calls, torch.enable_grad():
@@ -263,6 +287,32 @@ class SegmentPasses:
                 seg.seen.append(seen)
                 del calls, out
         return seg
+
+    def _head_in_chunks(self, b: int, batch: Any, rows: int) -> list[Tensor]:
+        """`dL/dh` at the last block's output per draw, the head run on `rows` positions of one
+        sample at a time (sample-major, as a whole pass draws its signs), once per draw."""
+        run, chain = self.run, self.chain
+        last = chain.hidden[b][-1]
+        assert last is not None
+        n, length = last.shape[:2]
+        dh = [torch.zeros_like(last) for _ in range(self.draws)]
+        for d in range(self.draws):
+            for i in range(n):
+                for a in range(0, length, rows):
+                    part = last.detach()[i : i + 1, a : a + rows].requires_grad_(True)
+                    with chain.stubbed(b, part), torch.enable_grad():
+                        out = run.task.forward(run.model, batch)
+                    if out.shape[:2] != part.shape[:2]:
+                        raise NotAChain(f"the head's output {tuple(out.shape)} is not per position of its input")
+                    if self.reference is not None and not _same(_probe(out), self.reference[i : i + 1, a : a + rows]):
+                        raise NotAChain("the head does not reproduce the model's output from the last block's")
+                    where = _positions(batch, i, a, a + rows, last.shape[:2])
+                    v = run.task.pseudo_gradient(out, where, self.generator)
+                    (g,) = torch.autograd.grad(out, part, grad_outputs=v)
+                    dh[d][i : i + 1, a : a + rows] = g
+                    del out, v, g
+            self.reference = None
+        return dh
 
     def _block(self, k: int) -> Segment:
         run, chain = self.run, self.chain
@@ -312,6 +362,14 @@ class SegmentPasses:
             for s, g, c in zip(seen, grads, calls, strict=True):
                 s.grads.append(_or_zeros(g, c.out))
         return seen, at_leaf
+
+
+def _positions(batch: Any, i: int, start: int, stop: int, shape: torch.Size) -> Any:
+    """Sample `i`, positions `start:stop` of a batch's per-position tensors (its attention mask)."""
+    if not isinstance(batch, dict):
+        return batch
+    return {k: v[i : i + 1, start:stop] if isinstance(v, Tensor) and v.shape[:2] == shape else v
+            for k, v in batch.items()}  # fmt: skip
 
 
 def _kept(call: Call) -> Call:

@@ -110,3 +110,26 @@ def test_tie_presets_hold_per_block_and_on_fused_projections_as_they_are():
     with pytest.raises(AllocatorError, match="matches no group of layers in this model"):
         allocator.solve(tiny_lm("phi3"), data, budget="3.5bpw", ties=["qkv"], fractions=0, include=["*.mlp.*"],
                         choices=SMALL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: soft-capped logits after the head
+def test_a_large_head_runs_a_few_positions_at_a_time_to_the_same_scores(arch, monkeypatch):
+    from profilers.estimators import segments
+
+    model = tiny_lm(arch)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (2, 128), generator=g),
+             "attention_mask": torch.ones(2, 128, dtype=torch.long)} for _ in range(3)]  # fmt: skip
+    kw = dict(choices=SMALL, task=LogitsTask(causal=True), fractions=0, method="rtn", exclude=NO_EMBEDDINGS)
+    whole = FisherProfiler(stream=True).profile(model, data, **kw)
+    chunks = []
+    original = segments.SegmentPasses._head_in_chunks
+    monkeypatch.setattr(segments, "HEAD_CHUNK_BYTES", 64 * VOCAB * 4)  # 64 positions' logits
+    monkeypatch.setattr(segments.SegmentPasses, "_head_in_chunks",
+                        lambda self, b, batch, rows: chunks.append(rows) or original(self, b, batch, rows))  # fmt: skip
+    chunked = FisherProfiler(stream=True).profile(model, data, **kw)
+    assert chunks == [64, 64, 64]  # every batch's head in 4 chunks of 64 positions, the draws as a whole pass's
+    a, b = losses(whole), losses(chunked)
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-15), key
