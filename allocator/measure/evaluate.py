@@ -25,7 +25,7 @@ from ..planning.plan import Plan, UniformPoint
 from ..quantized.apply import apply_choices_, apply_plan_, quantize_plan_
 from ..quantized.refine import BlockRefinement
 from ..quantized.tune import Tuning
-from .metrics import METRICS, Measured, check_metric, each_output, measure_outputs, metrics_for, model_outputs
+from .metrics import METRICS, FpOutputs, Measured, check_metric, each_output, measure_outputs, metrics_for
 from .peers import PeerSkipped, PeerVariant
 
 __all__ = ["Comparison", "compare", "default_metric", "default_uniform"]
@@ -210,8 +210,8 @@ class _Bench:
     ) -> None:
         self.model, self.batches, self.task, self.words, self.other = model, batches, task, words, other
         self.started = time.perf_counter()
-        self.reference = model_outputs(model, batches, task)
-        self.other_reference = model_outputs(model, other, task) if other else None
+        self.reference = FpOutputs(model, batches, task)
+        self.other_reference = FpOutputs(model, other, task) if other else None
 
     def measure_fp(self, **kw: Any) -> Measured:
         """The FP model's own row (its outputs are the reference)."""
@@ -230,7 +230,7 @@ class _Bench:
         started: float,
         made: float,
         kw: dict[str, Any],
-        other_outs: Sequence[Tensor] | None = None,
+        other_outs: Iterable[Tensor] | None = None,
     ) -> Measured:
         score = self.words(model) if self.words is not None else None
         row = measure_outputs(label, outs, self.batches, self.task, self.reference, wordsim=score, started=started,

@@ -26,6 +26,7 @@ from . import METRICS
 
 __all__ = [
     "METRICS",
+    "FpOutputs",
     "Measured",
     "batch_labels",
     "check_metric",
@@ -107,12 +108,34 @@ def each_output(model: nn.Module, batches: Iterable[Any], task: Task) -> Iterato
         yield out
 
 
+REFERENCE_BYTES = 4 * 10**9  # FP outputs kept in memory for a whole evaluation, at most
+
+
+class FpOutputs:
+    """The FP model's outputs on `batches`, kept in memory when they fit in `keep_bytes`, else
+    computed again batch by batch each time they are read (a 262k-token vocabulary's logits of
+    32 windows of 512 tokens are 17 GB; recomputing costs one FP pass per measured variant)."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], task: Task, keep_bytes: int = REFERENCE_BYTES):
+        self.model, self.batches, self.task = model, batches, task
+        outputs = each_output(model, batches, task)
+        first = next(outputs, None)
+        size = 0 if first is None else first.numel() * first.element_size() * len(batches)
+        self.kept = [first, *outputs] if first is not None and size <= keep_bytes else None
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.kept) if self.kept is not None else each_output(self.model, self.batches, self.task)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def measure_outputs(
     label: str,
     outs: Iterable[Tensor],
     batches: Sequence[Any],
     task: Task,
-    reference: Sequence[Tensor],
+    reference: Iterable[Tensor],
     *,
     size: int,
     bpw: float | None,

@@ -11,7 +11,7 @@ from profilers.lazy import lazy_exports
 
 # Torch-free names and defaults (the CLI prints them without importing torch).
 DEFAULT_MODEL = "minilm"
-BUILTIN_MODELS: tuple[str, ...] = ("minilm", "lenet-mnist", "smollm2")
+BUILTIN_MODELS: tuple[str, ...] = ("minilm", "lenet-mnist", "smollm2", "gemma3")
 DEFAULT_CALIBRATION = 64  # documents, images or samples
 # The built-in MNIST images: GPTQ on LeNet's 800-wide inputs needs more than 64 of them (on 64,
 # its 2.5 bpw plan measured 8.6x the held-out KL it has on 512, and 3.4x its predicted KL on
@@ -57,7 +57,7 @@ _EXPORTS = {
     **dict.fromkeys(["mix_documents", "mix_shares"], ".mix"),
     **dict.fromkeys(["check_gguf", "load_gguf"], ".gguf"),
     **dict.fromkeys(["image_folder", "import_model", "load_saved_module", "tensor_file"], ".user"),
-    **dict.fromkeys(["lenet_mnist", "minilm_path", "mnist_5k", "smollm2_path"], ".zoo"),
+    **dict.fromkeys(["gemma3_path", "lenet_mnist", "minilm_path", "mnist_5k", "smollm2_path"], ".zoo"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

