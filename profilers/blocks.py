@@ -117,10 +117,12 @@ class Chain:
     hidden: list[list[Tensor | None]] = field(default_factory=list)
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
+    def recording(self, stop: bool = False) -> Iterator[None]:
         """Record the block calls and hidden states of the forward passes run inside (one
         batch per pass). Raises `NotAChain` when a block is skipped, repeated, or fed
-        something other than the previous block's output."""
+        something other than the previous block's output. With `stop`, a pass ends at the last
+        block's output (the head, a large vocabulary's logits, is not run): run it through
+        `until_stopped`."""
         n = len(self.blocks)
         state: dict[str, Any] = {}
 
@@ -153,6 +155,8 @@ class Chain:
                 state["last"] = h
                 if k == n - 1:
                     state["hidden"].append(h.detach())
+                    if stop:
+                        raise _Stop(h)
 
             return hook
 
@@ -184,6 +188,14 @@ class Chain:
                     del block.forward
                 else:
                     block.forward = fwd  # type: ignore[method-assign]
+
+    @staticmethod
+    def until_stopped(forward: Callable[[], Any]) -> Any | None:
+        """`forward()`'s output, or None when a `recording(stop=True)` ended it at the last block."""
+        try:
+            return forward()
+        except _Stop:
+            return None
 
     def stem_output(self, forward: Callable[[], Any]) -> Tensor:
         """Run `forward` (a forward pass of the model) only up to the first block; the hidden

@@ -30,6 +30,7 @@ from .options import (
 )
 from .profile import run_profile
 from .setup import Setup, check_outputs, check_profile, load_setup
+from .solve_options import Forbids, MaxLoss, Pins, RefineSteps, Server, Ties, TuneSteps
 
 __all__ = ["solve"]
 
@@ -49,14 +50,7 @@ def _pairs(values: list[str] | None, option: str) -> tuple[tuple[str, str], ...]
 def solve(
     *,
     budget: Budgets = None,
-    max_loss: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            metavar="EPS",
-            help="Lossless mode: the smallest plan whose predicted loss is at most EPS (in the profile's units).",
-        ),
-    ] = None,
+    max_loss: MaxLoss = None,
     profile_file: ProfileFile = None,
     model: Model = None,
     output: Annotated[
@@ -67,58 +61,14 @@ def solve(
     ] = False,
     metric: Metric = None,
     grid: GridOptions,
-    pin: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="LAYER=CHOICE", help="Give matching layers this choice, e.g. 'classifier*=int8-ch'. Repeatable."
-        ),
-    ] = None,
-    forbid: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="LAYER=CHOICES", help="Keep matching layers off these choices, e.g. '*=int2*'. Repeatable."
-        ),
-    ] = None,
-    tie: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="TIE",
-            help="Layers that must share one choice: 'qkv', 'gate_up', or patterns joined by '|'. Repeatable.",
-        ),
-    ] = None,
-    refine: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            metavar="STEPS",
-            help="Block reconstruction after the rounding, recorded in the plan (apply, evaluate): each block's codes,"
-            " scales and offsets tuned for STEPS signed-gradient steps so the block, fed the quantized blocks before"
-            " it, reproduces the FP block's output (AutoRound-style; the profile does not price it). It needs"
-            " enough calibration data: on SmolLM2-135M with the default 32 windows, 64 steps lowered held-out"
-            " perplexity 0.6% at 13s per block; with --calibration 8 it overfits them. Use 64 or more."
-            " [default: 0, none]",
-        ),
-    ] = 0,
-    tune: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            metavar="STEPS",
-            help="End-to-end tuning after the rounding (and any --refine), recorded in the plan (apply, evaluate):"
-            " every layer's group scales and offsets tuned together for STEPS Adam steps, one calibration batch"
-            " each, so the whole model's output matches the FP model's (KL for causal LMs; the profile does not"
-            " price it). Codes stay as rounded. On SmolLM2-135M at 3.5 bpw, 64 steps lowered held-out perplexity"
-            " 3.8% (4.25 bpw: 2.4%, 3.0 bpw: 6.8%) in about 11 minutes. [default: 0, none]",
-        ),
-    ] = 0,
+    pin: Pins = None,
+    forbid: Forbids = None,
+    tie: Ties = None,
+    refine: RefineSteps = 0,
+    tune: TuneSteps = 0,
     data: DataOptions,
     solver: SolverOptions,
-    server: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URL", help="Solve on an `allocator serve` server (needs --profile), e.g. http://127.0.0.1:8000."
-        ),
-    ] = None,
+    server: Server = None,
     token: Token = None,
     progress: Progress = True,
 ) -> None:
@@ -132,22 +82,8 @@ def solve(
     constraints = Constraints(pins=_pairs(pin, "--pin"), forbid=_pairs(forbid, "--forbid"),
                               keep=tuple(grid.keep or ()) if profile_file is not None else (),
                               device_bits=grid.device_bits, max_loss=max_loss)  # fmt: skip
-    if tie:
-        from ..planning.ties import check_tie_specs
-
-        check_tie_specs(tie)
-    if metric is not None and not evaluate:
-        raise AllocatorError("--metric ranks the --evaluate table; add --evaluate or drop --metric")
-    if grid.format == "gguf" and (refine or tune):
-        raise AllocatorError(
-            "--refine and --tune tune allocator's own scales; a GGUF plan (--format gguf) takes llama.cpp's block"
-            " types as rounded: drop them"
-        )
+    _check_combination(tie, metric, evaluate, grid.format, refine or tune, server, model)
     if server is not None:
-        if evaluate or model is not None or tie or refine or tune:
-            raise AllocatorError(
-                "--evaluate, --model, --tie, --refine and --tune need the model here; drop them with --server"
-            )
         _solve_on_server(server, token, profile_file, budgets, constraints, solver, output)
         return
     times: dict[str, float] = {}
@@ -170,7 +106,37 @@ def solve(
         plan = plan.model_copy(update={"refine_steps": refine, "tune_steps": tune})
     if output is not None:  # written before anything is printed: a closed stdout never loses it
         plan.save(output)
-    report.plan(plan, table.quantizable_params)
+    _report_plan(plan, table.quantizable_params, output)
+    if evaluate:
+        from .evaluate import run_evaluation
+
+        assert setup is not None
+        _, times["evaluate"] = run_evaluation(setup, plan, table.fp16_bytes, progress, metric=metric)
+    report.line("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+
+
+def _check_combination(tie: list[str] | None, metric: str | None, evaluate: bool, target_format: str,
+                       tuned: int, server: str | None, model: str | None) -> None:  # fmt: skip
+    """Refuse, before any work, options that do not go together (and an unknown tie preset)."""
+    if tie:
+        from ..planning.ties import check_tie_specs
+
+        check_tie_specs(tie)
+    if metric is not None and not evaluate:
+        raise AllocatorError("--metric ranks the --evaluate table; add --evaluate or drop --metric")
+    if target_format == "gguf" and tuned:
+        raise AllocatorError(
+            "--refine and --tune tune allocator's own scales; a GGUF plan (--format gguf) takes llama.cpp's block"
+            " types as rounded: drop them"
+        )
+    if server is not None and (evaluate or model is not None or tie or tuned):
+        raise AllocatorError(
+            "--evaluate, --model, --tie, --refine and --tune need the model here; drop them with --server"
+        )
+
+
+def _report_plan(plan: Any, quantizable: int, output: Path | None) -> None:
+    report.plan(plan, quantizable)
     if plan.refine_steps:
         report.line(f"block reconstruction: {plan.refine_steps} steps per block, run by apply and evaluate"
                     " (the predicted loss is the rounding's alone)")  # fmt: skip
@@ -179,12 +145,6 @@ def solve(
                     " (the predicted loss is the rounding's alone)")  # fmt: skip
     if output is not None:
         report.wrote("plan", output)
-    if evaluate:
-        from .evaluate import run_evaluation
-
-        assert setup is not None
-        _, times["evaluate"] = run_evaluation(setup, plan, table.fp16_bytes, progress, metric=metric)
-    report.line("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
 
 
 def _timed(times: dict[str, float], what: str, work: Any) -> Any:

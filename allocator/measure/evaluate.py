@@ -141,10 +141,35 @@ def compare(
         made = make()
         return bench.measure(label, made, time.perf_counter() - t0, **kw)
 
-    predicted = plan.predicted
     if plan.sequential and calibration is not None:
         hessians = None  # each variant takes its own, on its own quantized blocks
     rounding = {"hessians": hessians, "calibration": calibration, "task": task}
+    plan_row, unrefined, on_calibration, made = _measure_plan(bench, model, plan, rounding, note, block_progress)
+    rows = []
+    for u in list(uniform) if uniform is not None else default_uniform(plan):
+        make = lambda u=u: apply_choices_(  # noqa: E731
+            copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, sequential=plan.sequential,
+            round_rest_to_fp16=plan.target_format == "native", **rounding,
+        )
+        label = f"uniform {u.choice.label}"
+        rows.append(variant(label, make, size=u.bytes, bpw=u.bpw, predicted=u.loss, fits=u.fits, kind="uniform"))
+    peer_rows, skipped = _measure_peers(bench, peers, note, list(skipped))
+    return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric or default_metric(task, fp), peers=peer_rows,
+                      skipped=skipped, plan_on_calibration=on_calibration, unrefined=unrefined,
+                      refined=made.refined, tuned=made.tuned)  # fmt: skip
+
+
+def _measure_plan(
+    bench: _Bench,
+    model: nn.Module,
+    plan: Plan,
+    rounding: dict[str, Any],
+    note: Callable[[str], None],
+    block_progress: Callable[[str, int, int], None] | None,
+) -> tuple[Measured, Measured | None, float | None, Any]:
+    """The plan's row; the plan as rounded, without --refine/--tune, when it has them; its mean
+    divergence on the scored calibration batches (its prediction's check); what the applier made."""
+    predicted, calibration, task = plan.predicted, rounding["calibration"], rounding["task"]
     note("plan")
     t0 = time.perf_counter()
     planned = copy.deepcopy(model)
@@ -165,15 +190,13 @@ def compare(
     scored = split_scored(calibration, plan.scored_batches)[0] if calibration else None
     on_calibration = None if not scored else task.mean_divergence(model, planned, scored)
     del planned
-    rows = []
-    for u in list(uniform) if uniform is not None else default_uniform(plan):
-        make = lambda u=u: apply_choices_(  # noqa: E731
-            copy.deepcopy(model), dict.fromkeys(plan.layers, u.choice), method=plan.method, sequential=plan.sequential,
-            round_rest_to_fp16=plan.target_format == "native", **rounding,
-        )
-        label = f"uniform {u.choice.label}"
-        rows.append(variant(label, make, size=u.bytes, bpw=u.bpw, predicted=u.loss, fits=u.fits, kind="uniform"))
-    peer_rows, skipped = [], list(skipped)
+    return plan_row, unrefined, on_calibration, made
+
+
+def _measure_peers(bench: _Bench, peers: Sequence[PeerVariant], note: Callable[[str], None],
+                   skipped: list[str]) -> tuple[list[Measured], list[str]]:  # fmt: skip
+    """A row per peer quantizer built one at a time, and why the others were skipped."""
+    peer_rows = []
     for peer in peers:
         note(peer.label)
         try:
@@ -184,9 +207,7 @@ def compare(
         peer_rows.append(bench.measure(built.label, built.model, built.seconds, size=built.bytes, bpw=built.bpw,
                                        predicted=None, fits=built.fits, kind="peer"))  # fmt: skip
         del built
-    return Comparison(fp=fp, plan=plan_row, uniform=rows, metric=metric or default_metric(task, fp), peers=peer_rows,
-                      skipped=skipped, plan_on_calibration=on_calibration, unrefined=unrefined,
-                      refined=made.refined, tuned=made.tuned)  # fmt: skip
+    return peer_rows, skipped
 
 
 def unrefined_label(plan: Plan) -> str | None:

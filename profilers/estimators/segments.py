@@ -116,12 +116,15 @@ class SegmentPasses:
         with torch.no_grad():
             for b, batch in enumerate(run.batches):
                 run.report("forward", b, len(run.batches))
-                recording = self.chain.recording() if blocks else nullcontext()
+                # After the first batch, a head holding no target is not run (nothing is read from it).
+                stop = b > 0 and bool(blocks) and not self._head_targets()
+                recording = self.chain.recording(stop) if blocks else nullcontext()
                 with recording, capture_calls(run.targets, batch, isolate=False, shapes_only=counted) as calls:
-                    out = run.task.forward(run.model, batch)
-                check_batch_first(calls, run.targets, out.shape[0])
+                    out = Chain.until_stopped(lambda batch=batch: run.task.forward(run.model, batch))
+                n = out.shape[0] if out is not None else self.chain.hidden[b][-1].shape[0]  # type: ignore[union-attr]
+                check_batch_first(calls, run.targets, n)
                 self.first_sample.append(self.counter.samples)
-                self.counter.see(calls, out.shape[0])
+                self.counter.see(calls, n)
                 if b == 0:  # a slice of the output, to check the head pass reproduces it
                     self.reference: Tensor | None = _probe(out)
                     self.exact = run.task.exact_draws(out)
@@ -134,6 +137,7 @@ class SegmentPasses:
                         if h is not None:
                             prev = self.hessians.get(call.target)
                             self.hessians[call.target] = h if prev is None else prev + h
+                del out, calls  # a large vocabulary's logits: not two batches' at once
         run.report("forward", len(run.batches), len(run.batches))
         self.blocks = len(blocks)
         self.segments_of = {i: len(s) for i, s in self.where.items()}
@@ -150,9 +154,9 @@ class SegmentPasses:
         with torch.no_grad():
             for b, batch in enumerate(run.extra):
                 run.report("hessians", b, len(run.extra))
-                recording = self.extra_chain.recording() if blocks else nullcontext()
+                recording = self.extra_chain.recording(not self._head_targets()) if blocks else nullcontext()
                 with recording, capture_calls(run.targets, batch, isolate=False, shapes_only=in_blocks) as calls:
-                    run.task.forward(run.model, batch)
+                    Chain.until_stopped(lambda batch=batch: run.task.forward(run.model, batch))
                 accumulate_hessians(self.extra_hessians, [c for c in calls if c.target not in in_blocks], batch)
         run.report("hessians", len(run.extra), len(run.extra))
         if blocks:
@@ -213,11 +217,15 @@ class SegmentPasses:
         held_out = out.numel() if self.head_rows is None else out.shape[0] * self.head_rows * out.shape[-1]
         self.transient_bytes = max(4 * held_out * 4, _nbytes(out))
 
+    def _head_targets(self) -> bool:
+        """Whether a target is called in the head (after the last block)."""
+        return any("head" in names for names in self.where.values())
+
     def _head_rows(self, out: Tensor) -> int | None:
         """Positions per chunk of the head pass, or None where it runs whole: a causal LM's logits
         over `HEAD_CHUNK_BYTES` in a cut model whose head holds no scored layer."""
-        head_scored = any("head" in names for names in self.where.values())
-        if not self.chain.blocks or head_scored or out.dim() != 3 or not getattr(self.run.task, "causal", False):
+        causal = getattr(self.run.task, "causal", False)
+        if not self.chain.blocks or self._head_targets() or out.dim() != 3 or not causal:
             return None
         if out.numel() * 4 <= HEAD_CHUNK_BYTES:
             return None
