@@ -74,3 +74,55 @@ def write_tiny_gguf(
     return model
 
 
+
+
+def write_arch_gguf(path: Path, arch: str, seed: int = 0) -> torch.nn.Module:
+    """A random 2-block model of `arch` (`tests.lm_models.ARCHITECTURES`: qwen2, qwen3, gemma3, phi3, ...)
+    written as an F32 GGUF the way llama.cpp's converter lays it out (gguf-py's tensor names; gemma's
+    norms stored as 1 + w; llama's query/key rows permuted), with the byte-level BPE tokenizer of
+    `write_tiny_gguf`; returns the transformers model it holds."""
+    from tests.lm_models import tiny_lm
+
+    alphabet = _bytes_to_unicode()
+    tokens = [alphabet[b] for b in range(256)] + [m.replace(" ", "") for m in MERGES] + ["<|endoftext|>"]
+    model = tiny_lm(arch, vocab=len(tokens), seed=seed)
+    config = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"] if "rope_theta" in config.rope_parameters
+                         else config.rope_parameters["full_attention"]["rope_theta"])  # fmt: skip
+    w.add_rope_dimension_count(head_dim)
+    if getattr(config, "sliding_window", None):
+        w.add_sliding_window(config.sliding_window)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_pad_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to the embedding
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        assert name is not None, key
+        data = value.numpy()
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            data = data + 1  # llama.cpp's RMSNorm multiplies by the weight, Gemma's by 1 + weight
+        w.add_tensor(name, data)  # the name keeps the key's .weight / .bias
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model

@@ -9,7 +9,7 @@ import torch
 
 from allocator.measure.metrics import FpOutputs, each_output, measure_outputs
 from profilers.tasks import LogitsTask
-from tests.allocator.test_architectures import VOCAB, tiny_lm
+from tests.lm_models import VOCAB, tiny_lm
 
 
 def test_fp_outputs_too_large_to_keep_are_recomputed_to_the_same_measurement():

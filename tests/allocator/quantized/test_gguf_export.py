@@ -173,3 +173,28 @@ def test_cli_writes_a_gguf_llama_cpp_reads(source, tmp_path, cli):
     res = cli("apply", "native.json", "-o", "native.gguf", "--no-progress", cwd=tmp_path)
     assert res.returncode != 0 and "GGUF cannot hold" in res.stderr and "\n" not in res.stderr.strip()
     assert not (tmp_path / "native.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "phi3"])  # biases; 1 + w norms; fused qkv and gate/up
+def test_other_architectures_are_written_as_gguf_files_transformers_reads_back(arch, tmp_path):
+    from tests.gguf_models import write_arch_gguf
+
+    source = tmp_path / f"{arch}.F32.gguf"
+    write_arch_gguf(source, arch)
+    loaded = load_model(str(source))
+    batches = _batches(loaded, n=2)
+    table = api.profile(loaded.model, batches, task=loaded.task, method="gptq-act", exclude=loaded.keep,
+                        target_format="gguf", gguf_source=source, draws=1)  # fmt: skip
+    plan = plan_from_profile(table, ["5bpw"])
+    assert len(plan.layers) == (8 if arch == "phi3" else 14)
+    fake = load_model(str(source)).model
+    made = quantize_plan_(fake, plan, calibration=batches, task=loaded.task)
+    out = export_gguf(fake, plan, tmp_path / "plan.gguf", source=GgufSource(source, fake), stored=made.layers)
+    assert out.stat().st_size == plan.predicted.bytes
+    reread = load_model(str(out))
+    with torch.no_grad():
+        a = loaded.task.forward(fake, batches[0])
+        b = loaded.task.forward(reread.model, batches[0])
+        ref = loaded.task.forward(loaded.model, batches[0])
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    assert float((a - ref).abs().max()) > 1e-4  # it was quantized
