@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..blocks import Chain, NotAChain, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
@@ -119,7 +119,11 @@ class SegmentPasses:
                 # After the first batch, a head holding no target is not run (nothing is read from it).
                 stop = b > 0 and bool(blocks) and not self._head_targets()
                 recording = self.chain.recording(stop) if blocks else nullcontext()
-                with recording, capture_calls(run.targets, batch, isolate=False, shapes_only=counted) as calls:
+                # The first batch's large head runs on its first positions only: the reference the head pass is
+                # checked against (a 262k vocabulary's logits of a whole batch are 1.07 GB).
+                head = self._large_head(blocks, batch) if b == 0 else None
+                short = _first_positions(head, _DRAW_ROWS) if head is not None else nullcontext()
+                with recording, short, capture_calls(run.targets, batch, isolate=False, shapes_only=counted) as calls:
                     out = Chain.until_stopped(lambda batch=batch: run.task.forward(run.model, batch))
                 n = out.shape[0] if out is not None else self.chain.hidden[b][-1].shape[0]  # type: ignore[union-attr]
                 check_batch_first(calls, run.targets, n)
@@ -130,7 +134,8 @@ class SegmentPasses:
                     self.exact = run.task.exact_draws(out)
                     self.draws = self.exact or self.requested
                     self._locate(calls, block_of)
-                    self._measure(calls, out, len(run.batches))
+                    shape = (*out.shape[:-2], self.chain.hidden[0][-1].shape[1], out.shape[-1]) if head else out.shape
+                    self._measure(calls, torch.Size(shape), len(run.batches))
                 for call in calls:
                     if len(self.where[call.target]) > 1:
                         h = call_hessian(call, batch)
@@ -195,10 +200,11 @@ class SegmentPasses:
                 name = "head" if seen_block else "stem"
             self.where.setdefault(call.target, set()).add(name)
 
-    def _measure(self, calls: list[Call], out: Tensor, batches: int) -> None:
+    def _measure(self, calls: list[Call], out: torch.Size, batches: int) -> None:
         """Bytes each segment holds (inputs and per-draw output-gradients of its calls), the
         recorded hidden states and gradients between segments, and the head's transient
-        tensors, from the first batch scaled to all batches."""
+        tensors (`out`: the shape of the model's output), from the first batch scaled to all
+        batches."""
         held: dict[str, int] = {}
         inputs: dict[str, set[int]] = {}
         for call in calls:
@@ -214,23 +220,37 @@ class SegmentPasses:
         # The head's output, its softmax, a pseudo-gradient and autograd's copy, per batch (of a
         # chunk of positions where the head runs in chunks; the recording pass holds one output).
         self.head_rows = self._head_rows(out)
-        held_out = out.numel() if self.head_rows is None else out.shape[0] * self.head_rows * out.shape[-1]
-        self.transient_bytes = max(4 * held_out * 4, _nbytes(out))
+        held_out = out.numel() if self.head_rows is None else self.head_rows * out[-1]
+        self.transient_bytes = 4 * held_out * 4
 
     def _head_targets(self) -> bool:
         """Whether a target is called in the head (after the last block)."""
         return any("head" in names for names in self.where.values())
 
-    def _head_rows(self, out: Tensor) -> int | None:
+    def _head_rows(self, out: torch.Size) -> int | None:
         """Positions per chunk of the head pass, or None where it runs whole: a causal LM's logits
-        over `HEAD_CHUNK_BYTES` in a cut model whose head holds no scored layer."""
+        (of shape `out`) over `HEAD_CHUNK_BYTES` in a cut model whose head holds no scored layer."""
         causal = getattr(self.run.task, "causal", False)
-        if not self.chain.blocks or self._head_targets() or out.dim() != 3 or not causal:
+        if not self.chain.blocks or self._head_targets() or len(out) != 3 or not causal:
             return None
         if out.numel() * 4 <= HEAD_CHUNK_BYTES:
             return None
-        fit = HEAD_CHUNK_BYTES // (4 * out.shape[-1])
+        fit = HEAD_CHUNK_BYTES // (4 * out[-1])
         return max(_DRAW_ROWS, fit // _DRAW_ROWS * _DRAW_ROWS)
+
+    def _large_head(self, blocks: list, batch: Any) -> nn.Linear | None:
+        """A causal LM's output layer (`get_output_embeddings`) when it is no target and its
+        logits of `batch` would exceed `HEAD_CHUNK_BYTES` (the first batch's head then runs on
+        its first positions, `_first_positions`), else None."""
+        run = self.run
+        get = getattr(run.model, "get_output_embeddings", None)
+        head = get() if blocks and callable(get) and getattr(run.task, "causal", False) else None
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if not isinstance(head, nn.Linear) or not isinstance(ids, Tensor) or ids.dim() != 2:
+            return None
+        if any(m is head for t in run.targets for m in t.modules):
+            return None
+        return head if ids.numel() * head.out_features * 4 > HEAD_CHUNK_BYTES else None
 
     def _targets(self, name: str) -> list[int]:
         return sorted(i for i, names in self.where.items() if name in names)
@@ -380,6 +400,21 @@ def _positions(batch: Any, i: int, start: int, stop: int, shape: torch.Size) -> 
             for k, v in batch.items()}  # fmt: skip
 
 
+@contextmanager
+def _first_positions(head: nn.Module, rows: int) -> Iterator[None]:
+    """`head` runs on the first `rows` positions of its input (`[n, positions, features]`)."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        return (x[:, :rows], *args[1:]) if isinstance(x, Tensor) and x.dim() == 3 else None
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _kept(call: Call) -> Call:
     """The call with its input detached and its output dropped: a shape on the meta device, not
     a view that would keep the output's memory alive."""
@@ -400,6 +435,10 @@ def _probe(out: Any) -> Any:
 
 
 def _same(a: Any, b: Tensor | None) -> bool:
+    """Whether output `a` agrees with the recorded reference `b`, on the positions `b` holds
+    (the first batch's large head recorded only its first ones)."""
+    if isinstance(a, Tensor) and b is not None and a.dim() == b.dim() == 3 and a.shape[1] > b.shape[1]:
+        a = a[:, : b.shape[1]]
     if not isinstance(a, Tensor) or b is None or a.shape != b.shape:
         return False
     return torch.allclose(a.detach(), b, rtol=1e-4, atol=1e-5)
