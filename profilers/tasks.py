@@ -23,14 +23,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EXACT_CLASSES", "EmbeddingTask", "LogitsTask", "OutputKind", "Task", "call_model", "infer_task"]
+__all__ = [
+    "EXACT_CLASSES",
+    "EmbeddingTask",
+    "LogitsTask",
+    "OutputKind",
+    "Task",
+    "call_model",
+    "infer_task",
+    "positions_per_chunk",
+]
 
 OutputKind = Literal["embedding", "logits"]
 
 # Classifiers with at most this many classes get the exact Fisher: one backward pass per class.
 EXACT_CLASSES = 16
 _ROWS = 64  # output positions per chunk of a pseudo-gradient sketch
-_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of a divergence (32 MB in float32)
+_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of a divergence or a perplexity (32 MB in float32)
+
+
+def positions_per_chunk(classes: int) -> int:
+    """Positions whose logits over `classes` make one chunk of at most `_CHUNK_ELEMENTS`."""
+    return max(1, _CHUNK_ELEMENTS // classes)
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -203,7 +217,7 @@ class LogitsTask(Task):
         """KL(p_ref ‖ p_out) per sample, over a few positions at a time: a 262k-token vocabulary's
         float32 log-softmax of a 512-token window is 0.5 GB, and three such copies were made."""
         flat_ref, flat = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
-        rows = max(1, _CHUNK_ELEMENTS // ref.shape[-1])
+        rows = positions_per_chunk(ref.shape[-1])
         parts = []
         for start in range(0, flat_ref.shape[0], rows):
             logp_ref = flat_ref[start : start + rows].float().log_softmax(dim=-1)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from profilers.tasks import Task
+from profilers.tasks import Task, positions_per_chunk
 
 from ..errors import AllocatorError
 from . import METRICS
@@ -126,9 +126,6 @@ class FpOutputs:
     def __iter__(self) -> Iterator[Tensor]:
         return iter(self.kept) if self.kept is not None else each_output(self.model, self.batches, self.task)
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
 
 def measure_outputs(
     label: str,
@@ -193,7 +190,7 @@ class _Nll:
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         keep = (mask[:, 1:] * mask[:, :-1]).bool()
-        rows = max(1, (1 << 23) // logits.shape[-1])  # a few positions at a time, as the divergence
+        rows = positions_per_chunk(logits.shape[-1])  # a few positions at a time, as the divergence
         for start in range(0, ids.shape[1] - 1, rows):
             stop = min(start + rows, ids.shape[1] - 1)
             logp = logits[:, start:stop].float().log_softmax(-1)

