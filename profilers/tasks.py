@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "DRAW_ROWS",
     "EXACT_CLASSES",
     "EmbeddingTask",
     "LogitsTask",
@@ -38,7 +39,7 @@ OutputKind = Literal["embedding", "logits"]
 
 # Classifiers with at most this many classes get the exact Fisher: one backward pass per class.
 EXACT_CLASSES = 16
-_ROWS = 64  # output positions per chunk of a pseudo-gradient sketch
+DRAW_ROWS = 64  # output positions per chunk of a pseudo-gradient sketch (its signs are drawn per chunk)
 _CHUNK_ELEMENTS = 1 << 23  # logits per chunk of a divergence or a perplexity (32 MB in float32)
 
 
@@ -202,11 +203,11 @@ class LogitsTask(Task):
             return p.mul_(weight).to(out.dtype)
         logits = out.detach().reshape(-1, out.shape[-1])
         v = torch.empty(logits.shape, dtype=torch.float32, device=out.device)
-        for start in range(0, logits.shape[0], _ROWS):  # a few positions at a time: no second copy of the logits
-            p = logits[start : start + _ROWS].float().softmax(dim=-1)
+        for start in range(0, logits.shape[0], DRAW_ROWS):  # a few positions at a time: no second copy of the logits
+            p = logits[start : start + DRAW_ROWS].float().softmax(dim=-1)
             signs = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).mul_(2).sub_(1)
             part = p.sqrt().mul_(signs.to(p.device))
-            v[start : start + _ROWS] = part.sub_(p.mul_(part.sum(dim=-1, keepdim=True)))
+            v[start : start + DRAW_ROWS] = part.sub_(p.mul_(part.sum(dim=-1, keepdim=True)))
         v = v.reshape(out.shape)
         mask = self._position_mask(out, batch)
         if mask is not None:

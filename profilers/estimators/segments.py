@@ -43,12 +43,12 @@ from ..blocks import Chain, NotAChain, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
 from ..input_hessians import accumulate_hessians, call_hessian
 from ..quant.options import needs_hessian
+from ..tasks import DRAW_ROWS
 from .base import CallCounter, ProfileRun
 
 __all__ = ["HEAD_CHUNK_BYTES", "Seen", "Segment", "SegmentPasses"]
 
 HEAD_CHUNK_BYTES = 256 * 2**20  # float32 logits a chunked head pass computes at once
-_DRAW_ROWS = 64  # positions per block of a pseudo-gradient's random signs (`LogitsTask`)
 
 
 @dataclass
@@ -122,7 +122,7 @@ class SegmentPasses:
                 # The first batch's large head runs on its first positions only: the reference the head pass is
                 # checked against (a 262k vocabulary's logits of a whole batch are 1.07 GB).
                 head = self._large_head(blocks, batch) if b == 0 else None
-                short = _first_positions(head, _DRAW_ROWS) if head is not None else nullcontext()
+                short = _first_positions(head, DRAW_ROWS) if head is not None else nullcontext()
                 with recording, short, capture_calls(run.targets, batch, isolate=False, shapes_only=counted) as calls:
                     out = Chain.until_stopped(lambda batch=batch: run.task.forward(run.model, batch))
                 n = out.shape[0] if out is not None else self.chain.hidden[b][-1].shape[0]  # type: ignore[union-attr]
@@ -236,7 +236,7 @@ class SegmentPasses:
         if out.numel() * 4 <= HEAD_CHUNK_BYTES:
             return None
         fit = HEAD_CHUNK_BYTES // (4 * out[-1])
-        return max(_DRAW_ROWS, fit // _DRAW_ROWS * _DRAW_ROWS)
+        return max(DRAW_ROWS, fit // DRAW_ROWS * DRAW_ROWS)
 
     def _large_head(self, blocks: list, batch: Any) -> nn.Linear | None:
         """A causal LM's output layer (`get_output_embeddings`) when it is no target and its
