@@ -28,18 +28,24 @@ from torch import Tensor, nn
 
 from .layers import QuantTarget
 
-__all__ = ["BlockCall", "Chain", "NotAChain", "find_blocks"]
+__all__ = ["BlockCall", "Chain", "NotAChain", "blocks_holding", "find_blocks"]
 
 
 def find_blocks(model: nn.Module, targets: Sequence[QuantTarget]) -> list[nn.Module]:
     """The longest `nn.ModuleList` of two or more modules of one type, each holding a target."""
     target_ids = {id(m) for t in targets for m in t.modules}
+    return blocks_holding(model, lambda m: id(m) in target_ids)
+
+
+def blocks_holding(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[nn.Module]:
+    """The longest `nn.ModuleList` of two or more modules of one type, each holding a module
+    `wanted` accepts (`find_blocks` before the targets exist: e.g. every `nn.Linear`)."""
     best: list[nn.Module] = []
     for mod in model.modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len(mod) <= len(best):
             continue
         kids = list(mod)
-        if len({type(k) for k in kids}) == 1 and all(any(id(m) in target_ids for m in k.modules()) for k in kids):
+        if len({type(k) for k in kids}) == 1 and all(any(wanted(m) for m in k.modules()) for k in kids):
             best = kids
     return best
 

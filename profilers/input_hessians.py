@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .blocks import Chain, NotAChain, find_blocks
 from .capture import Call, capture_calls, conv_patches
 from .layers import QuantTarget
+from .resident import held
 from .tasks import Task
 
 __all__ = ["accumulate_hessians", "call_hessian", "input_hessians", "positions_mask", "streamed_hessians"]
@@ -96,32 +97,42 @@ def streamed_hessians(
     hidden = [h[0] for h in chain.hidden]
     for k, block in enumerate(blocks):
         report("hessians", len(batches) + k, total)
-        if not sequential:
-            sums: dict[int, Tensor] = {}
-            with torch.no_grad():
-                for b, batch in enumerate(batches):
-                    with capture_calls(targets, batch, isolate=False) as calls:
-                        chain.calls[b][k].call(block, chain.hidden[b][k])  # type: ignore[arg-type]
-                    accumulate_hessians(sums, calls, batch)
-            chain.free(k)
-            yield {i: h.float() for i, h in sums.items()}
-            continue
-        done: set[int] = set()
-        while True:  # one run of the block per group of layers, and a last one for its output
-            sums, group, outs = {}, None, []
-            with torch.no_grad():
-                for b, batch in enumerate(batches):
-                    with capture_calls(targets, batch, isolate=False) as calls:
-                        outs.append(chain.calls[b][k].call(block, hidden[b]))  # type: ignore[arg-type]
-                    group = _next_group(calls, done) if group is None else group
-                    accumulate_hessians(sums, [c for c in calls if c.target in group], batch)
-            if not group:
-                hidden = outs
-                break
-            done |= group
-            yield {i: h.float() for i, h in sums.items()}
-        chain.free(k)
+        with held(block):  # a block read on use stays in memory while its layers are quantized
+            yield from _block_hessians(chain, k, batches, targets, sequential, hidden)
     report("hessians", total, total)
+
+
+def _block_hessians(
+    chain: Chain, k: int, batches: Sequence[Any], targets: Sequence[QuantTarget], sequential: bool, hidden: list[Any]
+) -> Iterator[dict[int, Tensor]]:
+    """Block `k`'s groups of `streamed_hessians`; with `sequential`, `hidden` (each batch's input
+    to the block) becomes the block's output as its layers then are."""
+    block = chain.blocks[k]
+    if not sequential:
+        sums: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for b, batch in enumerate(batches):
+                with capture_calls(targets, batch, isolate=False) as calls:
+                    chain.calls[b][k].call(block, chain.hidden[b][k])  # type: ignore[arg-type]
+                accumulate_hessians(sums, calls, batch)
+        chain.free(k)
+        yield {i: h.float() for i, h in sums.items()}
+        return
+    done: set[int] = set()
+    while True:  # one run of the block per group of layers, and a last one for its output
+        sums, group, outs = {}, None, []
+        with torch.no_grad():
+            for b, batch in enumerate(batches):
+                with capture_calls(targets, batch, isolate=False) as calls:
+                    outs.append(chain.calls[b][k].call(block, hidden[b]))
+                group = _next_group(calls, done) if group is None else group
+                accumulate_hessians(sums, [c for c in calls if c.target in group], batch)
+        if not group:
+            hidden[:] = outs
+            break
+        done |= group
+        yield {i: h.float() for i, h in sums.items()}
+    chain.free(k)
 
 
 def _next_group(calls: Sequence[Call], done: set[int]) -> set[int]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .quant.cost import FP_BYTES_PER_ELEMENT
+from .resident import held
 from .types import LayerKind, LayerSpec, ProfileError
 
 __all__ = [
@@ -114,7 +115,9 @@ def find_targets(
         raise ProfileError("every quantizable layer was excluded; loosen --include/--exclude")
     targets = list(by_weight.values())
     for t in targets:
-        if not torch.isfinite(t.weight.detach()).all():
+        with held(*t.modules):
+            finite = bool(torch.isfinite(t.weight.detach()).all())
+        if not finite:
             raise ProfileError(
                 f"layer {t.spec.name!r} has NaN or infinite weights; repair or reload the model before quantizing"
             )
@@ -167,9 +170,11 @@ def fp16_bytes(model: nn.Module) -> int:
 def fingerprint_model(model: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and values of the model's state, hex."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
         if not isinstance(t, torch.Tensor):
             continue
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        with held(modules[name.rpartition(".")[0]]):  # a block read on use: its values, one block at a time
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

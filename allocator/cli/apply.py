@@ -54,12 +54,16 @@ def apply(
     check_outputs({"--output": output}, [plan_file, model, data.data])
     name = model or plan.model_name or DEFAULT_MODEL
     setup = None
-    calibrated = needs_hessian(plan.method) or plan.refine_steps > 0 or plan.tune_steps > 0
+    tuned = plan.refine_steps > 0 or plan.tune_steps > 0
+    calibrated = needs_hessian(plan.method) or tuned
+    # A causal LM is read block by block, unless the check, --refine or --tune need the whole model, or a GGUF
+    # plan is written (its writer reads the source file's tensors next to the model's).
+    lazy = not (check or tuned or plan.target_format == "gguf")
     if calibrated or check:  # GPTQ, --refine and --tune run on the plan's calibration data; the check on held-out
-        setup = load_setup(name, data.resolve(plan.data))
+        setup = load_setup(name, data.resolve(plan.data), lazy=lazy)
         loaded = setup.loaded
     else:
-        loaded = load_model(name)
+        loaded = load_model(name, lazy=lazy)
     check_weights(plan.model_fingerprint, loaded, plan_file, "solve again for this model")
     source = _gguf_source(plan, loaded)
     calibration = None

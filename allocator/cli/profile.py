@@ -86,7 +86,7 @@ def profile(
     model = one_model(model, model_option)
     check_outputs({"--output": output}, [model, data.data])
     choices = grid.choices()
-    setup = load_setup(model, data)
+    setup = load_setup(model, data, lazy=not validate)  # --validate copies weights of every block at once
     table, seconds = run_profile(setup, grid, choices, seed=data.seed, progress=progress, score_on=data.score_on)
     report.profile(table, seconds)
     if validate:

@@ -26,13 +26,14 @@ class Setup:
         return self.data.calib
 
 
-def load_setup(model: str | None, options: DataOptions) -> Setup:
-    """Load `model` (the default model when None) and split its data as `options` say."""
+def load_setup(model: str | None, options: DataOptions, *, lazy: bool = False) -> Setup:
+    """Load `model` (the default model when None; `lazy`: a causal LM read block by block) and
+    split its data as `options` say."""
     from ..sources import DEFAULT_MODEL
     from ..sources.data import load_data
     from ..sources.models import load_model
 
-    loaded = load_model(model or DEFAULT_MODEL)
+    loaded = load_model(model or DEFAULT_MODEL, lazy=lazy)
     found = load_data(loaded, options.data, calibration=options.calibration, seed=options.seed,
                       max_length=options.max_length, batch_size=options.batch_size)  # fmt: skip
     detail = f", {found.max_length} tokens" if found.unit == "documents" else ""

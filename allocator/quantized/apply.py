@@ -22,6 +22,7 @@ from profilers.layers import find_targets, resolve_modules
 from profilers.quant.options import needs_hessian
 from profilers.quant.quantize import as_matrix
 from profilers.quant.rounding import ggml_tensor, stored_terms
+from profilers.resident import held, is_lazy
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileError, ProfileTable
 
@@ -190,7 +191,9 @@ def _checked_weights(
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             raise PlanError(f"layer {name!r} has no weight to quantize")
-        if not torch.isfinite(weight.detach()).all():
+        with held(module):
+            finite = bool(torch.isfinite(weight.detach()).all())
+        if not finite:
             raise PlanError(f"layer {name!r} has NaN or infinite weights; repair or reload the model first")
         weights[name] = weight
         if choices[name].extra and (extra_rows is None or name not in extra_rows):
@@ -200,10 +203,12 @@ def _checked_weights(
 
 def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> None:
     """Round what the packed file stores in fp16: the state dict's other floating tensors.
-    Non-persistent buffers (e.g. rotary frequencies) are not stored, so they stay as they are."""
+    Non-persistent buffers (e.g. rotary frequencies) are not stored, so they stay as they are;
+    nor do blocks read on use (read again, they hold the file's values; the export rounds them)."""
     done = {id(w) for w in planned.values()}
-    for t in model.state_dict(keep_vars=True).values():
-        if id(t) in done or not t.is_floating_point():
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in done or not t.is_floating_point() or is_lazy(modules[key.rpartition(".")[0]]):
             continue
         done.add(id(t))
         t.copy_(t.half().to(t.dtype))

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from profilers.files import atomic_write_bytes
 from profilers.quant.quantize import Term
 from profilers.quant.rotation import rotation_signs
+from profilers.resident import held
 from profilers.tasks import Task
 from profilers.types import ProfileTable
 
@@ -122,8 +123,7 @@ def export_quantized(
         raise PlanError("the stored layers given to export_quantized are not the plan's layers")
     per_layer = {name: _layer_tensors(name, stored[name]) for name in plan.layers}
     tensors = {k: v for name in plan.layers for k, v in per_layer[name].items()}  # the plan's order
-    for key, value in _unplanned_tensors(model, planned).items():
-        tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
+    tensors.update(_unplanned_tensors(model, planned))
     metadata = {
         "format": FILE_FORMAT,
         "version": FILE_VERSION,
@@ -177,11 +177,15 @@ def tensor_checksum(t: Tensor) -> int:
 
 
 def _unplanned_tensors(model: nn.Module, planned: set[int]) -> dict[str, Tensor]:
-    """Every state-dict tensor of `model` the plan does not quantize, each stored once."""
+    """Every state-dict tensor of `model` the plan does not quantize, each stored once, as the
+    file stores it (floats in fp16); a block read on use is read for it, one block at a time."""
     out: dict[str, Tensor] = {}
     seen = set(planned)
+    modules = dict(model.named_modules(remove_duplicate=False))
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) not in seen:
             seen.add(id(t))
-            out[key] = t.detach()
+            with held(modules[key.rpartition(".")[0]]):
+                value = t.detach()
+                out[key] = (value.half() if value.is_floating_point() else value).contiguous()
     return out

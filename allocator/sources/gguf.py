@@ -94,10 +94,10 @@ def check_gguf(path: Path) -> str:
     return arch
 
 
-def load_gguf(path: Path, *, name: str) -> LoadedModel:
+def load_gguf(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
     """A GGUF file as a causal LM in float32 and eval mode, with its tokenizer, its embedding and
     output head kept in fp16 by default (`LoadedModel.keep`), and the config a packed file
-    rebuilds it from.
+    rebuilds it from. With `lazy`, its blocks are dequantized when used (`sources.lazy`).
 
     Raises:
         ModelError: in one line naming the file (see `check_gguf`), or transformers cannot build
@@ -115,8 +115,15 @@ def load_gguf(path: Path, *, name: str) -> LoadedModel:
     except Exception as e:
         raise ModelError(f"cannot build the tokenizer of {path} ({arch}): {_first_line(e)}") from None
     try:
-        with _no_dequantize_bar():
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        if lazy:
+            from .lazy import lazy_from_gguf
+
+            model = lazy_from_gguf(path)
+        else:
+            with _no_dequantize_bar():
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(
             f"cannot load {path} ({arch}) as a causal LM: {_first_line(e)}; only causal LMs are read from GGUF"

@@ -27,7 +27,9 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_hf_folder(path: Path, *, name: str) -> LoadedModel:
+def load_hf_folder(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
+    """A local Hugging Face model folder in eval mode; with `lazy`, a causal LM's blocks are read
+    from its safetensors files when used (`sources.lazy`)."""
     quiet_transformers()
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -56,7 +58,12 @@ def load_hf_folder(path: Path, *, name: str) -> LoadedModel:
             auto, init, task, kind = "AutoModelForSequenceClassification", {}, LogitsTask(), "classifier"
         else:
             auto, init, task, kind = "AutoModel", {}, EmbeddingTask("mean", True), "encoder"
-        model = getattr(transformers, auto).from_pretrained(path, **init)
+        if lazy and kind == "causal-lm":
+            from .lazy import lazy_from_folder
+
+            model = lazy_from_folder(path, auto)
+        else:
+            model = getattr(transformers, auto).from_pretrained(path, **init)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model weights in {path}: {e}") from None
     model.eval()

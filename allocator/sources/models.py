@@ -55,9 +55,13 @@ def _builtin_llm(name: str) -> Path:
     return getattr(zoo, BUILTIN_LLMS[name])()
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
+def load_model(name_or_path: str = DEFAULT_MODEL, *, lazy: bool = False) -> LoadedModel:
     """Load a built-in model by name, a local Hugging Face model folder, a `.gguf` file, an
-    import path or a torch.save file, in eval mode."""
+    import path or a torch.save file, in eval mode.
+
+    With `lazy`, a causal LM from a GGUF file or a folder of safetensors is read block by block
+    (`sources.lazy`): its blocks' weights are read from the file when a stage uses them, and the
+    model cannot be copied. Other models load whole either way."""
     from .hf import load_hf_folder
 
     if name_or_path == DEFAULT_MODEL:
@@ -67,7 +71,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
     if name_or_path in BUILTIN_LLMS:
         from .gguf import load_gguf
 
-        return load_gguf(_builtin_llm(name_or_path), name=name_or_path)
+        return load_gguf(_builtin_llm(name_or_path), name=name_or_path, lazy=lazy)
     if name_or_path == "lenet-mnist":
         from .zoo import lenet_mnist
 
@@ -80,9 +84,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
     if path.suffix.lower() == ".gguf" and not path.is_dir():
         from .gguf import load_gguf
 
-        return load_gguf(path, name=str(path))
+        return load_gguf(path, name=str(path), lazy=lazy)
     if path.is_dir() and (path / "config.json").is_file():
-        return load_hf_folder(path, name=str(path))
+        return load_hf_folder(path, name=str(path), lazy=lazy)
     if path.is_file() and path.suffix.lower() in user.MODULE_SUFFIXES:
         rebuild = {"source": "torch.save", "path": str(path.resolve())}
         return LoadedModel(str(path), user.load_saved_module(path), None, kind="module", rebuild=rebuild)

@@ -43,6 +43,7 @@ from ..blocks import Chain, NotAChain, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
 from ..input_hessians import accumulate_hessians, call_hessian
 from ..quant.options import needs_hessian
+from ..resident import held
 from ..tasks import DRAW_ROWS
 from .base import CallCounter, ProfileRun
 
@@ -266,7 +267,8 @@ class SegmentPasses:
             head = self._head()
         yield head
         for k in reversed(range(self.blocks)):
-            yield self._block(k)
+            with held(self.chain.blocks[k]):  # a block read on use stays in memory while its segment is scored
+                yield self._block(k)
             self.chain.free(k + 1)
         if self.blocks and self._targets("stem"):
             yield self._stem()
