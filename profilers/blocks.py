@@ -18,6 +18,9 @@ has no such blocks, is one head segment: the whole model, as before streaming ex
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from .layers import QuantTarget
+from .resident import is_lazy
 
-__all__ = ["BlockCall", "Chain", "NotAChain", "blocks_holding", "find_blocks"]
+__all__ = ["BlockCall", "Chain", "NotAChain", "SpillFile", "Spilled", "blocks_holding", "find_blocks"]
 
 
 def find_blocks(model: nn.Module, targets: Sequence[QuantTarget]) -> list[nn.Module]:
@@ -113,14 +117,80 @@ def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | 
     raise NotAChain("a block's first argument is not its hidden state")
 
 
+class Spilled:
+    """A tensor written to a `SpillFile`, read back (into new memory) by `load`."""
+
+    def __init__(self, file: SpillFile, offset: int, shape: torch.Size, dtype: torch.dtype) -> None:
+        self.file, self.offset, self.shape, self.dtype = file, offset, shape, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def load(self) -> Tensor:
+        data = bytearray(self.nbytes)
+        if os.preadv(self.file.fd, [data], self.offset) != len(data):
+            raise OSError("the spill file was cut short")
+        return torch.frombuffer(data, dtype=self.dtype).reshape(self.shape) if data else torch.empty(self.shape)
+
+
+class SpillFile:
+    """Tensors kept in an unnamed temporary file (removed when closed or the process ends)
+    instead of memory, written with plain writes: the page cache holds them, not the process."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="allocator-hidden-")  # noqa: SIM115 (lives with the chain)
+        self.fd = self._file.fileno()
+        self.end = 0
+
+    def put(self, t: Tensor) -> Spilled:
+        data = t.detach().contiguous().cpu()
+        raw = data.reshape(-1).view(torch.uint8).numpy()
+        written = os.pwritev(self.fd, [raw], self.end) if raw.size else 0
+        if written != raw.size:
+            raise OSError(f"could not write {raw.size} bytes of hidden states to the temporary folder")
+        spilled = Spilled(self, self.end, data.shape, data.dtype)
+        self.end += raw.size
+        return spilled
+
+
+def _tensor(h: Tensor | Spilled | None) -> Tensor | None:
+    return h.load() if isinstance(h, Spilled) else h
+
+
 @dataclass
 class Chain:
     """The blocks of a model and, per calibration batch, each block's call and hidden input
-    (`hidden[b][k]` is block `k`'s input; `hidden[b][N]` the last block's output)."""
+    (`input(b, k)`: block `k`'s input; `input(b, N)` the last block's output).
+
+    The hidden states of a model whose blocks are read on use (`profilers.resident`: a model
+    too large to hold) are kept in a temporary file (`spill`), not in memory: 32 windows of a
+    2048-wide model are 134 MB per block boundary."""
 
     blocks: list[nn.Module]
     calls: list[list[BlockCall]] = field(default_factory=list)
-    hidden: list[list[Tensor | None]] = field(default_factory=list)
+    hidden: list[list[Tensor | Spilled | None]] = field(default_factory=list)
+    spill: SpillFile | None = None
+
+    def __post_init__(self) -> None:
+        if self.spill is None and self.blocks and is_lazy(self.blocks[0]):
+            self.spill = SpillFile()
+
+    def input(self, b: int, k: int) -> Tensor:
+        """Batch `b`'s input to block `k` (`k` = the number of blocks: the last one's output)."""
+        h = _tensor(self.hidden[b][k])
+        if h is None:
+            raise RuntimeError(f"batch {b}'s input to block {k} was already freed")
+        return h
+
+    def input_bytes(self, k: int) -> int:
+        """Bytes of the first batch's input to block `k`, in memory or spilled."""
+        h = self.hidden[0][k]
+        assert h is not None
+        return math.prod(h.shape) * h.dtype.itemsize
+
+    def _keep(self, h: Tensor) -> Tensor | Spilled:
+        return self.spill.put(h) if self.spill is not None else h.detach()
 
     @contextmanager
     def recording(self, stop: bool = False) -> Iterator[None]:
@@ -149,7 +219,7 @@ class Chain:
                 if "use_cache" in kw:
                     kw["use_cache"] = False
                 state["calls"].append(BlockCall(kept, kw, slot))
-                state["hidden"].append(h.detach())
+                state["hidden"].append(self._keep(h))
 
             return hook
 
@@ -160,7 +230,7 @@ class Chain:
                     state["calls"][k].rest = tuple(out[1:])
                 state["last"] = h
                 if k == n - 1:
-                    state["hidden"].append(h.detach())
+                    state["hidden"].append(self._keep(h))
                     if stop:
                         raise _Stop(h)
 
@@ -182,11 +252,12 @@ class Chain:
     def stubbed(self, b: int, leaf: Tensor) -> Iterator[None]:
         """Every block returns its recorded output for batch `b` without running; the last one
         returns `leaf` (the last block's output, as a tensor the head's gradient reaches)."""
-        outs = [*self.hidden[b][1:-1], leaf]
+        n = len(self.blocks)
         saved = [block.__dict__.get("forward") for block in self.blocks]
         try:
-            for block, call, out in zip(self.blocks, self.calls[b], outs, strict=True):
-                block.forward = lambda *a, _c=call, _o=out, **k: _c.output(_o)  # type: ignore[method-assign]
+            for k, (block, call) in enumerate(zip(self.blocks, self.calls[b], strict=True)):
+                out = (lambda: leaf) if k == n - 1 else (lambda k=k: self.input(b, k + 1))
+                block.forward = lambda *a, _c=call, _o=out, **kw: _c.output(_o())  # type: ignore[method-assign]
             yield
         finally:
             for block, fwd in zip(self.blocks, saved, strict=True):

@@ -94,7 +94,7 @@ def streamed_hessians(
         yield input_hessians(model, batches, task, targets, progress=progress)
         return
     yield {i: h.float() for i, h in outside.items()}
-    hidden = [h[0] for h in chain.hidden]
+    hidden = [chain.input(b, 0) for b in range(len(batches))]
     for k, block in enumerate(blocks):
         report("hessians", len(batches) + k, total)
         with held(block):  # a block read on use stays in memory while its layers are quantized
@@ -113,7 +113,7 @@ def _block_hessians(
         with torch.no_grad():
             for b, batch in enumerate(batches):
                 with capture_calls(targets, batch, isolate=False) as calls:
-                    chain.calls[b][k].call(block, chain.hidden[b][k])  # type: ignore[arg-type]
+                    chain.calls[b][k].call(block, chain.input(b, k))
                 accumulate_hessians(sums, calls, batch)
         chain.free(k)
         yield {i: h.float() for i, h in sums.items()}

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LazyBlocks", "held", "is_lazy"]
+__all__ = ["LazyBlocks", "held", "is_lazy", "resident_bytes"]
 
 # Every module inside a lazy block -> (its LazyBlocks, the block's index).
 _OWNER: weakref.WeakKeyDictionary[nn.Module, tuple[LazyBlocks, int]] = weakref.WeakKeyDictionary()
@@ -158,3 +158,22 @@ def _holding(owners: list[tuple[LazyBlocks, int]]) -> Iterator[None]:
     (lazy, k), rest = owners[0], owners[1:]
     with lazy.holding(k), _holding(rest):
         yield
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers in memory at most: all of an ordinary model; of
+    a model read block by block, its stem and head and `capacity` + 1 of its blocks (one held)."""
+    tensors: dict[int, int] = {}
+    lazies: dict[int, LazyBlocks] = {}
+    for module in model.modules():
+        owner = _OWNER.get(module)
+        if owner is not None:
+            lazies[id(owner[0])] = owner[0]
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            tensors[t.data_ptr()] = t.numel() * t.element_size()
+    blocks = 0
+    for lazy in lazies.values():
+        per_block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in lazy.blocks)
+        blocks += (lazy.capacity + 1) * per_block
+    return sum(tensors.values()) + blocks

@@ -101,7 +101,7 @@ def refine_blocks_(
         layers = {rel: TunedLayer(stored[by_module[id(m)]]) for rel, m in modules.items()
                   if stored[by_module[id(m)]].choice.quantized}  # fmt: skip
         if layers:
-            targets = [chain.hidden[b][k + 1] for b in range(len(batches))]
+            targets = [chain.input(b, k + 1) for b in range(len(batches))]
             dtypes = {rel: modules[rel].weight.dtype for rel in layers}
             with torch.enable_grad():
                 before, after, tuned = _tune_block(block, chain, k, layers, dtypes, hidden, targets, batches, steps)

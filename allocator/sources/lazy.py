@@ -94,13 +94,12 @@ class _GgufTensors:
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
         )
 
         self.reader = GGUFReader(path, "r")
         arch = bytes(self.reader.fields["general.architecture"].parts[-1]).decode()
-        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+        # The processors read the model's config under transformers' names (heads, key/value heads).
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
         self.to_hf = get_gguf_hf_weights_map(model, self.processor)
         tensors = {t.name: t for t in self.reader.tensors}
         self.tensors = {self.to_hf[n]: t for n, t in tensors.items() if n in self.to_hf}

@@ -20,8 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
+from ..resident import resident_bytes
 from .base import ProfileRun
 from .segments import SegmentPasses
 
@@ -65,11 +64,6 @@ def format_size(n: float) -> str:
     return f"{int(n)}B"
 
 
-def _module_bytes(model: nn.Module) -> int:
-    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    return sum(tensors.values())
-
-
 @dataclass
 class _Layer:
     segment: str
@@ -109,7 +103,7 @@ class MemoryBudget:
 def memory_budget(run: ProfileRun, passes: SegmentPasses) -> MemoryBudget:
     """The memory of `run` as `passes` will stream it (`FisherProfiler`)."""
     base = (
-        _module_bytes(run.model)
+        resident_bytes(run.model)  # a model read block by block: a few of its blocks
         + RUNTIME_BYTES
         + passes.carried_bytes
         + passes.transient_bytes

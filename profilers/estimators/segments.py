@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..blocks import Chain, NotAChain, find_blocks
+from ..blocks import Chain, NotAChain, Spilled, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
 from ..input_hessians import accumulate_hessians, call_hessian
 from ..quant.options import needs_hessian
@@ -181,7 +181,7 @@ class SegmentPasses:
         with torch.no_grad():
             for b, batch in enumerate(self.run.extra):
                 with capture_calls(self.run.targets, batch, isolate=False) as calls:
-                    chain.calls[b][k].call(chain.blocks[k], chain.hidden[b][k])  # type: ignore[arg-type]
+                    chain.calls[b][k].call(chain.blocks[k], chain.input(b, k))
                 accumulate_hessians(sums, [c for c in calls if c.target in wanted], batch)
         chain.free(k)
         return sums
@@ -216,7 +216,7 @@ class SegmentPasses:
                 held[name] = held.get(name, 0) + self.draws * call.out.numel() * 4
         self.segment_bytes = {name: n * batches for name, n in held.items()}
         hidden = sum(_nbytes(h) for h in self.chain.hidden[0]) if self.chain.hidden else 0
-        last = _nbytes(self.chain.hidden[0][-1]) if self.chain.hidden else 0
+        last = self.chain.input_bytes(len(self.chain.blocks)) if self.chain.hidden else 0  # per-draw gradients
         self.carried_bytes = (hidden + self.draws * last) * batches
         # The head's output, its softmax, a pseudo-gradient and autograd's copy, per batch (of a
         # chunk of positions where the head runs in chunks; the recording pass holds one output).
@@ -303,7 +303,7 @@ class SegmentPasses:
                     self.dh.append(self._head_in_chunks(b, batch, self.head_rows))
                     seg.seen.append([])
                     continue
-                leaf = chain.hidden[b][-1].detach().requires_grad_(True) if chain.blocks else None
+                leaf = chain.input(b, len(chain.blocks)).detach().requires_grad_(True) if chain.blocks else None
                 stub = chain.stubbed(b, leaf) if leaf is not None else nullcontext()
                 with stub, capture_calls(run.targets, batch) as calls, torch.enable_grad():
                     out = run.task.forward(run.model, batch)
@@ -322,8 +322,7 @@ class SegmentPasses:
         """`dL/dh` at the last block's output per draw, the head run on `rows` positions of one
         sample at a time (sample-major, as a whole pass draws its signs), once per draw."""
         run, chain = self.run, self.chain
-        last = chain.hidden[b][-1]
-        assert last is not None
+        last = chain.input(b, len(chain.blocks))
         n, length = last.shape[:2]
         dh = [torch.zeros_like(last) for _ in range(self.draws)]
         for d in range(self.draws):
@@ -350,7 +349,7 @@ class SegmentPasses:
         wanted = set(seg.targets)
         block = chain.blocks[k]
         for b, batch in enumerate(run.batches):
-            leaf = chain.hidden[b][k].detach().requires_grad_(True)  # type: ignore[union-attr]
+            leaf = chain.input(b, k).detach().requires_grad_(True)
             with capture_calls(run.targets, batch) as calls, torch.enable_grad():
                 h = chain.calls[b][k].call(block, leaf)
             mine = [c for c in calls if c.target in wanted]
@@ -423,8 +422,9 @@ def _kept(call: Call) -> Call:
     return Call(call.target, call.module, call.inp.detach(), call.out.detach().to("meta"))
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
+def _nbytes(t: Tensor | Spilled | None) -> int:
+    """Bytes `t` holds in memory (a hidden state kept in the spill file: none)."""
+    return t.numel() * t.element_size() if isinstance(t, Tensor) else 0
 
 
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:

@@ -158,3 +158,31 @@ def test_biases_are_read_with_their_blocks(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(lazy(x).logits, whole(x).logits, rtol=0, atol=0)
     assert _lazy(lazy).resident() == [1]
+
+
+def test_hidden_states_of_a_lazy_model_go_to_the_spill_file(llama_dir):
+    from profilers.blocks import Chain, Spilled, SpillFile
+
+    folder, whole = llama_dir
+    lazy = lazy_from_folder(folder, "AutoModelForCausalLM", capacity=1)
+    chains = [Chain(list(m.model.layers)) for m in (whole, lazy)]
+    assert chains[0].spill is None and chains[1].spill is not None
+    for model, chain in zip((whole, lazy), chains, strict=True):
+        with torch.no_grad(), chain.recording():
+            model(_batches(300)[0]["input_ids"])
+    assert all(isinstance(h, Spilled) for h in chains[1].hidden[0])
+    for k in range(4):
+        assert torch.equal(chains[0].input(0, k), chains[1].input(0, k))
+    spill = SpillFile()
+    for t in (torch.randn(3, 5), torch.randn(2, 7).bfloat16(), torch.empty(0, 4)):
+        back = spill.put(t).load()
+        assert back.dtype == t.dtype and torch.equal(back, t)
+
+
+def test_a_lazy_model_counts_a_few_blocks_against_max_memory(llama_dir):
+    from profilers.resident import resident_bytes
+
+    folder, whole = llama_dir
+    lazy = lazy_from_folder(folder, "AutoModelForCausalLM", capacity=1)
+    block = sum(p.numel() * 4 for p in whole.model.layers[0].parameters())
+    assert resident_bytes(whole) - resident_bytes(lazy) == block  # 3 blocks whole, 2 (capacity + one held) lazily
