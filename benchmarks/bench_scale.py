@@ -14,7 +14,7 @@ weight and its ratio to SmolLM2's, peak RSS, the float32 model's bytes, and the 
 per batch (whole, and the chunk a profile's head pass holds).
 
 Usage: .venv/bin/python benchmarks/bench_scale.py [--models smollm2,gemma3-270m] [--calibration N]
-    [--no-apply] [--cache out/bench_scale]
+    [--no-apply] [--grid "--bits 2,3,4 --terms 1 --fractions 0"] [--cache out/bench_scale]
 The defaults (all three models, 32 calibration windows, profile and apply) take about 1.5 hours
 on 2 cores; `--models smollm2,gemma3-270m` about 25 minutes.
 """
@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--no-apply", action="store_true", help="profile only")
     parser.add_argument("--budget", default="3.5bpw")
+    parser.add_argument("--grid", default="", help="options of `allocator profile` narrowing the choice grid, the"
+                        " same for every model (e.g. \"--bits 2,3,4 --terms 1 --fractions 0\"); default: allocator's")
     parser.add_argument("--cache", type=Path, default=ROOT / "out" / "bench_scale")
     opts = parser.parse_args()
     opts.cache.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def main() -> None:
         model = "smollm2" if folder is None else str(folder)
         profile, plan, packed = (opts.cache / f"{name}.{ext}" for ext in ("profile.json", "plan.json", "safetensors"))
         stages = [("profile", ["profile", model, "-o", str(profile), "--calibration", str(opts.calibration),
-                               "--no-progress"])]  # fmt: skip
+                               *opts.grid.split(), "--no-progress"])]  # fmt: skip
         if not opts.no_apply:
             stages.append(("apply", ["apply", "--model", model, str(plan), "-o", str(packed), "--no-check",
                                      "--no-progress"]))  # fmt: skip
@@ -133,14 +135,15 @@ def main() -> None:
 def report(rows: list[tuple]) -> None:
     reference = {stage: seconds / shape["weights"] for name, stage, seconds, _, shape, _ in rows if name == "smollm2"}
     print("\n| model | stage | blocks | quantizable weights | wall s | s per block | us per weight (x SmolLM2) |"
-          " peak RSS GB | head logits per batch (held) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          " peak RSS GB | 3 GB + 2 blocks | head logits per batch (held) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, stage, seconds, rss, shape, (whole, held) in rows:
         per = seconds / shape["weights"]
         ratio = f" ({per / reference[stage]:.2f}x)" if stage in reference else ""
         per_block = seconds / shape["blocks"] if shape["blocks"] else float("nan")
+        bar = 3e9 + 2 * 4 * shape["weights"] / max(1, shape["blocks"])  # float32 blocks (their quantizable weights)
         print(f"| {name} | {stage} | {shape['blocks']} | {shape['weights'] / 1e6:.1f}M | {seconds:.0f} | "
-              f"{per_block:.1f} | {per * 1e6:.2f}{ratio} | {rss / 1e9:.2f} | {whole / 1e9:.2f} GB "
+              f"{per_block:.1f} | {per * 1e6:.2f}{ratio} | {rss / 1e9:.2f} | {bar / 1e9:.2f} | {whole / 1e9:.2f} GB "
               f"({held / 1e9:.2f} GB) |")  # fmt: skip
 
 
