@@ -380,6 +380,7 @@ class Validation(BaseModel):
     additivity_pearson: float = Field(description="correlation of summed estimates with measured plan loss")
     additivity_ratio: float = Field(description="median measured / summed-estimate ratio over the plans")
     seconds: float = 0.0
+    batches: int = Field(0, description="calibration batches the divergence was measured on (0: not recorded)")
 
     @property
     def trustworthy(self) -> bool:

@@ -124,7 +124,8 @@ class Reporter:
     def validation(self, v: Validation, profiler: str) -> None:
         self.line(
             f"validation of {profiler} against measurement: Spearman {v.spearman:.3f} over {v.pairs} (layer, option)"
-            f" pairs; additivity over {v.plans} random plans: Pearson {v.additivity_pearson:.3f},"
+            f" pairs{f' on {v.batches} batches' if v.batches else ''}; additivity over {v.plans} random plans:"
+            f" Pearson {v.additivity_pearson:.3f},"
             f" measured/estimated {v.additivity_ratio:.2f} ({v.seconds:.0f}s)"
         )
         if not v.trustworthy:

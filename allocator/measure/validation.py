@@ -35,7 +35,9 @@ from profilers.types import ProfileError, ProfileTable, Validation
 
 from ..planning.build import plan_from_profile
 
-__all__ = ["sample_plans", "validate_profile"]
+__all__ = ["REFERENCE_BYTES", "sample_plans", "validate_profile"]
+
+REFERENCE_BYTES = 2 * 1024**3  # FP outputs the measurement keeps: batches beyond are left out
 
 
 def sample_plans(
@@ -95,7 +97,8 @@ def validate_profile(
             f"the profile names layers the model lacks ({', '.join(missing[:3])}); it is for another model"
         )
     targets = [by_name[n] for n in table.names]
-    meter = OutputMeter(model, targets, batches, task)
+    measured_on = _fitting(model, list(batches), task)  # GPTQ's H below still reads every batch
+    meter = OutputMeter(model, targets, measured_on, task)
     method = str(table.settings.get("method", "rtn"))
     hessians = input_hessians(model, batches, task, targets) if needs_hessian(method) else {}
 
@@ -134,4 +137,15 @@ def validate_profile(
         additivity_pearson=r,
         additivity_ratio=float(np.median(ratios)) if plans else float("nan"),
         seconds=round(time.perf_counter() - started, 2),
+        batches=len(measured_on),
     )
+
+
+def _fitting(model: nn.Module, batches: list[Any], task: Task) -> list[Any]:
+    """The first of `batches` whose FP outputs, which the measurement keeps, fit in
+    `REFERENCE_BYTES` (at least one): a 262k vocabulary's logits are 0.54 GB per 512-token window."""
+    with torch.no_grad():
+        out = task.forward(model, batches[0])
+    per_batch = out.numel() * out.element_size()
+    del out
+    return batches[: max(1, REFERENCE_BYTES // max(1, per_batch))]

@@ -99,9 +99,24 @@ def test_proxies_agree_with_measurement_and_validation_says_so():
         assert spearmanr(est, truth).statistic > 0.85, name
     table = make_profiler("fisher", draws=8).profile(model, data, choices=GRID, fractions=4)
     v = validate_profile(model, data, table, LogitsTask(), pairs=30, plans=8)
-    assert v.pairs == 30 and v.plans == 8
+    assert v.pairs == 30 and v.plans == 8 and v.batches == 2
     assert v.spearman > 0.8 and v.additivity_pearson > 0.8
     assert 0.5 < v.additivity_ratio < 2.0
+
+
+def test_validation_measures_only_the_batches_whose_outputs_fit(monkeypatch):
+    """A 262k vocabulary's FP logits of 32 windows are 17 GB: the measurement keeps what fits."""
+    import allocator.measure.validation as validation
+
+    torch.manual_seed(4)
+    model = Blocks()
+    data = [torch.randint(0, 40, (16, 5)) for _ in range(3)]
+    table = make_profiler("fisher", draws=2).profile(model, data, choices=GRID)
+    per_batch = 16 * 6 * 4  # float32 logits of one batch (16 samples, 6 classes)
+    monkeypatch.setattr(validation, "REFERENCE_BYTES", 2 * per_batch + 1)
+    assert validate_profile(model, data, table, LogitsTask(), pairs=4, plans=3).batches == 2
+    monkeypatch.setattr(validation, "REFERENCE_BYTES", 1)
+    assert validate_profile(model, data, table, LogitsTask(), pairs=4, plans=3).batches == 1
 
 
 def test_unknown_profiler_is_named():
