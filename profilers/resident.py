@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .heap import release_freed_memory
+
 __all__ = ["LazyBlocks", "held", "is_lazy", "resident_bytes"]
 
 # Every module inside a lazy block -> (its LazyBlocks, the block's index).
@@ -132,6 +134,7 @@ class LazyBlocks:
             for p in self.blocks[k].parameters():
                 p.data = torch.empty(p.shape, dtype=p.dtype)
         del self._resident[k]
+        release_freed_memory()  # a 1B model's blocks read per batch left 0.6 GB in glibc's heap
 
 
 def is_lazy(module: nn.Module) -> bool:

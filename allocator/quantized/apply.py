@@ -131,10 +131,13 @@ def quantize_layers_(
     stored: dict[str, StoredLayer] = {}
     with torch.no_grad():
         groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential)
+        modules = resolve_modules(model, choices)
         for names, group in groups:
             for name in names:
-                stored[name] = _stored_layer(weights[name], choices[name], extra_rows, name, method, group.get(name))
-                weights[name].copy_(stored[name].weight())
+                with held(modules[name]):  # in its block's group already, unless no input reached it
+                    h = group.get(name)
+                    stored[name] = _stored_layer(weights[name], choices[name], extra_rows, name, method, h)
+                    weights[name].copy_(stored[name].weight())
         if round_rest_to_fp16:
             _round_rest_to_fp16(model, weights)
     refined = []

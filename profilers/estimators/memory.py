@@ -15,11 +15,10 @@ data; a bound below it is refused, naming the smallest one that works.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
-from typing import Any
 
+from ..heap import release_freed_memory
 from ..resident import resident_bytes
 from .base import ProfileRun
 from .segments import SegmentPasses
@@ -40,21 +39,6 @@ def default_max_memory() -> int:
         return 16 * 2**30
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by the last segment back to the OS (glibc keeps freed blocks of a few
-    MB in its heap, where the next segment's tensors of other sizes cannot reuse them: the
-    resident size then grows segment by segment). A no-op where glibc is not the allocator."""
-    global _trim
-    if _trim is None:
-        try:
-            _trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _trim = False
-    if _trim:
-        _trim(0)
-
-
-_trim: Any = None
 
 
 def format_size(n: float) -> str:
