@@ -14,7 +14,7 @@ weight and its ratio to SmolLM2's, peak RSS, the float32 model's bytes, and the 
 per batch (whole, and the chunk a profile's head pass holds).
 
 Usage: .venv/bin/python benchmarks/bench_scale.py [--models smollm2,gemma3-270m] [--calibration N]
-    [--no-apply] [--grid "--bits 2,3,4 --terms 1 --fractions 0"] [--cache out/bench_scale]
+    [--no-apply] [--grid "--bits 2,3,4 --terms 1 --fractions 0"] [--max-memory 3.4GB] [--cache out/bench_scale]
 The defaults (all three models, 32 calibration windows, profile and apply) take about 1.5 hours
 on 2 cores; `--models smollm2,gemma3-270m` about 25 minutes.
 """
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--budget", default="3.5bpw")
     parser.add_argument("--grid", default="", help="options of `allocator profile` narrowing the choice grid, the"
                         " same for every model (e.g. \"--bits 2,3,4 --terms 1 --fractions 0\"); default: allocator's")
+    parser.add_argument("--max-memory", default="", help="the profile's --max-memory (e.g. 3.4GB)")
     parser.add_argument("--cache", type=Path, default=ROOT / "out" / "bench_scale")
     opts = parser.parse_args()
     opts.cache.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,8 @@ def main() -> None:
         model = "smollm2" if folder is None else str(folder)
         profile, plan, packed = (opts.cache / f"{name}.{ext}" for ext in ("profile.json", "plan.json", "safetensors"))
         stages = [("profile", ["profile", model, "-o", str(profile), "--calibration", str(opts.calibration),
-                               *opts.grid.split(), "--no-progress"])]  # fmt: skip
+                               *opts.grid.split(), *(["--max-memory", opts.max_memory] if opts.max_memory else []),
+                               "--no-progress"])]  # fmt: skip
         if not opts.no_apply:
             stages.append(("apply", ["apply", "--model", model, str(plan), "-o", str(packed), "--no-check",
                                      "--no-progress"]))  # fmt: skip

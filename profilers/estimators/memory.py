@@ -90,10 +90,11 @@ def memory_budget(run: ProfileRun, passes: SegmentPasses) -> MemoryBudget:
         resident_bytes(run.model)  # a model read block by block: a few of its blocks
         + RUNTIME_BYTES
         + passes.carried_bytes
-        + passes.transient_bytes
         + GRAD_CHUNK_BYTES
     )
-    fixed = {name: base + n for name, n in passes.segment_bytes.items()}
+    # The head's output and its copies exist in the head segment only (a 128k vocabulary: 1 GB).
+    fixed = {name: base + n + (passes.transient_bytes if name in ("head", "model") else 0)
+             for name, n in passes.segment_bytes.items()}  # fmt: skip
     layers = {}
     for i, names in passes.where.items():
         spec = run.targets[i].spec
