@@ -156,9 +156,10 @@ class FisherProfiler(Profiler):
         hessian = self._hessian(run, i, segment, passes)
         n_rows = t.spec.rows
         step = step or n_rows
+        memo: dict = {}  # what the chunks of rows share: H rotated and factorised once
         for r0 in range(0, n_rows, step):
             rows = slice(r0, min(r0 + step, n_rows))
-            stack = self._stack(run, i, rows, hessian)
+            stack = self._stack(run, i, rows, hessian, memo)
             for b, d, a, per_row, _ in self._terms(run, i, segment, stack, rows):
                 sums.add(b, d, r0, a, per_row)
             del stack
@@ -188,13 +189,13 @@ class FisherProfiler(Profiler):
         return _sum(segment.hessians[key], extra)
 
     @staticmethod
-    def _stack(run: ProfileRun, i: int, rows: slice, hessian: Tensor | None) -> Tensor:
+    def _stack(run: ProfileRun, i: int, rows: slice, hessian: Tensor | None, memo: dict) -> Tensor:
         """The error stack of rows `rows` of target `i` (rows round independently, GPTQ too)."""
         weight = as_matrix(run.targets[i].weight.detach())[rows]
         if hessian is not None:
             run.quantizer.hessians[i] = hessian.float()
         try:
-            return run.quantizer.stack(i, weight, run.layouts[i].stack)
+            return run.quantizer.stack(i, weight, run.layouts[i].stack, memo)
         finally:
             run.quantizer.hessians.pop(i, None)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -353,8 +353,32 @@ def _finish(choice: Choice, passes: list[Term]) -> list[Term]:
 GRID_CLIP: tuple[float, ...] | None = None
 
 
+def _prepared(
+    h: Tensor, damp: float, act_order: bool, memo: dict[Any, Any] | None
+) -> tuple[Tensor | None, tuple[Tensor, Tensor]]:
+    """The column order (activation order, or None) and `prepare_hessian` of `H` in that order.
+
+    `memo` (a dict the caller keeps for one layer) holds them for the next call with the same
+    `H`: a layer whose error stack is built in row chunks (`--max-memory`) prepares its `H` once,
+    not per chunk (an 8192-wide `H`: a Cholesky factorisation, an inverse and another factorisation)."""
+    key = ("prepared", damp, act_order, id(h))  # a layer's plain and rotated H each have theirs
+    hit = memo.get(key) if memo is not None else None
+    if hit is not None and hit[0] is h:
+        return hit[1]
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    value = order, prepare_hessian(h if order is None else h[order][:, order], damp=damp)
+    if memo is not None:
+        memo[key] = (h, value)
+    return value
+
+
 def _all_terms(
-    w2d: Tensor, h: Tensor, choices: Sequence[Choice], damp: float, act_order: bool = False
+    w2d: Tensor,
+    h: Tensor,
+    choices: Sequence[Choice],
+    damp: float,
+    act_order: bool = False,
+    memo: dict[Any, Any] | None = None,
 ) -> list[list[Term]]:
     """The terms of every quantized choice, with one sweep per term index (all first terms
     together, then all second terms, ...).
@@ -363,8 +387,7 @@ def _all_terms(
     fractional option's rows add a term to exactly the base's first terms). Later terms go in
     natural order, with group ranges set on the error-updated residual."""
     w = w2d.detach().float()
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
-    first = prepare_hessian(h if order is None else h[order][:, order], damp=damp)
+    order, first = _prepared(h, damp, act_order, memo)
     natural = first if order is None else None
     passes: list[list[Term]] = [[] for _ in choices]
     residual = [w for _ in choices]
@@ -374,7 +397,7 @@ def _all_terms(
         distinct = {(_grid(choices[i]), id(residual[i])): i for i in reversed(live)}
         swept = list(distinct.values())
         if t and natural is None:
-            natural = prepare_hessian(h, damp=damp)
+            natural = _prepared(h, damp, False, memo)[1]
         hinv_u, dead = first if t == 0 else natural  # type: ignore[misc]
         terms = gptq_sweep([residual[i] for i in swept], [_grid(choices[i]) for i in swept], hinv_u, dead,
                            order=order if t == 0 else None, clip=GRID_CLIP)  # fmt: skip
@@ -394,10 +417,16 @@ def gptq_terms(
 
 
 def gptq_reconstructions(
-    w2d: Tensor, h: Tensor, choices: list[Choice], *, damp: float = 0.01, act_order: bool = False
+    w2d: Tensor,
+    h: Tensor,
+    choices: list[Choice],
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    memo: dict[Any, Any] | None = None,
 ) -> list[Tensor]:
     """GPTQ reconstructions of `w2d` for many whole-term choices (fp16 for the fp16 choice),
-    from the same sweeps `gptq_terms` runs for one."""
+    from the same sweeps `gptq_terms` runs for one (`memo`: see `_prepared`)."""
     w = w2d.detach().float()
-    terms = _all_terms(w, h, choices, damp, act_order)
+    terms = _all_terms(w, h, choices, damp, act_order, memo)
     return [dequantize_terms(t) if c.quantized else w.half().float() for c, t in zip(choices, terms, strict=True)]

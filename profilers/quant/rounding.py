@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -130,10 +130,20 @@ def assemble(
     return out
 
 
-def _rotated(w2d: Tensor, hessian: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """`W R` and `Rᵀ H R` for the rotation of `w2d`'s width."""
+def _rotated(
+    w2d: Tensor, hessian: Tensor | None, memo: dict[Any, Any] | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """`W R` and `Rᵀ H R` for the rotation of `w2d`'s width (`Rᵀ H R` kept in `memo` for the
+    next call with the same `H`, as `gptq._prepared`)."""
     signs = rotation_signs(w2d.shape[1])
-    return rotate(w2d, signs), None if hessian is None else rotate_hessian(hessian, signs)
+    if hessian is None:
+        return rotate(w2d, signs), None
+    hit = memo.get("rotated") if memo is not None else None
+    if hit is None or hit[0] is not hessian:
+        hit = (hessian, rotate_hessian(hessian, signs))
+        if memo is not None:
+            memo["rotated"] = hit
+    return rotate(w2d, signs), hit[1]
 
 
 def fake_quantize(w: Tensor, choice: Choice, *, extra_rows: Tensor | None = None) -> Tensor:
@@ -159,23 +169,31 @@ class Quantizer:
     method: Method = "rtn"
     hessians: dict[int, Tensor] = field(default_factory=dict)
 
-    def stack(self, target: int, weight: Tensor, choices: Sequence[Choice]) -> Tensor:
-        """`error_stack` of a layer's weight under this method."""
-        return error_stack(weight, choices, method=self.method, hessian=self.hessians.get(target))
+    def stack(
+        self, target: int, weight: Tensor, choices: Sequence[Choice], memo: dict[Any, Any] | None = None
+    ) -> Tensor:
+        """`error_stack` of a layer's weight (or some of its rows) under this method."""
+        return error_stack(weight, choices, method=self.method, hessian=self.hessians.get(target), memo=memo)
 
     def reconstruct(self, target: int, w: Tensor, choice: Choice, extra_rows: Tensor | None = None) -> Tensor:
         return reconstruct(w, choice, method=self.method, hessian=self.hessians.get(target), extra_rows=extra_rows)
 
 
 def error_stack(
-    weight: Tensor, stack: Sequence[Choice], *, method: str = "rtn", hessian: Tensor | None = None
+    weight: Tensor,
+    stack: Sequence[Choice],
+    *,
+    method: str = "rtn",
+    hessian: Tensor | None = None,
+    memo: dict[Any, Any] | None = None,
 ) -> Tensor:
     """`[K, rows, cols]` float32 errors `reconstruct(W, c) - W` for the whole-term `stack`.
 
     Round to nearest: one residual run per (bits, group, symmetry) serves every term count of
     that setting. GPTQ (given the layer's `hessian`): one column sweep per term index for all
     choices together. Rotated choices are rounded together in the rotated basis and their errors
-    brought back (`ΔW = ΔW' Rᵀ`).
+    brought back (`ΔW = ΔW' Rᵀ`). `memo`, a dict kept across calls for rows of one layer, holds
+    what is derived from `hessian` alone (its rotation and factorisation) for the next call.
     """
     w = as_matrix(weight.detach()).float()
     for c in stack:
@@ -190,10 +208,11 @@ def error_stack(
     plain = [k for k, c in enumerate(stack) if not c.rotated and c.ggml is None]
     turned = [k for k, c in enumerate(stack) if c.rotated]
     if plain:
-        _reconstructions(w, [stack[k] for k in plain], method, hessian, out, plain)
+        _reconstructions(w, [stack[k] for k in plain], method, hessian, out, plain, memo)
     if turned:
-        wr, hr = _rotated(w, hessian)
-        _reconstructions(wr, [stack[k].model_copy(update={"rotated": False}) for k in turned], method, hr, out, turned)
+        wr, hr = _rotated(w, hessian, memo)
+        unturned = [stack[k].model_copy(update={"rotated": False}) for k in turned]
+        _reconstructions(wr, unturned, method, hr, out, turned, memo)
         signs = rotation_signs(w.shape[1])
         for k in turned:
             out[k] = unrotate(out[k], signs)
@@ -201,12 +220,18 @@ def error_stack(
 
 
 def _reconstructions(
-    w: Tensor, stack: Sequence[Choice], method: str, hessian: Tensor | None, out: Tensor, slots: Sequence[int]
+    w: Tensor,
+    stack: Sequence[Choice],
+    method: str,
+    hessian: Tensor | None,
+    out: Tensor,
+    slots: Sequence[int],
+    memo: dict[Any, Any] | None = None,
 ) -> None:
     """`out[slots[k]]` = the reconstruction of `w` under `stack[k]` (unrotated choices)."""
     if needs_hessian(method) and hessian is not None:
-        for k, r in zip(slots, gptq_reconstructions(w, hessian, list(stack), act_order=method == "gptq-act"),
-                        strict=True):  # fmt: skip
+        found = gptq_reconstructions(w, hessian, list(stack), act_order=method == "gptq-act", memo=memo)
+        for k, r in zip(slots, found, strict=True):
             out[k] = r
         return
     runs: dict[tuple[int, int | None, bool], list[int]] = {}

@@ -113,3 +113,30 @@ def test_the_sweep_is_the_published_algorithm(layer, monkeypatch, act_order, bit
     ours = reconstruct(w, choice, method="gptq-act" if act_order else "gptq", hessian=h)
     torch.testing.assert_close(ours.double(), _reference_gptq(w, h, bits, group, act_order=act_order),
                                rtol=0, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq-act"])
+def test_row_chunks_sharing_a_memo_prepare_h_once_and_stack_as_the_whole(layer, method, monkeypatch):
+    """`--max-memory` builds a layer's stack in row chunks: its `H` is rotated and factorised once."""
+    import profilers.quant.gptq as gptq
+    import profilers.quant.rounding as rounding
+
+    w, h = layer
+    stack = [c for c in with_rotation(CHOICES, "both") if c.terms <= 2]
+    whole = Quantizer(method, {0: h}).stack(0, w, stack)
+    calls = {"prepare": 0, "rotate": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(gptq, "prepare_hessian", counted("prepare", gptq.prepare_hessian))
+    monkeypatch.setattr(rounding, "rotate_hessian", counted("rotate", rounding.rotate_hessian))
+    memo: dict = {}
+    parts = [Quantizer(method, {0: h}).stack(0, w[r : r + 8], stack, memo) for r in range(0, w.shape[0], 8)]
+    assert torch.equal(torch.cat(parts, dim=1), whole)
+    # plain and rotated bases, each with its natural-order factorisation for later terms under act-order
+    assert calls == {"prepare": 4 if method == "gptq-act" else 2, "rotate": 1}
