@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 from ..heap import release_freed_memory
+from ..quant.options import needs_hessian
 from ..resident import resident_bytes
 from .base import ProfileRun
 from .segments import SegmentPasses
@@ -28,6 +29,9 @@ __all__ = ["MemoryBudget", "default_max_memory", "format_size", "memory_budget",
 RUNTIME_BYTES = 512 * 2**20  # the interpreter, torch and its libraries, resident
 GRAD_CHUNK_BYTES = 4 * (1 << 25)  # per-sample weight gradients are built in chunks this big (fisher)
 STACK_COPIES = 3  # the stack, GPTQ's transposed weights, its codes
+# GPTQ's H per entry: H and its rotation kept for the layer's row chunks (float32), their factorisations
+# (float32), and two float64 matrices while one is made (`gptq.prepare_hessian`).
+HESSIAN_BYTES_PER_ENTRY = 4 + 4 + 8 + 2 * 8
 MIN_CHUNK_ROWS = 16
 
 
@@ -53,6 +57,7 @@ class _Layer:
     segment: str
     rows: int
     row_bytes: int  # one row of its stack, all copies
+    hessian_bytes: int = 0  # GPTQ's work on its H, whatever the rows
 
 
 @dataclass
@@ -64,7 +69,7 @@ class MemoryBudget:
 
     def need(self, i: int, rows: int) -> int:
         layer = self.layers[i]
-        return self.fixed[layer.segment] + layer.row_bytes * rows
+        return self.fixed[layer.segment] + layer.hessian_bytes + layer.row_bytes * rows
 
     def smallest(self) -> tuple[int, str]:
         """The smallest bound every layer fits in with its smallest chunk, and the segment that sets it."""
@@ -100,5 +105,6 @@ def memory_budget(run: ProfileRun, passes: SegmentPasses) -> MemoryBudget:
         spec = run.targets[i].spec
         name = max(names, key=lambda s: fixed.get(s, base))
         fixed.setdefault(name, base)
-        layers[i] = _Layer(name, spec.rows, STACK_COPIES * len(run.layouts[i].stack) * spec.cols * 4)
+        gptq = HESSIAN_BYTES_PER_ENTRY * spec.cols**2 if needs_hessian(run.quantizer.method) else 0
+        layers[i] = _Layer(name, spec.rows, STACK_COPIES * len(run.layouts[i].stack) * spec.cols * 4, gptq)
     return MemoryBudget(fixed, layers)

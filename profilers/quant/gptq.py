@@ -52,12 +52,15 @@ class Grid(NamedTuple):
 def prepare_hessian(h: Tensor, *, damp: float = 0.01) -> tuple[Tensor, Tensor]:
     """Damped `H` → (upper Cholesky factor of `H⁻¹`, dead-column mask). Columns no input ever
     reached (zero diagonal) are marked dead: their weights do not matter to the output."""
-    h = h.double().clone()
+    h = h.double() if h.dtype != torch.float64 else h.clone()  # one float64 copy, changed in place
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h).mean()
+    h.diagonal().add_(damp * torch.diag(h).mean())
+    # At most two float64 matrices at a time (an 8192-wide H: 0.54 GB each).
     chol = torch.linalg.cholesky(h)
+    del h
     inv = torch.cholesky_inverse(chol)
+    del chol
     return torch.linalg.cholesky(inv, upper=True).float(), dead
 
 

@@ -197,9 +197,9 @@ def test_batches_beyond_the_scored_ones_feed_every_layers_h(stream, monkeypatch)
     seen = {}
     stack = Quantizer.stack
 
-    def spy(self, i, weight, choices):
+    def spy(self, i, weight, choices, memo=None):
         seen[i] = self.hessians[i].clone()
-        return stack(self, i, weight, choices)
+        return stack(self, i, weight, choices, memo)
 
     monkeypatch.setattr(Quantizer, "stack", spy)
     table = FisherProfiler(stream=stream).profile(model, data, choices=CHOICES, task=task, method="gptq", scored=2)
