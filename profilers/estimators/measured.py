@@ -32,7 +32,9 @@ from ..tasks import Task
 from ..types import Choice
 from .base import Estimates, LayerEstimate, Profiler, ProfileRun
 
-__all__ = ["MeasuredProfiler", "OutputMeter", "row_order_by_activation"]
+__all__ = ["REPLAY_CHECKS", "MeasuredProfiler", "OutputMeter", "row_order_by_activation"]
+
+REPLAY_CHECKS = 4  # targets whose replay is checked against the model's own output
 
 
 def _replayable(model: nn.Module) -> dict[str, nn.Module]:
@@ -158,9 +160,13 @@ class OutputMeter:
         return reference
 
     def _check_replay(self) -> bool:
-        for i in self._cached:
-            if not self._cached[i]:
-                continue
+        """Whether replaying recorded upstream outputs reproduces the model's output, checked on
+        the first batch for up to `REPLAY_CHECKS` targets spread over the model (a forward pass
+        each: for every target of a 262k-vocabulary model that was 20 minutes)."""
+        cached = [i for i in self._cached if self._cached[i]]
+        picked = sorted({cached[round(k * (len(cached) - 1) / max(1, REPLAY_CHECKS - 1))]
+                         for k in range(REPLAY_CHECKS)}) if cached else []  # fmt: skip
+        for i in picked:
             with torch.no_grad(), self._replaying(i, 0):
                 out = self.task.forward(self.model, self.batches[0])
             ref = self.reference[0]

@@ -85,6 +85,21 @@ def test_replay_gives_the_same_measurements_as_full_passes():
             assert oa.loss == pytest.approx(ob.loss, rel=1e-4, abs=1e-10)
 
 
+def test_replay_that_does_not_reproduce_the_output_falls_back_to_full_passes():
+    """A head whose output changes call by call: the replay check (a few targets) catches it."""
+
+    class Drifting(Blocks):
+        def forward(self, ids):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(ids) + self.calls
+
+    torch.manual_seed(3)
+    data = [torch.randint(0, 40, (8, 5)) for _ in range(2)]
+    with pytest.warns(UserWarning, match="replaying upstream outputs did not reproduce"):
+        table = MeasuredProfiler(replay=True).profile(Drifting(), data, choices=GRID)
+    assert table.settings["replay"] is False
+
+
 def test_proxies_agree_with_measurement_and_validation_says_so():
     torch.manual_seed(4)
     model = Blocks()
