@@ -115,11 +115,8 @@ def load_gguf(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
     except Exception as e:
         raise ModelError(f"cannot build the tokenizer of {path} ({arch}): {_first_line(e)}") from None
     try:
-        if lazy:
-            from .lazy import lazy_from_gguf
-
-            model = lazy_from_gguf(path)
-        else:
+        model = _lazy(path) if lazy else None
+        if model is None:
             with _no_dequantize_bar():
                 model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     except ModelError:
@@ -144,6 +141,16 @@ def load_gguf(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
         keep=embedding_and_head(model),
         gguf=path,
     )
+
+
+def _lazy(path: Path) -> nn.Module | None:
+    """The file's model read block by block, or None where it has no chain of blocks."""
+    from .lazy import NotReadableByBlock, lazy_from_gguf
+
+    try:
+        return lazy_from_gguf(path)
+    except NotReadableByBlock:
+        return None
 
 
 def _forget_gguf_quantization(model: nn.Module) -> None:

@@ -58,11 +58,8 @@ def load_hf_folder(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
             auto, init, task, kind = "AutoModelForSequenceClassification", {}, LogitsTask(), "classifier"
         else:
             auto, init, task, kind = "AutoModel", {}, EmbeddingTask("mean", True), "encoder"
-        if lazy and kind == "causal-lm":
-            from .lazy import lazy_from_folder
-
-            model = lazy_from_folder(path, auto)
-        else:
+        model = _lazy(path, auto) if lazy and kind == "causal-lm" else None
+        if model is None:
             model = getattr(transformers, auto).from_pretrained(path, **init)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model weights in {path}: {e}") from None
@@ -70,6 +67,17 @@ def load_hf_folder(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
     rebuild = {"source": "transformers", "auto_class": auto, "init": init, "config": model.config.to_dict()}
     keep = embedding_and_head(model) if kind == "causal-lm" else ()
     return LoadedModel(name=name, model=model, task=task, tokenizer=tokenizer, kind=kind, rebuild=rebuild, keep=keep)
+
+
+def _lazy(path: Path, auto: str) -> nn.Module | None:
+    """The folder's model read block by block, or None where it cannot be (`.bin` weights only,
+    no chain of blocks): then it is loaded whole."""
+    from .lazy import NotReadableByBlock, lazy_from_folder
+
+    try:
+        return lazy_from_folder(path, auto)
+    except NotReadableByBlock:
+        return None
 
 
 def embedding_and_head(model: nn.Module) -> tuple[str, ...]:

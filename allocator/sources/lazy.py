@@ -28,9 +28,14 @@ from profilers.resident import LazyBlocks
 
 from ..errors import ModelError
 
-__all__ = ["DEFAULT_RESIDENT_BLOCKS", "lazy_from_folder", "lazy_from_gguf"]
+__all__ = ["DEFAULT_RESIDENT_BLOCKS", "NotReadableByBlock", "lazy_from_folder", "lazy_from_gguf"]
 
 DEFAULT_RESIDENT_BLOCKS = 2  # blocks kept in memory beyond those a stage holds
+
+
+class NotReadableByBlock(ModelError):
+    """The model cannot be read block by block (no safetensors files, no chain of blocks): the
+    caller loads it whole instead."""
 
 
 class _SafetensorsFiles:
@@ -54,7 +59,7 @@ class _SafetensorsFiles:
         else:
             files = [p.name for p in sorted(folder.glob("*.safetensors"))]
         if not files:
-            raise ModelError(f"{folder} holds no .safetensors file to read block by block")
+            raise NotReadableByBlock(f"{folder} holds no .safetensors file to read block by block")
         self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for f in files:
             path = folder / f
@@ -168,7 +173,7 @@ def _read_lazily(model: nn.Module, files: Any, capacity: int, where: str) -> nn.
     """Fill `model`'s stem and head from `files` now and make its blocks read on use."""
     blocks = blocks_holding(model, lambda m: isinstance(m, nn.Linear))
     if not blocks:
-        raise ModelError(f"{where}: the model has no chain of repeated blocks to read one at a time")
+        raise NotReadableByBlock(f"{where}: the model has no chain of repeated blocks to read one at a time")
     module_names = {id(m): n for n, m in model.named_modules()}
     prefixes = [module_names[id(b)] + "." for b in blocks]
     have = files.names()

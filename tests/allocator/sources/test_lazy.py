@@ -186,3 +186,18 @@ def test_a_lazy_model_counts_a_few_blocks_against_max_memory(llama_dir):
     lazy = lazy_from_folder(folder, "AutoModelForCausalLM", capacity=1)
     block = sum(p.numel() * 4 for p in whole.model.layers[0].parameters())
     assert resident_bytes(whole) - resident_bytes(lazy) == block  # 3 blocks whole, 2 (capacity + one held) lazily
+
+
+def test_a_folder_without_safetensors_is_loaded_whole(tmp_path):
+    """`.bin` weights cannot be read one tensor at a time here: the folder loads as before."""
+    from allocator.sources.hf import load_hf_folder
+
+    whole = tiny_lm("llama", layers=2)
+    whole.config.architectures = ["LlamaForCausalLM"]
+    whole.config.save_pretrained(tmp_path)
+    torch.save(whole.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded = load_hf_folder(tmp_path, name="bin", lazy=True)
+    assert not is_lazy(loaded.model.model.layers[0])
+    x = _batches(300)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x).logits, whole(x).logits)
