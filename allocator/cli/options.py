@@ -288,7 +288,8 @@ class GridOptions:
         typer.Option(
             metavar="SIZE",
             help="Memory the profile may use, model included (e.g. 4GB). The fisher profiler streams the model"
-            " block by block and builds error stacks in row chunks that fit; a bound too small for one block is"
+            " block by block (a causal LM from a .gguf file or a safetensors folder is also read from it block by"
+            " block) and builds error stacks in row chunks that fit; a bound too small for one block is"
             " refused, naming the smallest that works. [default: 80% of this machine's memory]",
         ),
     ] = None
