@@ -96,7 +96,8 @@ def solve(
             check_metric_fits(setup, metric)
     else:
         choices = grid.choices()
-        setup = _timed(times, "load", lambda: load_setup(model, data))
+        # Read block by block as `profile` does, unless --evaluate copies the model.
+        setup = _timed(times, "load", lambda: load_setup(model, data, lazy=not evaluate))
         check_metric_fits(setup, metric)
         table, times["profile"] = run_profile(setup, grid, choices, seed=data.seed, progress=progress,
                                                 score_on=data.score_on)
