@@ -115,7 +115,11 @@ def load_gguf(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
     except Exception as e:
         raise ModelError(f"cannot build the tokenizer of {path} ({arch}): {_first_line(e)}") from None
     try:
-        model = _lazy(path) if lazy else None
+        model = None
+        if lazy:
+            from .lazy import read_by_block
+
+            model = read_by_block(path)
         if model is None:
             with _no_dequantize_bar():
                 model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
@@ -141,16 +145,6 @@ def load_gguf(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
         keep=embedding_and_head(model),
         gguf=path,
     )
-
-
-def _lazy(path: Path) -> nn.Module | None:
-    """The file's model read block by block, or None where it has no chain of blocks."""
-    from .lazy import NotReadableByBlock, lazy_from_gguf
-
-    try:
-        return lazy_from_gguf(path)
-    except NotReadableByBlock:
-        return None
 
 
 def _forget_gguf_quantization(model: nn.Module) -> None:

@@ -58,7 +58,11 @@ def load_hf_folder(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
             auto, init, task, kind = "AutoModelForSequenceClassification", {}, LogitsTask(), "classifier"
         else:
             auto, init, task, kind = "AutoModel", {}, EmbeddingTask("mean", True), "encoder"
-        model = _lazy(path, auto) if lazy and kind == "causal-lm" else None
+        model = None
+        if lazy and kind == "causal-lm":
+            from .lazy import read_by_block
+
+            model = read_by_block(path, auto)
         if model is None:
             model = getattr(transformers, auto).from_pretrained(path, **init)
     except (OSError, ValueError) as e:
@@ -67,17 +71,6 @@ def load_hf_folder(path: Path, *, name: str, lazy: bool = False) -> LoadedModel:
     rebuild = {"source": "transformers", "auto_class": auto, "init": init, "config": model.config.to_dict()}
     keep = embedding_and_head(model) if kind == "causal-lm" else ()
     return LoadedModel(name=name, model=model, task=task, tokenizer=tokenizer, kind=kind, rebuild=rebuild, keep=keep)
-
-
-def _lazy(path: Path, auto: str) -> nn.Module | None:
-    """The folder's model read block by block, or None where it cannot be (`.bin` weights only,
-    no chain of blocks): then it is loaded whole."""
-    from .lazy import NotReadableByBlock, lazy_from_folder
-
-    try:
-        return lazy_from_folder(path, auto)
-    except NotReadableByBlock:
-        return None
 
 
 def embedding_and_head(model: nn.Module) -> tuple[str, ...]:

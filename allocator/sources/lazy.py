@@ -5,7 +5,7 @@ memory); the stem and head (embedding, final norm, output head) are read at once
 repeated block's tensors are read from the file when a stage uses the block
 (`profilers.resident.LazyBlocks`), then dropped when another block needs the room:
 
-- a Hugging Face folder: its safetensors files are memory-mapped and one tensor read at a time;
+- a Hugging Face folder: each tensor read from its safetensors file with a plain read;
 - a GGUF file: memory-mapped by `gguf.GGUFReader`, each tensor dequantized on demand, with
   transformers' own GGUF-to-transformers names and per-architecture fixes (q/k row order of
   Llama models, Gemma's norm offsets), so every value equals what `from_pretrained` builds.
@@ -28,7 +28,7 @@ from profilers.resident import LazyBlocks
 
 from ..errors import ModelError
 
-__all__ = ["DEFAULT_RESIDENT_BLOCKS", "NotReadableByBlock", "lazy_from_folder", "lazy_from_gguf"]
+__all__ = ["DEFAULT_RESIDENT_BLOCKS", "NotReadableByBlock", "lazy_from_folder", "lazy_from_gguf", "read_by_block"]
 
 DEFAULT_RESIDENT_BLOCKS = 2  # blocks kept in memory beyond those a stage holds
 
@@ -158,6 +158,17 @@ def lazy_from_gguf(path: Path, capacity: int = DEFAULT_RESIDENT_BLOCKS) -> nn.Mo
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=file)
     model = _skeleton(lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     return _read_lazily(model, _GgufTensors(path, model), capacity, str(path))
+
+
+def read_by_block(path: Path, auto_class: str = "AutoModelForCausalLM") -> nn.Module | None:
+    """A `.gguf` file's or a folder's model read block by block, or None where it cannot be
+    (`.bin` weights only, no chain of blocks): the caller then loads it whole."""
+    try:
+        if path.suffix.lower() == ".gguf":
+            return lazy_from_gguf(path)
+        return lazy_from_folder(path, auto_class)
+    except NotReadableByBlock:
+        return None
 
 
 def _skeleton(build: Callable[[], nn.Module]) -> nn.Module:
