@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .quant.cost import FP_BYTES_PER_ELEMENT
-from .resident import held
+from .resident import held, state_with_owners
 from .types import LayerKind, LayerSpec, ProfileError
 
 __all__ = [
@@ -170,11 +170,10 @@ def fp16_bytes(model: nn.Module) -> int:
 def fingerprint_model(model: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and values of the model's state, hex."""
     h = hashlib.sha256()
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+    for name, t, owner in sorted(state_with_owners(model), key=lambda entry: entry[0]):
         if not isinstance(t, torch.Tensor):
             continue
-        with held(modules[name.rpartition(".")[0]]):  # a block read on use: its values, one block at a time
+        with held(owner):  # a block read on use: its values, one block at a time
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .heap import release_freed_memory
 
-__all__ = ["LazyBlocks", "held", "is_lazy", "resident_bytes"]
+__all__ = ["LazyBlocks", "held", "is_lazy", "resident_bytes", "state_with_owners"]
 
 # Every module inside a lazy block -> (its LazyBlocks, the block's index).
 _OWNER: weakref.WeakKeyDictionary[nn.Module, tuple[LazyBlocks, int]] = weakref.WeakKeyDictionary()
@@ -180,3 +180,10 @@ def resident_bytes(model: nn.Module) -> int:
         per_block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in lazy.blocks)
         blocks += (lazy.capacity + 1) * per_block
     return sum(tensors.values()) + blocks
+
+
+def state_with_owners(model: nn.Module) -> list[tuple[str, Tensor, nn.Module]]:
+    """`model.state_dict(keep_vars=True)` as (key, tensor, the module holding it): what reads
+    or writes the state of a model read block by block needs, to hold (`held`) or skip its block."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return [(key, t, modules[key.rpartition(".")[0]]) for key, t in model.state_dict(keep_vars=True).items()]

@@ -22,7 +22,7 @@ from profilers.layers import find_targets, resolve_modules
 from profilers.quant.options import needs_hessian
 from profilers.quant.quantize import as_matrix
 from profilers.quant.rounding import ggml_tensor, stored_terms
-from profilers.resident import held, is_lazy
+from profilers.resident import held, is_lazy, state_with_owners
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileError, ProfileTable
 
@@ -112,7 +112,7 @@ def quantize_layers_(
             asked for without calibration batches or on a model without a chain of blocks, a
             tuning asked for without calibration batches, or either asked for llama.cpp block types.
     """
-    weights = _checked_weights(model, choices, extra_rows)
+    modules, weights = _checked_layers(model, choices, extra_rows)
     blocks = [name for name, c in choices.items() if c.ggml is not None]
     if blocks and (refine_steps or tune_steps):
         raise PlanError(
@@ -131,7 +131,6 @@ def quantize_layers_(
     stored: dict[str, StoredLayer] = {}
     with torch.no_grad():
         groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential)
-        modules = resolve_modules(model, choices)
         for names, group in groups:
             for name in names:
                 with held(modules[name]):  # in its block's group already, unless no input reached it
@@ -180,11 +179,11 @@ def _stored_layer(
     return StoredLayer(choice, shape, terms, extra, rows)
 
 
-def _checked_weights(
+def _checked_layers(
     model: nn.Module, choices: dict[str, Choice], extra_rows: dict[str, np.ndarray] | None
-) -> dict[str, nn.Parameter]:
-    """The named layers' weights, refused in one line when a name is unknown, a weight is
-    missing or not finite, or a fractional choice comes without its rows."""
+) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter]]:
+    """The named layers and their weights, refused in one line when a name is unknown, a weight
+    is missing or not finite, or a fractional choice comes without its rows."""
     try:
         modules = resolve_modules(model, choices)
     except ProfileError as e:
@@ -201,7 +200,7 @@ def _checked_weights(
         weights[name] = weight
         if choices[name].extra and (extra_rows is None or name not in extra_rows):
             raise PlanError(f"layer {name!r} takes {choices[name].label} but no rows were given for its extra term")
-    return weights
+    return modules, weights
 
 
 def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> None:
@@ -209,9 +208,8 @@ def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> N
     Non-persistent buffers (e.g. rotary frequencies) are not stored, so they stay as they are;
     nor do blocks read on use (read again, they hold the file's values; the export rounds them)."""
     done = {id(w) for w in planned.values()}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for key, t in model.state_dict(keep_vars=True).items():
-        if id(t) in done or not t.is_floating_point() or is_lazy(modules[key.rpartition(".")[0]]):
+    for _, t, owner in state_with_owners(model):
+        if id(t) in done or not t.is_floating_point() or is_lazy(owner):
             continue
         done.add(id(t))
         t.copy_(t.half().to(t.dtype))

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from profilers.files import atomic_write_bytes
 from profilers.quant.quantize import Term
 from profilers.quant.rotation import rotation_signs
-from profilers.resident import held
+from profilers.resident import held, state_with_owners
 from profilers.tasks import Task
 from profilers.types import ProfileTable
 
@@ -181,11 +181,10 @@ def _unplanned_tensors(model: nn.Module, planned: set[int]) -> dict[str, Tensor]
     file stores it (floats in fp16); a block read on use is read for it, one block at a time."""
     out: dict[str, Tensor] = {}
     seen = set(planned)
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for key, t in model.state_dict(keep_vars=True).items():
+    for key, t, owner in state_with_owners(model):
         if id(t) not in seen:
             seen.add(id(t))
-            with held(modules[key.rpartition(".")[0]]):
+            with held(owner):
                 value = t.detach()
                 out[key] = (value.half() if value.is_floating_point() else value).contiguous()
     return out
