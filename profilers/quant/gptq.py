@@ -38,7 +38,10 @@ from torch import Tensor
 from ..types import Choice
 from .quantize import Term, _quantize, dequantize, dequantize_terms, split_digits
 
-__all__ = ["Grid", "StaticGrid", "gptq_reconstructions", "gptq_static", "gptq_sweep", "gptq_terms", "prepare_hessian"]
+__all__ = [
+    "Grid", "StaticGrid", "gptq_reconstructions", "gptq_static", "gptq_sweep", "gptq_terms", "memoized",
+    "prepare_hessian",
+]  # fmt: skip
 
 
 class Grid(NamedTuple):
@@ -364,15 +367,24 @@ def _prepared(
     `memo` (a dict the caller keeps for one layer) holds them for the next call with the same
     `H`: a layer whose error stack is built in row chunks (`--max-memory`) prepares its `H` once,
     not per chunk (an 8192-wide `H`: a Cholesky factorisation, an inverse and another factorisation)."""
-    key = ("prepared", damp, act_order, id(h))  # a layer's plain and rotated H each have theirs
+
+    def make() -> tuple[Tensor | None, tuple[Tensor, Tensor]]:
+        order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+        return order, prepare_hessian(h if order is None else h[order][:, order], damp=damp)
+
+    # a layer's plain and rotated H each have theirs
+    return memoized(memo, ("prepared", damp, act_order, id(h)), h, make)
+
+
+def memoized(memo: dict[Any, Any] | None, key: Any, source: Tensor, make: Callable[[], Any]) -> Any:
+    """`make()`, kept in `memo` under `key` for later calls with the same `source` tensor (an
+    `H` the value is derived from); without `memo`, made every time."""
     hit = memo.get(key) if memo is not None else None
-    if hit is not None and hit[0] is h:
-        return hit[1]
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
-    value = order, prepare_hessian(h if order is None else h[order][:, order], damp=damp)
-    if memo is not None:
-        memo[key] = (h, value)
-    return value
+    if hit is None or hit[0] is not source:
+        hit = (source, make())
+        if memo is not None:
+            memo[key] = hit
+    return hit[1]
 
 
 def _all_terms(

@@ -25,7 +25,7 @@ from ..types import Choice
 from .ggml.fit import GgmlTensor
 from .ggml.quantize import quantize_ggml
 from .ggml.types import GGML_TYPES
-from .gptq import gptq_reconstructions, gptq_terms
+from .gptq import gptq_reconstructions, gptq_terms, memoized
 from .options import DEFAULT_METHOD, METHODS, needs_hessian
 from .quantize import Term, as_matrix, dequantize_terms, quantize_terms, residual_reconstructions
 from .rotation import rotate, rotate_hessian, rotation_signs, unrotate
@@ -138,12 +138,7 @@ def _rotated(
     signs = rotation_signs(w2d.shape[1])
     if hessian is None:
         return rotate(w2d, signs), None
-    hit = memo.get("rotated") if memo is not None else None
-    if hit is None or hit[0] is not hessian:
-        hit = (hessian, rotate_hessian(hessian, signs))
-        if memo is not None:
-            memo["rotated"] = hit
-    return rotate(w2d, signs), hit[1]
+    return rotate(w2d, signs), memoized(memo, "rotated", hessian, lambda: rotate_hessian(hessian, signs))
 
 
 def fake_quantize(w: Tensor, choice: Choice, *, extra_rows: Tensor | None = None) -> Tensor:
