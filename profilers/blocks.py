@@ -154,10 +154,6 @@ class SpillFile:
         return spilled
 
 
-def _tensor(h: Tensor | Spilled | None) -> Tensor | None:
-    return h.load() if isinstance(h, Spilled) else h
-
-
 @dataclass
 class Chain:
     """The blocks of a model and, per calibration batch, each block's call and hidden input
@@ -178,7 +174,8 @@ class Chain:
 
     def input(self, b: int, k: int) -> Tensor:
         """Batch `b`'s input to block `k` (`k` = the number of blocks: the last one's output)."""
-        h = _tensor(self.hidden[b][k])
+        h = self.hidden[b][k]
+        h = h.load() if isinstance(h, Spilled) else h
         if h is None:
             raise RuntimeError(f"batch {b}'s input to block {k} was already freed")
         return h
@@ -187,7 +184,7 @@ class Chain:
         """Bytes of the first batch's input to block `k`, in memory or spilled."""
         h = self.hidden[0][k]
         assert h is not None
-        return math.prod(h.shape) * h.dtype.itemsize
+        return h.nbytes
 
     def _keep(self, h: Tensor) -> Tensor | Spilled:
         return self.spill.put(h) if self.spill is not None else h.detach()
