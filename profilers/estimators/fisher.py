@@ -51,20 +51,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-from torch import Tensor, nn
-
 from ..capture import batch_size
-from ..input_hessians import call_hessian
-from ..quant.options import needs_hessian
-from ..quant.quantize import as_matrix
 from ..types import ProfileError
 from . import DEFAULT_DRAWS
 from .base import Estimates, Profiler, ProfileRun
 from .fisher_sums import LayerSums, shrunk_ratios
 from .memory import default_max_memory, format_size, memory_budget, release_freed_memory
-from .segments import Segment, SegmentPasses
-from .weight_grads import RowErrors, dense_products, embedding_products, output_rows, per_sample_weight_grads
+from .scoring import SegmentScorer, Terms
+from .segments import SegmentPasses
+from .weight_grads import per_sample_weight_grads
 
 __all__ = ["FisherProfiler", "per_sample_weight_grads", "shrunk_ratios"]
 
@@ -121,11 +116,14 @@ class FisherProfiler(Profiler):
         total = sum(batch_size(b) or 1 for b in run.batches)
         warmup = max(1, min(self.warmup_samples, total // 2))
         states = [LayerSums(run.layouts[i], t.spec.rows, warmup, self.pool_rows) for i, t in enumerate(run.targets)]
-        sums = {i: _Terms(n) for i, n in passes.segments_of.items()}
+        sums = {i: Terms(n) for i, n in passes.segments_of.items()}
+        scorer = SegmentScorer(dict(enumerate(run.targets)), dict(enumerate(run.layouts)), run.quantizer.method,
+                               run.batches, passes.first_sample, passes.segments_of, passes.hessians,
+                               passes.extra_hessians, self.pool_rows)  # fmt: skip
         for s, segment in enumerate(passes):
             run.report("scoring", s, passes.total)
             for i in segment.targets:
-                self._score(run, i, segment, passes, chunks.get(i), states[i], sums[i])
+                scorer.score(i, segment, chunks.get(i), states[i], sums[i])
             del segment
             release_freed_memory()
         run.report("scoring", passes.total, passes.total)
@@ -133,97 +131,6 @@ class FisherProfiler(Profiler):
         settings = {"draws": passes.draws, "exact_fisher": passes.exact is not None, "seed": self.seed,
                     "blocks": passes.blocks, "pool_rows": self.pool_rows}
         return passes.counter.estimates(layers, settings)
-
-    def _score(
-        self,
-        run: ProfileRun,
-        i: int,
-        segment: Segment,
-        passes: SegmentPasses,
-        step: int | None,
-        state: LayerSums,
-        sums: _Terms,
-    ) -> None:
-        """Add target `i`'s first-order terms from `segment` to its state: its error stack is
-        built `step` rows at a time (all at once when None); a weight called in several
-        segments has its terms summed until the last one."""
-        t = run.targets[i]
-        if passes.segments_of[i] == 1 and all(isinstance(m, nn.Embedding) for m in t.modules):
-            errors = RowErrors(t.weight, run.layouts[i].stack)  # lookups only: rows on demand
-            for b, _, a, per_row, rows in self._terms(run, i, segment, errors, slice(None)):
-                state.add(a, per_row, rows, passes.first_sample[b])
-            return
-        hessian = self._hessian(run, i, segment, passes)
-        n_rows = t.spec.rows
-        step = step or n_rows
-        memo: dict = {}  # what the chunks of rows share: H rotated and factorised once
-        for r0 in range(0, n_rows, step):
-            rows = slice(r0, min(r0 + step, n_rows))
-            stack = self._stack(run, i, rows, hessian, memo)
-            for b, d, a, per_row, _ in self._terms(run, i, segment, stack, rows):
-                sums.add(b, d, r0, a, per_row)
-            del stack
-        if sums.segment_done():
-            every = torch.arange(n_rows)
-            for b, a, per_row in sums.terms():
-                state.add(a, per_row, every, passes.first_sample[b])
-
-    @staticmethod
-    def _hessian(run: ProfileRun, i: int, segment: Segment, passes: SegmentPasses) -> Tensor | None:
-        """GPTQ's `H` of target `i`: from its calls in `segment`, or from the whole forward pass
-        for a weight called in several segments; plus that of the batches only `H` reads."""
-        if not needs_hessian(run.quantizer.method):
-            return None
-        extra = passes.extra_hessian(i, segment)
-        if passes.segments_of[i] > 1:
-            return _sum(passes.hessians.get(i), extra)
-        mine = [(b, s.call) for b, seen in enumerate(segment.seen) for s in seen if s.call.target == i]
-        key = tuple((b, call.inp.data_ptr(), call.inp.shape) for b, call in mine)  # q, k, v share their inputs
-        if key not in segment.hessians:
-            hessian = None
-            for b, call in mine:
-                h = call_hessian(call, run.batches[b])
-                if h is not None:
-                    hessian = h if hessian is None else hessian + h
-            segment.hessians = {key: hessian}
-        return _sum(segment.hessians[key], extra)
-
-    @staticmethod
-    def _stack(run: ProfileRun, i: int, rows: slice, hessian: Tensor | None, memo: dict) -> Tensor:
-        """The error stack of rows `rows` of target `i` (rows round independently, GPTQ too)."""
-        weight = as_matrix(run.targets[i].weight.detach())[rows]
-        if hessian is not None:
-            run.quantizer.hessians[i] = hessian.float()
-        try:
-            return run.quantizer.stack(i, weight, run.layouts[i].stack, memo)
-        finally:
-            run.quantizer.hessians.pop(i, None)
-
-    def _terms(self, run: ProfileRun, i: int, segment: Segment, stack: Tensor | RowErrors, rows: slice):
-        """Per batch and draw, target `i`'s first-order terms `a [n, K]` (and per row, for
-        fractions) over weight rows `rows`, summed over its calls in `segment`, with the rows
-        they cover."""
-        n_paired = len(run.layouts[i].stack) if self.pool_rows else run.layouts[i].n_paired
-        for b, seen in enumerate(segment.seen):
-            mine = [s for s in seen if s.call.target == i]
-            if not mine:
-                continue
-            if isinstance(stack, RowErrors):
-                covered = torch.unique(torch.cat([s.call.inp.reshape(-1) for s in mine]))
-                errors = stack.get(covered)
-            else:
-                covered, errors = torch.arange(run.targets[i].spec.rows)[rows], stack
-            for d in range(len(mine[0].grads)):
-                a = per_row = None
-                for s in mine:
-                    g = s.grads[d]
-                    if isinstance(s.call.module, nn.Embedding):
-                        a1, p1 = embedding_products(s.call, g, covered, errors, n_paired)
-                    else:
-                        a1, p1 = dense_products(s.call, output_rows(s.call, g, rows), errors, n_paired)
-                    a = a1 if a is None else a + a1
-                    per_row = p1 if per_row is None or p1 is None else per_row + p1
-                yield b, d, a, per_row, covered
 
     def _row_chunks(self, run: ProfileRun, passes: SegmentPasses) -> dict[int, int]:
         """Rows per error-stack chunk of each target so that the profile stays within
@@ -239,38 +146,3 @@ class FisherProfiler(Profiler):
                 f" set --max-memory to {format_size(need)} or more, or calibrate on fewer or shorter samples"
             )
         return budget.chunks(bound)
-
-
-def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    return b if a is None else a if b is None else a + b
-
-
-class _Terms:
-    """A weight's first-order terms per (batch, draw), summed over the segments it is called in
-    (a tied embedding and LM head) and joined over the row chunks its stack was built in."""
-
-    def __init__(self, segments: int) -> None:
-        self.left = segments
-        self.sums: dict[tuple[int, int, int], tuple[Tensor, Tensor | None]] = {}
-
-    def add(self, b: int, draw: int, r0: int, a: Tensor, per_row: Tensor | None) -> None:
-        key = (b, draw, r0)
-        if key in self.sums:
-            a0, p0 = self.sums[key]
-            a, per_row = a0 + a, None if per_row is None or p0 is None else p0 + per_row
-        self.sums[key] = (a, per_row)
-
-    def segment_done(self) -> bool:
-        self.left -= 1
-        return not self.left
-
-    def terms(self):
-        """Per (batch, draw) in order: the batch, `a` summed over chunks, per-row terms joined."""
-        keys = sorted({(b, d) for b, d, _ in self.sums})
-        for b, d in keys:
-            parts = [self.sums[key] for key in sorted(k for k in self.sums if k[:2] == (b, d))]
-            a = torch.stack([p[0] for p in parts]).sum(dim=0) if len(parts) > 1 else parts[0][0]
-            rows = [p[1] for p in parts]
-            per_row = None if any(r is None for r in rows) else torch.cat(rows, dim=-1)  # type: ignore[arg-type]
-            yield b, a, per_row
-        self.sums.clear()

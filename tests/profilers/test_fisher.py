@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from profilers.capture import Call
-from profilers.estimators.fisher import FisherProfiler, dense_products, embedding_products, shrunk_ratios
+from profilers.estimators.fisher import FisherProfiler, shrunk_ratios
+from profilers.estimators.weight_grads import dense_products, embedding_products
 from profilers.quant.rounding import fake_quantize
 from profilers.tasks import EmbeddingTask, LogitsTask
 from profilers.types import Choice, ProfileError

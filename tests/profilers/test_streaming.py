@@ -189,19 +189,19 @@ def test_a_replayed_block_attends_only_to_its_own_input_with_a_kv_cache_model():
 def test_batches_beyond_the_scored_ones_feed_every_layers_h(stream, monkeypatch):
     """With `scored`, the scores read some batches and GPTQ's `H` all of them: each layer's
     error stack is built on the `H` of every batch, block layers, head and tied weights alike."""
+    from profilers.estimators.scoring import SegmentScorer
     from profilers.input_hessians import input_hessians
-    from profilers.quant.rounding import Quantizer
 
     model, data, task = tiny_llama(), batches(5), LogitsTask(causal=True)
     expected = input_hessians(model, data, task, find_targets(model))
     seen = {}
-    stack = Quantizer.stack
+    hessian = SegmentScorer._hessian
 
-    def spy(self, i, weight, choices, memo=None):
-        seen[i] = self.hessians[i].clone()
-        return stack(self, i, weight, choices, memo)
+    def spy(self, i, segment):
+        seen[i] = hessian(self, i, segment).clone()
+        return seen[i]
 
-    monkeypatch.setattr(Quantizer, "stack", spy)
+    monkeypatch.setattr(SegmentScorer, "_hessian", spy)
     table = FisherProfiler(stream=stream).profile(model, data, choices=CHOICES, task=task, method="gptq", scored=2)
     assert table.settings["scored_batches"] == 2 and table.settings["samples"] == 4  # 2 batches of 2 windows
     assert seen.keys() == expected.keys() and len(seen) == 3 * 7 + 1  # 7 per block, and the tied LM head
