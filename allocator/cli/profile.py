@@ -55,6 +55,7 @@ def run_profile(
             scored=scored,
             target_format=grid.format,
             gguf_source=setup.loaded.gguf,
+            ray=grid.ray,
             **limits,
         )
     table = table.model_copy(update={"data": setup.data.split()})

@@ -89,6 +89,8 @@ def solve(
     times: dict[str, float] = {}
     setup = None
     if profile_file is not None:
+        if grid.ray is not None:
+            raise AllocatorError("--ray scores a new profile; with --profile nothing is profiled: drop one of them")
         table = _timed(times, "load profile", lambda: _read_profile(profile_file))
         if evaluate or model is not None or tie:
             setup = _timed(times, "load", lambda: load_setup(model or table.model_name, data))

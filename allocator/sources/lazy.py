@@ -28,7 +28,9 @@ from profilers.resident import LazyBlocks
 
 from ..errors import ModelError
 
-__all__ = ["DEFAULT_RESIDENT_BLOCKS", "NotReadableByBlock", "lazy_from_folder", "lazy_from_gguf", "read_by_block"]
+__all__ = [
+    "DEFAULT_RESIDENT_BLOCKS", "BlockFile", "NotReadableByBlock", "lazy_from_folder", "lazy_from_gguf", "read_by_block",
+]  # fmt: skip
 
 DEFAULT_RESIDENT_BLOCKS = 2  # blocks kept in memory beyond those a stage holds
 
@@ -132,6 +134,34 @@ class _GgufTensors:
         mm.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
 
 
+class BlockFile:
+    """Reads a block's tensors from the model file (`LazyBlocks`'s `read`): `reader(k)` -> block
+    `k`'s tensors by parameter name inside the block.
+
+    It pickles as the file's path and the tensors' names, so a worker process
+    (`profilers.estimators.distributed`) reads the blocks it scores from the file itself; each
+    process opens a file once (a GGUF file's metadata is parsed, and its model built without
+    weights, on the first read)."""
+
+    def __init__(self, path: Path, auto_class: str, prefixes: list[str], names: list[list[str]], files: Any) -> None:
+        self.path, self.auto_class, self.prefixes, self.names = path, auto_class, prefixes, names
+        self._files = files
+
+    def __call__(self, k: int) -> dict[str, Tensor]:
+        if self._files is None:  # unpickled in another process: the file opened there once
+            key = (str(self.path.resolve()), self.auto_class)
+            if key not in _OPENED:
+                _OPENED[key] = _files(self.path, _skeleton_of(self.path, self.auto_class))
+            self._files = _OPENED[key]
+        return {n: self._files.get(self.prefixes[k] + n) for n in self.names[k]}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": None}
+
+
+_OPENED: dict[tuple[str, str], Any] = {}  # files a worker process opened, by path and model class
+
+
 def lazy_from_folder(path: Path, auto_class: str, capacity: int = DEFAULT_RESIDENT_BLOCKS) -> nn.Module:
     """A Hugging Face folder's model (`auto_class`, e.g. `AutoModelForCausalLM`) read block by block.
 
@@ -139,11 +169,8 @@ def lazy_from_folder(path: Path, auto_class: str, capacity: int = DEFAULT_RESIDE
         ModelError: the folder has no safetensors weights, no chain of repeated blocks, or its
             files lack a tensor the model has.
     """
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    model = _skeleton(lambda: getattr(transformers, auto_class).from_config(config))
-    return _read_lazily(model, _SafetensorsFiles(path), capacity, str(path))
+    model = _skeleton_of(path, auto_class)
+    return _read_lazily(model, path, auto_class, _files(path, model), capacity)
 
 
 def lazy_from_gguf(path: Path, capacity: int = DEFAULT_RESIDENT_BLOCKS) -> nn.Module:
@@ -152,12 +179,24 @@ def lazy_from_gguf(path: Path, capacity: int = DEFAULT_RESIDENT_BLOCKS) -> nn.Mo
     Raises:
         ModelError: no chain of repeated blocks, or the file lacks a tensor the model has.
     """
+    model = _skeleton_of(path, "AutoModelForCausalLM")
+    return _read_lazily(model, path, "AutoModelForCausalLM", _files(path, model), capacity)
+
+
+def _skeleton_of(path: Path, auto_class: str) -> nn.Module:
+    """The model of a folder or GGUF file built from its config, its weights unwritten."""
     import transformers
 
-    folder, file = path.resolve().parent, path.name
-    config = transformers.AutoConfig.from_pretrained(folder, gguf_file=file)
-    model = _skeleton(lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
-    return _read_lazily(model, _GgufTensors(path, model), capacity, str(path))
+    if path.suffix.lower() == ".gguf":
+        config = transformers.AutoConfig.from_pretrained(path.resolve().parent, gguf_file=path.name)
+        return _skeleton(lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    config = transformers.AutoConfig.from_pretrained(path)
+    return _skeleton(lambda: getattr(transformers, auto_class).from_config(config))
+
+
+def _files(path: Path, model: nn.Module) -> Any:
+    """The tensors of a GGUF file or of a folder's safetensors files, by the model's names."""
+    return _GgufTensors(path, model) if path.suffix.lower() == ".gguf" else _SafetensorsFiles(path)
 
 
 def read_by_block(path: Path, auto_class: str = "AutoModelForCausalLM") -> nn.Module | None:
@@ -180,8 +219,9 @@ def _skeleton(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def _read_lazily(model: nn.Module, files: Any, capacity: int, where: str) -> nn.Module:
-    """Fill `model`'s stem and head from `files` now and make its blocks read on use."""
+def _read_lazily(model: nn.Module, path: Path, auto_class: str, files: Any, capacity: int) -> nn.Module:
+    """Fill `model`'s stem and head from `files` (those of `path`) now and make its blocks read on use."""
+    where = str(path)
     blocks = blocks_holding(model, lambda m: isinstance(m, nn.Linear))
     if not blocks:
         raise NotReadableByBlock(f"{where}: the model has no chain of repeated blocks to read one at a time")
@@ -205,7 +245,8 @@ def _read_lazily(model: nn.Module, files: Any, capacity: int, where: str) -> nn.
                 p.data = t.to(p.dtype).contiguous()
     model.tie_weights()
     model.config.use_cache = False
-    LazyBlocks(blocks, lambda k: {n: files.get(prefixes[k] + n) for n, _ in blocks[k].named_parameters()}, capacity)
+    names = [[n for n, _ in block.named_parameters()] for block in blocks]
+    LazyBlocks(blocks, BlockFile(path, auto_class, prefixes, names, files), capacity)
     return model.eval()
 
 

@@ -49,7 +49,7 @@ weights are scored jointly.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..capture import batch_size
 from ..types import ProfileError
@@ -60,6 +60,9 @@ from .memory import default_max_memory, format_size, memory_budget, release_free
 from .scoring import SegmentScorer, Terms
 from .segments import SegmentPasses
 from .weight_grads import per_sample_weight_grads
+
+if TYPE_CHECKING:
+    from .distributed import RayScoring
 
 __all__ = ["FisherProfiler", "per_sample_weight_grads", "shrunk_ratios"]
 
@@ -83,6 +86,9 @@ class FisherProfiler(Profiler):
             whole to row-diagonal score shrunk towards the layer's by its noise
             (`shrunk_ratios`, module docstring); False scores each option by its own whole
             squared sum (noisier).
+        ray: score the blocks on a Ray cluster (`distributed`): `local`, `local:N` or an
+            address `ray.init` takes; None scores everything in this process. The scores are
+            the same either way.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -100,6 +106,7 @@ class FisherProfiler(Profiler):
         stream: bool = True,
         max_memory: int | None = None,
         pool_rows: bool = True,
+        ray: str | None = None,
     ) -> None:
         if draws < 1:
             raise ProfileError(f"draws must be at least 1, got {draws}")
@@ -109,8 +116,21 @@ class FisherProfiler(Profiler):
         self.stream = stream
         self.max_memory = max_memory
         self.pool_rows = pool_rows
+        self.ray = ray
 
     def _estimate(self, run: ProfileRun) -> Estimates:
+        if self.ray is None:
+            return self._estimate_on(run, None)
+        from .distributed import RayScoring
+
+        cluster = RayScoring(self.ray, run.report)  # joined before any pass: an unreachable one fails at once
+        try:
+            return self._estimate_on(run, cluster)
+        finally:
+            cluster.close()
+
+    def _estimate_on(self, run: ProfileRun, cluster: RayScoring | None) -> Estimates:
+        """`_estimate`, with the block segments scored on `cluster` where given."""
         passes = SegmentPasses(run, draws=self.draws, seed=self.seed, stream=self.stream)
         chunks = self._row_chunks(run, passes)
         total = sum(batch_size(b) or 1 for b in run.batches)
@@ -122,11 +142,17 @@ class FisherProfiler(Profiler):
                                passes.extra_hessians, self.pool_rows)  # fmt: skip
         for s, segment in enumerate(passes):
             run.report("scoring", s, passes.total)
-            for i in segment.targets:
-                scorer.score(i, segment, chunks.get(i), states[i], sums[i])
+            if cluster is not None and cluster.takes(segment, scorer):
+                cluster.submit(segment, passes.chain.blocks[int(segment.name.split()[1])], scorer, chunks, states)
+            else:
+                for i in segment.targets:
+                    scorer.score(i, segment, chunks.get(i), states[i], sums[i])
             del segment
             release_freed_memory()
         run.report("scoring", passes.total, passes.total)
+        if cluster is not None:
+            for i, state in cluster.gather().items():
+                states[i] = state
         layers = {i: states[i].finish() for i in passes.counter.first_call}
         settings = {"draws": passes.draws, "exact_fisher": passes.exact is not None, "seed": self.seed,
                     "blocks": passes.blocks, "pool_rows": self.pool_rows}
