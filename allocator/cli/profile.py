@@ -1,6 +1,9 @@
 """`allocator profile`: estimate the cost and sensitivity of every (layer, option) once."""
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +39,7 @@ def run_profile(
     scored = None if score_on is None else -(-score_on // setup.data.batch_size)
     choices = with_rotation(choices, grid.rotation or DEFAULT_ROTATION)
     started = time.perf_counter()
-    with report.progress(progress) as update:
+    with report.progress(progress) as update, _cluster_summary(grid.ray is not None):
         table = api.profile(
             setup.loaded.model,
             setup.calib,
@@ -60,6 +63,25 @@ def run_profile(
         )
     table = table.model_copy(update={"data": setup.data.split()})
     return table, time.perf_counter() - started
+
+
+@contextmanager
+def _cluster_summary(on: bool) -> Iterator[None]:
+    """With --ray, the cluster's summary (blocks, bytes moved, seconds per task) printed when it ends."""
+    if not on:
+        yield
+        return
+    log = logging.getLogger("profilers.estimators.distributed")
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: report.line(record.getMessage())  # type: ignore[method-assign]
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 @app.command()

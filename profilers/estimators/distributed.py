@@ -21,8 +21,10 @@ Ray is an optional dependency (`pip install 'allocator[distributed]'`), imported
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +43,11 @@ from .fisher_sums import LayerSums
 from .scoring import SegmentScorer, Terms
 from .segments import Seen, Segment
 
-__all__ = ["RETRIES", "RayScoring", "ray_missing"]
+__all__ = ["RETRIES", "ClusterStats", "RayScoring", "ray_missing"]
 
 RETRIES = 3  # runs of a task after its worker died
+
+_log = logging.getLogger(__name__)
 
 
 def ray_missing() -> str:
@@ -90,6 +94,32 @@ def score_block(task: BlockTask, batches: list[Any]) -> tuple[dict[int, LayerSum
     return task.states, time.perf_counter() - started
 
 
+@dataclass
+class ClusterStats:
+    """What a profile's blocks cost on the cluster, logged (`extra={"stats": ...}`) when it ends.
+
+    Attributes:
+        workers: CPUs of the cluster (tasks run at once).
+        task_bytes: per task, the bytes of the tensors it carried (inputs, gradients, `H`, weights).
+        task_seconds: per task, the seconds the worker scored for (its last run).
+        handout_seconds: per task, the driver's seconds handing it out (serialising it into the
+            object store, and waiting for room when every worker was busy is not counted).
+    """
+
+    workers: int
+    task_bytes: list[int] = field(default_factory=list)
+    task_seconds: list[float] = field(default_factory=list)
+    handout_seconds: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.task_bytes:
+            return f"ray: no block was scored on the cluster ({self.workers} workers); the model has no chain of blocks"
+        mb = statistics.mean(self.task_bytes) / 2**20
+        return (f"ray: {len(self.task_bytes)} blocks scored on {self.workers} workers, {mb:.0f} MB moved per block,"
+                f" {statistics.median(self.task_seconds):.1f} s per task (median),"
+                f" {statistics.mean(self.handout_seconds):.2f} s handing each out")  # fmt: skip
+
+
 class RayScoring:
     """Block segments scored as Ray tasks (see the module docstring).
 
@@ -115,8 +145,7 @@ class RayScoring:
         self._pending: dict[Any, list[int]] = {}
         self._batches: Any = None
         self.submitted = self.done = 0
-        self.task_seconds: list[float] = []
-        self.task_bytes: list[int] = []
+        self.stats = ClusterStats(self.workers)
         self.results: dict[int, LayerSums] = {}
 
     def takes(self, segment: Segment, scorer: SegmentScorer) -> bool:
@@ -154,8 +183,10 @@ class RayScoring:
         )
         if found is None:  # a model in memory: its weights travel with the task
             task.weights = {task.names[i]: scorer.targets[i].weight.detach() for i in segment.targets}
-        self.task_bytes.append(_payload_bytes(task))
+        self.stats.task_bytes.append(_payload_bytes(task))
+        started = time.perf_counter()
         self._pending[self._remote.remote(task, self._batches)] = list(segment.targets)
+        self.stats.handout_seconds.append(time.perf_counter() - started)
         self.submitted += 1
         self.report("ray tasks", self.done, self.submitted)
         self._collect(wait=False)
@@ -164,6 +195,7 @@ class RayScoring:
         """Wait for every task; the `LayerSums` of every layer scored on the cluster."""
         while self._pending:
             self._collect(wait=True)
+        _log.info(self.stats.summary(), extra={"stats": self.stats})
         return self.results
 
     def close(self) -> None:
@@ -184,7 +216,7 @@ class RayScoring:
                 raise ProfileError(f"a Ray worker died {RETRIES + 1} times scoring one block; see the cluster's"
                                    " logs (out of memory? lower --max-memory)") from None  # fmt: skip
             self.results.update(states)
-            self.task_seconds.append(seconds)
+            self.stats.task_seconds.append(seconds)
             self.done += 1
             self.report("ray tasks", self.done, self.submitted)
 

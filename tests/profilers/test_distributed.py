@@ -131,6 +131,7 @@ def test_the_cli_profile_with_ray_writes_the_same_profile(cli, fast, tiny_causal
     assert cli("profile", str(tiny_causal_dir), "-o", str(alone), *fast).returncode == 0
     res = cli("profile", str(tiny_causal_dir), "-o", str(fanned), "--ray", "local:2", *fast)
     assert res.returncode == 0, res.stderr
+    assert "ray: 2 blocks scored on 2 workers" in res.stdout  # the folder's 2 blocks
     assert _scores(ProfileTable.load(fanned)) == _scores(ProfileTable.load(alone))
 
 
