@@ -43,8 +43,9 @@ SHAPES = {
 WINDOW, BATCH = 512, 2  # tokens per calibration window, windows per batch (allocator's causal-LM defaults)
 
 
-def write_model(name: str, folder: Path) -> Path:
-    """The random-config model `name` saved as a Hugging Face folder (once), with MiniLM's tokenizer."""
+def write_model(name: str, folder: Path, shape: tuple[str, str, dict] | None = None) -> Path:
+    """The random-config model `name` (or of `shape`: config class, model class, config values)
+    saved as a Hugging Face folder (once), with MiniLM's tokenizer."""
     import torch
     import transformers
 
@@ -52,9 +53,9 @@ def write_model(name: str, folder: Path) -> Path:
 
     if (folder / "model.safetensors").is_file():
         return folder
-    config_cls, model_cls, shape = SHAPES[name]
+    config_cls, model_cls, values = shape or SHAPES[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**shape, tie_word_embeddings=True)
+    config = getattr(transformers, config_cls)(**values, tie_word_embeddings=True)
     model = getattr(transformers, model_cls)(config)
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +42,16 @@ def batch_size(batch: Any) -> int | None:
 
 @contextmanager
 def capture_calls(
-    targets: Sequence[QuantTarget], batch: Any, *, isolate: bool = True, shapes_only: Container[int] = ()
+    targets: Sequence[QuantTarget] | Mapping[int, QuantTarget],
+    batch: Any,
+    *,
+    isolate: bool = True,
+    shapes_only: Container[int] = (),
 ) -> Iterator[list[Call]]:
     """Record every call of the targets' modules during the forward passes run inside.
 
     Args:
-        targets: the quantizable weights.
+        targets: the quantizable weights (a list, or some of them by target index).
         batch: the batch about to be run (its leading dimension is the number of samples).
         isolate: return a copy of each output to the rest of the model, so in-place ops after
             the layer (`ReLU(inplace=True)`, `+=`) change the copy and not the recorded tensor
@@ -55,7 +59,8 @@ def capture_calls(
         shapes_only: targets whose calls keep only the shapes of their input and output
             (tensors on the meta device), so a pass that only counts holds no activations.
     """
-    module_target = {id(m): i for i, t in enumerate(targets) for m in t.modules}
+    indexed = targets.items() if isinstance(targets, Mapping) else enumerate(targets)
+    module_target = {id(m): i for i, t in indexed for m in t.modules}
     calls: list[Call] = []
     metas: dict[tuple[int, torch.Size], Tensor] = {}
     n = batch_size(batch)
@@ -79,7 +84,8 @@ def capture_calls(
             calls.append(Call(target, mod, inp, out))
         return out.clone() if isolate else None
 
-    handles = [m.register_forward_hook(hook) for t in targets for m in t.modules]
+    values = targets.values() if isinstance(targets, Mapping) else targets
+    handles = [m.register_forward_hook(hook) for t in values for m in t.modules]
     try:
         yield calls
     finally:

@@ -139,9 +139,9 @@ class BlockFile:
     `k`'s tensors by parameter name inside the block.
 
     It pickles as the file's path and the tensors' names, so a worker process
-    (`profilers.estimators.distributed`) reads the blocks it scores from the file itself; each
-    process opens a file once (a GGUF file's metadata is parsed, and its model built without
-    weights, on the first read)."""
+    (`profilers.estimators.distributed`) reads the blocks it scores from the file itself
+    (`block(k)`: the block module with its weights); each process opens a file once (a GGUF
+    file's metadata is parsed, and the model built without weights, on the first read)."""
 
     def __init__(self, path: Path, auto_class: str, prefixes: list[str], names: list[list[str]], files: Any) -> None:
         self.path, self.auto_class, self.prefixes, self.names = path, auto_class, prefixes, names
@@ -149,17 +149,38 @@ class BlockFile:
 
     def __call__(self, k: int) -> dict[str, Tensor]:
         if self._files is None:  # unpickled in another process: the file opened there once
-            key = (str(self.path.resolve()), self.auto_class)
-            if key not in _OPENED:
-                _OPENED[key] = _files(self.path, _skeleton_of(self.path, self.auto_class))
-            self._files = _OPENED[key]
+            self._files = self._opened()[0]
         return {n: self._files.get(self.prefixes[k] + n) for n in self.names[k]}
+
+    def block(self, k: int) -> nn.Module:
+        """Block `k` with its weights read from the file, for a process that holds no model: the
+        model is built without weights once per process (`release` empties the block again)."""
+        block = self._opened()[1].get_submodule(self.prefixes[k].removesuffix("."))
+        tensors = self(k)
+        with torch.no_grad():
+            for name, p in block.named_parameters():
+                p.data = tensors[name].to(p.dtype).contiguous()  # as `LazyBlocks` reads a block
+        return block.eval()
+
+    @staticmethod
+    def release(block: nn.Module) -> None:
+        """The weights `block` read dropped (placeholders of the same shapes: no memory)."""
+        with torch.no_grad():
+            for p in block.parameters():
+                p.data = torch.empty(p.shape, dtype=p.dtype)
+
+    def _opened(self) -> tuple[Any, nn.Module]:
+        key = (str(self.path.resolve()), self.auto_class)
+        if key not in _OPENED:
+            model = _skeleton_of(self.path, self.auto_class)
+            _OPENED[key] = (_files(self.path, model), model)
+        return _OPENED[key]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_files": None}
 
 
-_OPENED: dict[tuple[str, str], Any] = {}  # files a worker process opened, by path and model class
+_OPENED: dict[tuple[str, str], tuple[Any, nn.Module]] = {}  # per process: files opened, the model built for them
 
 
 def lazy_from_folder(path: Path, auto_class: str, capacity: int = DEFAULT_RESIDENT_BLOCKS) -> nn.Module:

@@ -1,15 +1,21 @@
 """Scoring the blocks of a streamed profile on a Ray cluster (`FisherProfiler(ray=...)`).
 
 The driver (this process) runs what is sequential: the recording pass, the head and the
-gradient sweep that carries `dL/dh` back through the blocks (`segments`). Each block segment it
-reaches is handed to Ray as one task instead of being scored here: the block's recorded inputs,
-output-gradients and extra `H` go through Ray's object store, and the worker reads the block's
-weights from the model file itself (a model read block by block, `allocator.sources.lazy`) or,
-for a model held in memory, takes them from the object store too. The worker scores the block
-with `scoring.SegmentScorer` (the code and inputs the driver would have used) and returns each
-layer's `LayerSums`: the table is the single-process one, bit for bit. Workers run torch on as
-many threads as the driver (how a product is split over threads may change its rounding).
-Segments other than a block of Linear layers (head, stem, tied weights) are scored on the driver.
+gradient sweep that carries `dL/dh` back through the blocks, last to first (`segments`). For each
+block it reaches, it hands Ray one task carrying the block's recorded inputs, its calls and the
+output-gradients `dL/dh` per draw, and the inputs of the batches only GPTQ's `H` reads
+(`segments.BlockInputs`): hidden states at the block's boundary, not every layer's activations
+(SmolLM2: about 60 MB per block instead of 230). The worker reads the block's weights from the
+model file itself (a model read block by block: `allocator.sources.lazy.BlockFile`) or, for a
+model held in memory, takes the block from the task; it replays the block exactly as the driver's
+segment pass would (`segments.replay_block`, `block_hessians`), scores its layers with
+`scoring.SegmentScorer` and returns each layer's `LayerSums`. The table is the single-process
+one, bit for bit: same code, same inputs, and workers run torch on as many threads as the
+driver (how a product is split over threads may change its rounding). Segments other than a
+block of Linear layers (head, stem, tied weights) are scored on the driver.
+
+Inputs travel in float32: in bfloat16 every score would move by about 1e-3 relative, beyond the
+1e-6 a distributed profile may differ by.
 
 A worker that dies mid-task (killed, out of memory) has its task run again by Ray (up to
 `RETRIES` times); the inputs are still in the object store, so the result is the same. At most
@@ -30,9 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..capture import Call
 from ..heap import release_freed_memory
 from ..layers import QuantTarget
 from ..quant.options import OptionLayout
@@ -41,7 +46,7 @@ from ..types import LayerSpec, ProfileError
 from .base import ProgressFn
 from .fisher_sums import LayerSums
 from .scoring import SegmentScorer, Terms
-from .segments import Seen, Segment
+from .segments import BlockInputs, Segment, block_hessians, replay_block
 
 __all__ = ["RETRIES", "ClusterStats", "RayScoring", "ray_missing"]
 
@@ -57,40 +62,56 @@ def ray_missing() -> str:
 
 @dataclass
 class BlockTask:
-    """What a worker reads to score one block (the scored batches travel once, beside it)."""
+    """What a worker reads to score block `block` (the batches travel once, beside it).
+
+    Attributes:
+        module: the block itself, weights included (a model held in memory), or None: the
+            worker builds it and reads its weights with `reader` (`allocator.sources.lazy.BlockFile`).
+        targets: per target index, its module's name inside the block and its spec.
+        inputs: the block's recorded inputs, calls and output-gradients (`segments.BlockInputs`).
+    """
 
     block: int
-    segment: Segment
-    specs: dict[int, LayerSpec]
-    names: dict[int, str]  # each target's weight by parameter name inside the block
-    dtypes: dict[int, torch.dtype]
-    reader: Any  # block index -> the block's tensors (`allocator.sources.lazy.BlockFile`), or None
+    module: nn.Module | None
+    reader: Any
+    targets: dict[int, tuple[str, LayerSpec]]
+    inputs: BlockInputs
     layouts: dict[int, OptionLayout]
     states: dict[int, LayerSums]
     chunks: dict[int, int | None]
     method: str
     first_sample: list[int]
+    draws: int
     pool_rows: bool
     threads: int
-    weights: dict[str, Tensor] = field(default_factory=dict)  # without a reader: the weights themselves
 
 
-def score_block(task: BlockTask, batches: list[Any]) -> tuple[dict[int, LayerSums], float]:
-    """A worker's task: the block's layers scored into their `LayerSums`, and the seconds it took."""
+def score_block(task: BlockTask, batches: list[Any], extra: list[Any]) -> tuple[dict[int, LayerSums], float]:
+    """A worker's task: the block replayed from its inputs as the driver's segment pass runs it
+    (`segments.replay_block`, `block_hessians`), its layers scored into their `LayerSums`; and the
+    seconds it took."""
     started = time.perf_counter()
     torch.set_num_threads(task.threads)
-    tensors = task.weights or task.reader(task.block)
-    targets = {
-        i: QuantTarget(spec, nn.Parameter(tensors[task.names[i]].to(task.dtypes[i]), requires_grad=False),
-                       [nn.Linear(spec.cols, spec.rows, bias=False, device="meta")])
-        for i, spec in task.specs.items()
-    }  # fmt: skip
-    del tensors
-    scorer = SegmentScorer(targets, task.layouts, task.method, batches, task.first_sample,
-                           dict.fromkeys(targets, 1), {}, {}, task.pool_rows)  # fmt: skip
-    for i in task.segment.targets:
-        scorer.score(i, task.segment, task.chunks.get(i), task.states[i], Terms(1))
-    release_freed_memory()
+    block = task.module if task.module is not None else task.reader.block(task.block)
+    try:
+        modules = {i: block.get_submodule(name) for i, (name, _) in task.targets.items()}
+        targets = {i: QuantTarget(spec, modules[i].weight, [modules[i]]) for i, (_, spec) in task.targets.items()}
+        wanted, inputs = set(targets), task.inputs
+        segment = Segment(f"block {task.block}", list(targets))
+        for seen, _ in replay_block(block, inputs.calls, inputs.inputs.__getitem__, batches, targets, wanted,
+                                    inputs.grads, task.draws):  # fmt: skip
+            segment.seen.append(seen)
+        if inputs.extra_inputs:
+            segment.extra = block_hessians(block, inputs.extra_calls, inputs.extra_inputs.__getitem__, extra, targets,
+                                           wanted)  # fmt: skip
+        scorer = SegmentScorer(targets, task.layouts, task.method, batches, task.first_sample,
+                               dict.fromkeys(targets, 1), {}, {}, task.pool_rows)  # fmt: skip
+        for i in segment.targets:
+            scorer.score(i, segment, task.chunks.get(i), task.states[i], Terms(1))
+    finally:
+        if task.module is None:
+            task.reader.release(block)
+        release_freed_memory()
     return task.states, time.perf_counter() - started
 
 
@@ -148,44 +169,37 @@ class RayScoring:
         self.stats = ClusterStats(self.workers)
         self.results: dict[int, LayerSums] = {}
 
-    def takes(self, segment: Segment, scorer: SegmentScorer) -> bool:
-        """Whether `segment` is one block of Linear layers, each called in it alone."""
-        return segment.name.startswith("block ") and all(
-            scorer.segments_of[i] == 1 and all(isinstance(m, nn.Linear) for m in scorer.targets[i].modules)
-            for i in segment.targets
-        )
-
     def submit(
-        self, segment: Segment, block: nn.Module, scorer: SegmentScorer, chunks: dict[int, int | None],
-        states: list[LayerSums],
+        self, segment: Segment, block: nn.Module, k: int, scorer: SegmentScorer, chunks: dict[int, int | None],
+        states: list[LayerSums], extra: list[Any], draws: int,
     ) -> None:  # fmt: skip
-        """Hand block segment `segment` (of module `block`) to a worker."""
+        """Hand block `k`'s segment (carrying `inputs`: `SegmentPasses(ship_blocks=True)`) to a worker."""
+        if segment.inputs is None:
+            raise ValueError(f"segment {segment.name} carries no inputs to replay the block elsewhere")
         while len(self._pending) > self.workers:
             self._collect(wait=True)
         if self._batches is None:
-            self._batches = self.ray.put(list(scorer.batches))
-        in_block = {id(p): n for n, p in block.named_parameters()}
+            self._batches = (self.ray.put(list(scorer.batches)), self.ray.put(list(extra)))
+        names = {id(m): n for n, m in block.named_modules()}
         found = block_reader(block)
         task = BlockTask(
-            block=found[1] if found else -1,
-            segment=_portable(segment),
-            specs={i: scorer.targets[i].spec for i in segment.targets},
-            names={i: in_block[id(scorer.targets[i].weight)] for i in segment.targets},
-            dtypes={i: scorer.targets[i].weight.dtype for i in segment.targets},
+            block=k,
+            module=None if found else block,
             reader=found[0] if found else None,
+            targets={i: (names[id(scorer.targets[i].modules[0])], scorer.targets[i].spec) for i in segment.targets},
+            inputs=segment.inputs,
             layouts={i: scorer.layouts[i] for i in segment.targets},
             states={i: states[i] for i in segment.targets},
             chunks={i: chunks.get(i) for i in segment.targets},
             method=scorer.method,
             first_sample=list(scorer.first_sample),
+            draws=draws,
             pool_rows=scorer.pool_rows,
             threads=torch.get_num_threads(),
         )
-        if found is None:  # a model in memory: its weights travel with the task
-            task.weights = {task.names[i]: scorer.targets[i].weight.detach() for i in segment.targets}
         self.stats.task_bytes.append(_payload_bytes(task))
         started = time.perf_counter()
-        self._pending[self._remote.remote(task, self._batches)] = list(segment.targets)
+        self._pending[self._remote.remote(task, *self._batches)] = list(segment.targets)
         self.stats.handout_seconds.append(time.perf_counter() - started)
         self.submitted += 1
         self.report("ray tasks", self.done, self.submitted)
@@ -255,24 +269,11 @@ def _check_reachable(address: str) -> None:
                            " node's HOST:PORT, default port 6379), or pass --ray local") from None  # fmt: skip
 
 
-def _portable(segment: Segment) -> Segment:
-    """The segment with each call's module replaced by a weightless stand-in of its shape (what
-    scoring reads of a module is its kind), so that no weight travels with the calls."""
-    stand_ins: dict[int, nn.Module] = {}
-
-    def stand_in(m: nn.Module) -> nn.Module:
-        if id(m) not in stand_ins:
-            stand_ins[id(m)] = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")  # type: ignore[arg-type]
-        return stand_ins[id(m)]
-
-    seen = [[Seen(Call(s.call.target, stand_in(s.call.module), s.call.inp, s.call.out), s.grads) for s in batch]
-            for batch in segment.seen]  # fmt: skip
-    return Segment(segment.name, segment.targets, seen, {}, segment.extra)
-
-
 def _payload_bytes(task: BlockTask) -> int:
-    """Bytes of the tensors a task carries (inputs counted once where calls share one)."""
-    tensors = {id(t): t for batch in task.segment.seen for s in batch for t in (s.call.inp, *s.grads)}
-    tensors.update({id(h): h for h in task.segment.extra.values()})
-    tensors.update({id(w): w for w in task.weights.values()})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of the tensors a task carries: recorded inputs, output-gradients, the block's weights
+    when they travel with it (the calls' small tensors, e.g. rotary tables, left out)."""
+    inputs = task.inputs
+    tensors = [*inputs.inputs, *(g for grads in inputs.grads for g in grads), *inputs.extra_inputs]
+    if task.module is not None:
+        tensors += list(task.module.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -131,7 +131,8 @@ class FisherProfiler(Profiler):
 
     def _estimate_on(self, run: ProfileRun, cluster: RayScoring | None) -> Estimates:
         """`_estimate`, with the block segments scored on `cluster` where given."""
-        passes = SegmentPasses(run, draws=self.draws, seed=self.seed, stream=self.stream)
+        passes = SegmentPasses(run, draws=self.draws, seed=self.seed, stream=self.stream,
+                               ship_blocks=cluster is not None)  # fmt: skip
         chunks = self._row_chunks(run, passes)
         total = sum(batch_size(b) or 1 for b in run.batches)
         warmup = max(1, min(self.warmup_samples, total // 2))
@@ -142,8 +143,9 @@ class FisherProfiler(Profiler):
                                passes.extra_hessians, self.pool_rows)  # fmt: skip
         for s, segment in enumerate(passes):
             run.report("scoring", s, passes.total)
-            if cluster is not None and cluster.takes(segment, scorer):
-                cluster.submit(segment, passes.chain.blocks[int(segment.name.split()[1])], scorer, chunks, states)
+            if cluster is not None and segment.inputs is not None:
+                k = int(segment.name.split()[1])
+                cluster.submit(segment, passes.chain.blocks[k], k, scorer, chunks, states, run.extra, passes.draws)
             else:
                 for i in segment.targets:
                     scorer.score(i, segment, chunks.get(i), states[i], sums[i])

@@ -31,7 +31,7 @@ of its layers with its own, so a layer's `H` covers every calibration batch.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,15 +39,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..blocks import Chain, NotAChain, Spilled, find_blocks
+from ..blocks import BlockCall, Chain, NotAChain, Spilled, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
 from ..input_hessians import accumulate_hessians, call_hessian
+from ..layers import QuantTarget
 from ..quant.options import needs_hessian
 from ..resident import held
 from ..tasks import DRAW_ROWS
 from .base import CallCounter, ProfileRun
 
-__all__ = ["HEAD_CHUNK_BYTES", "Seen", "Segment", "SegmentPasses"]
+__all__ = ["HEAD_CHUNK_BYTES", "BlockInputs", "Seen", "Segment", "SegmentPasses", "block_hessians", "replay_block"]
 
 HEAD_CHUNK_BYTES = 256 * 2**20  # float32 logits a chunked head pass computes at once
 
@@ -76,6 +77,20 @@ class Segment:
     seen: list[list[Seen]] = field(default_factory=list)
     hessians: dict[tuple, Tensor | None] = field(default_factory=dict)  # the last `H` built, by its inputs
     extra: dict[int, Tensor] = field(default_factory=dict)  # per target, `H` of the batches only `H` reads
+    inputs: BlockInputs | None = None  # a block scored elsewhere: what replaying it needs (no `seen`, no `extra`)
+
+
+@dataclass
+class BlockInputs:
+    """What replaying block `k` elsewhere needs to see what its segment would (`replay_block`,
+    `block_hessians`): per scored batch its recorded input, call and output-gradient per draw;
+    per batch only `H` reads, its input and call."""
+
+    inputs: list[Tensor]
+    calls: list[BlockCall]
+    grads: list[list[Tensor]]
+    extra_inputs: list[Tensor]
+    extra_calls: list[BlockCall]
 
 
 class SegmentPasses:
@@ -85,10 +100,22 @@ class SegmentPasses:
     the first sample index of each batch, `segments_of` per target the number of segments it is
     called in (tied weights: more than one), `hessians` the input `H` of such targets (their
     calls are spread over segments), `blocks` the number of blocks the model was cut into.
+    With `ship_blocks`, a block segment whose layers can be scored elsewhere (`_ships`) carries
+    what replaying the block needs (`Segment.inputs`) instead of its calls and `H`; the block is
+    still run here, to carry `dL/dh` back to the blocks before it.
     """
 
-    def __init__(self, run: ProfileRun, *, draws: int, seed: int, stream: bool = True) -> None:
+    def __init__(
+        self,
+        run: ProfileRun,
+        *,
+        draws: int,
+        seed: int,
+        stream: bool = True,
+        ship_blocks: bool = False,
+    ) -> None:
         self.run = run
+        self.ship_blocks = ship_blocks
         self.requested = self.draws = draws
         self.exact: int | None = None  # classes, where the task enumerates them instead of drawing
         self.generator = torch.Generator().manual_seed(seed)
@@ -175,14 +202,12 @@ class SegmentPasses:
 
     def _block_extra(self, k: int, wanted: set[int]) -> dict[int, Tensor]:
         """`H` of block `k`'s layers from the batches only `H` reads (block `k` run on each)."""
-        chain, sums = self.extra_chain, {}
+        chain = self.extra_chain
         if not chain.hidden:
-            return sums
-        with torch.no_grad():
-            for b, batch in enumerate(self.run.extra):
-                with capture_calls(self.run.targets, batch, isolate=False) as calls:
-                    chain.calls[b][k].call(chain.blocks[k], chain.input(b, k))
-                accumulate_hessians(sums, [c for c in calls if c.target in wanted], batch)
+            return {}
+        calls = [chain.calls[b][k] for b in range(len(self.run.extra))]
+        sums = block_hessians(chain.blocks[k], calls, lambda b: chain.input(b, k), self.run.extra, self.run.targets,
+                              wanted)  # fmt: skip
         chain.free(k)
         return sums
 
@@ -312,7 +337,7 @@ class SegmentPasses:
                 self.reference = None
                 draw = lambda d, out=out, batch=batch: run.task.pseudo_gradient(  # noqa: E731
                     out, batch, self.generator, d if self.exact else None)
-                seen, dh = self._carry_back(out, leaf, [c for c in calls if c.target in wanted], draw)
+                seen, dh = carry_back(out, leaf, [c for c in calls if c.target in wanted], draw, self.draws)
                 self.dh.append(dh)
                 seg.seen.append(seen)
                 del calls, out
@@ -347,17 +372,33 @@ class SegmentPasses:
         run, chain = self.run, self.chain
         seg = Segment(f"block {k}", self._targets(f"block {k}"))
         wanted = set(seg.targets)
-        block = chain.blocks[k]
-        for b, batch in enumerate(run.batches):
-            leaf = chain.input(b, k).detach().requires_grad_(True)
-            with capture_calls(run.targets, batch) as calls, torch.enable_grad():
-                h = chain.calls[b][k].call(block, leaf)
-            mine = [c for c in calls if c.target in wanted]
-            seen, self.dh[b] = self._carry_back(h, leaf, mine, self.dh[b].__getitem__)
-            seg.seen.append(seen)
-            del calls, h
-        seg.extra = self._block_extra(k, wanted)
+        calls = [chain.calls[b][k] for b in range(len(run.batches))]
+        input_of = lambda b: chain.input(b, k)  # noqa: E731
+        if self._ships(seg.targets):
+            extra = self.extra_chain
+            m = len(run.extra) if extra.hidden else 0
+            extra_inputs, extra_calls = [extra.input(b, k) for b in range(m)], [extra.calls[b][k] for b in range(m)]
+            seg.inputs = BlockInputs([input_of(b) for b in range(len(calls))], calls, list(self.dh), extra_inputs,
+                                     extra_calls)  # fmt: skip
+            input_of = seg.inputs.inputs.__getitem__
+            if m:
+                extra.free(k)
+        replayed = replay_block(chain.blocks[k], calls, input_of, run.batches, run.targets, wanted, self.dh, self.draws)
+        for b, (seen, dh) in enumerate(replayed):
+            self.dh[b] = dh
+            if seg.inputs is None:
+                seg.seen.append(seen)
+        if seg.inputs is None:
+            seg.extra = self._block_extra(k, wanted)
         return seg
+
+    def _ships(self, targets: list[int]) -> bool:
+        """With `ship_blocks`, whether a block with these targets is scored elsewhere: Linear
+        layers each called in this block alone (a block segment then carries `inputs`)."""
+        return self.ship_blocks and all(
+            self.segments_of[i] == 1 and all(isinstance(m, nn.Linear) for m in self.run.targets[i].modules)
+            for i in targets
+        )
 
     def _stem(self) -> Segment:
         run, chain = self.run, self.chain
@@ -367,30 +408,72 @@ class SegmentPasses:
             for b, batch in enumerate(run.batches):
                 with capture_calls(run.targets, batch) as calls, torch.enable_grad():
                     h0 = chain.stem_output(lambda batch=batch: run.task.forward(run.model, batch))
-                seen, _ = self._carry_back(h0, None, [c for c in calls if c.target in wanted], self.dh[b].__getitem__)
+                seen, _ = carry_back(h0, None, [c for c in calls if c.target in wanted], self.dh[b].__getitem__,
+                                     self.draws)
                 seg.seen.append(seen)
                 del calls, h0
         self.dh = []
         return seg
 
-    def _carry_back(
-        self, out: Tensor, leaf: Tensor | None, calls: list[Call], grad_out: Callable[[int], Tensor]
-    ) -> tuple[list[Seen], list[Tensor]]:
-        """For each draw `d`, the gradient `grad_out(d)` at `out` carried back to every call's
-        output and, when given, to `leaf` (the segment's input): the calls as `Seen`, and the
-        gradient at `leaf` per draw."""
-        seen = [Seen(_kept(c), []) for c in calls]
-        inputs = ([leaf] if leaf is not None else []) + [c.out for c in calls]
-        at_leaf = []
-        for d in range(self.draws):
-            grads = torch.autograd.grad(out, inputs, grad_outputs=grad_out(d), retain_graph=d < self.draws - 1,
-                                        allow_unused=True)  # fmt: skip
-            if leaf is not None:
-                at_leaf.append(_or_zeros(grads[0], leaf))
-                grads = grads[1:]
-            for s, g, c in zip(seen, grads, calls, strict=True):
-                s.grads.append(_or_zeros(g, c.out))
-        return seen, at_leaf
+
+def replay_block(
+    block: nn.Module,
+    calls: Sequence[BlockCall],
+    input_of: Callable[[int], Tensor],
+    batches: Sequence[Any],
+    targets: Sequence[QuantTarget] | Mapping[int, QuantTarget],
+    wanted: set[int],
+    grads: Sequence[list[Tensor]],
+    draws: int,
+) -> Iterator[tuple[list[Seen], list[Tensor]]]:
+    """Per batch, `block` run from its recorded input (`input_of(b)`) with `dL/dh` at its output
+    (`grads[b]`, per draw) carried back: the calls of the `wanted` targets as `Seen`, and `dL/dh`
+    at its input."""
+    for b, batch in enumerate(batches):
+        leaf = input_of(b).detach().requires_grad_(True)
+        with capture_calls(targets, batch) as captured, torch.enable_grad():
+            h = calls[b].call(block, leaf)
+        mine = [c for c in captured if c.target in wanted]
+        yield carry_back(h, leaf, mine, grads[b].__getitem__, draws)
+        del captured, h, mine
+
+
+def block_hessians(
+    block: nn.Module,
+    calls: Sequence[BlockCall],
+    input_of: Callable[[int], Tensor],
+    batches: Sequence[Any],
+    targets: Sequence[QuantTarget] | Mapping[int, QuantTarget],
+    wanted: set[int],
+) -> dict[int, Tensor]:
+    """`H` of the `wanted` targets in `block`, from running it on each batch's recorded input."""
+    sums: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for b, batch in enumerate(batches):
+            with capture_calls(targets, batch, isolate=False) as captured:
+                calls[b].call(block, input_of(b))
+            accumulate_hessians(sums, [c for c in captured if c.target in wanted], batch)
+    return sums
+
+
+def carry_back(
+    out: Tensor, leaf: Tensor | None, calls: list[Call], grad_out: Callable[[int], Tensor], draws: int
+) -> tuple[list[Seen], list[Tensor]]:
+    """For each draw `d`, the gradient `grad_out(d)` at `out` carried back to every call's output
+    and, when given, to `leaf` (the segment's input): the calls as `Seen`, and the gradient at
+    `leaf` per draw."""
+    seen = [Seen(_kept(c), []) for c in calls]
+    inputs = ([leaf] if leaf is not None else []) + [c.out for c in calls]
+    at_leaf = []
+    for d in range(draws):
+        grads = torch.autograd.grad(out, inputs, grad_outputs=grad_out(d), retain_graph=d < draws - 1,
+                                    allow_unused=True)  # fmt: skip
+        if leaf is not None:
+            at_leaf.append(_or_zeros(grads[0], leaf))
+            grads = grads[1:]
+        for s, g, c in zip(seen, grads, calls, strict=True):
+            s.grads.append(_or_zeros(g, c.out))
+    return seen, at_leaf
 
 
 def _positions(batch: Any, i: int, start: int, stop: int, shape: torch.Size) -> Any:
