@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_scale import SHAPES, run_stage, write_model  # noqa: E402
 
 GRID = "--bits 2,3,4 --terms 1 --group-size 128,channel --fractions 0"
-SUMMARY = re.compile(r"ray: (\d+) blocks scored on (\d+) workers, (\d+) MB moved per block, ([\d.]+) s per task"
-                     r" \(median\), ([\d.]+) s handing each out")  # fmt: skip
+SUMMARY = re.compile(r"ray: (\d+) blocks scored on (\d+) CPUs, (\d+) per task, (\d+) MB moved per task, ([\d.]+) s"
+                     r" per task \(median\), ([\d.]+) s handing each out")  # fmt: skip
 
 
 def blocks_shape(blocks: int) -> tuple[str, str, dict]:
@@ -64,8 +64,8 @@ def measure(name: str, model: str, opts: argparse.Namespace) -> dict:
         if mode == "ray":
             if found is None:
                 raise SystemExit(f"no cluster summary in {log}")
-            out["tasks"], out["workers"], out["mb"] = (int(found[i]) for i in (1, 2, 3))
-            out["task_s"], out["handout_s"] = float(found[4]), float(found[5])
+            out["tasks"], out["cpus"], out["threads"], out["mb"] = (int(found[i]) for i in (1, 2, 3, 4))
+            out["task_s"], out["handout_s"] = float(found[5]), float(found[6])
     out["equal"] = scores(out["alone"]["profile"]) == scores(out["ray"]["profile"])
     return out
 
@@ -94,9 +94,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         a, b = r["alone"], r["ray"]
+        tasks = f"{r['tasks']} on {r['cpus']} CPUs, {r['threads']} per task"
         print(f"| {r['name']} | {a['seconds']:.0f}, {a['rss'] / 1e9:.2f} | {b['seconds']:.0f}, {b['rss'] / 1e9:.2f}"
-              f" ({b['seconds'] / a['seconds']:.2f}x) | {r['tasks']} on {r['workers']} workers | {r['mb']} |"
-              f" {r['task_s']:.1f} | {r['handout_s']:.2f} | {'yes' if r['equal'] else 'NO'} |")  # fmt: skip
+              f" ({b['seconds'] / a['seconds']:.2f}x) | {tasks} | {r['mb']} | {r['task_s']:.1f} |"
+              f" {r['handout_s']:.2f} | {'yes' if r['equal'] else 'NO'} |")  # fmt: skip
 
 
 if __name__ == "__main__":

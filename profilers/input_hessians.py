@@ -7,19 +7,23 @@ What GPTQ needs per layer. Positions a batch's `attention_mask` marks as padding
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import Chain, NotAChain, find_blocks
+from .blocks import BlockCall, Chain, NotAChain, find_blocks
 from .capture import Call, capture_calls, conv_patches
 from .layers import QuantTarget
 from .resident import held
 from .tasks import Task
 
-__all__ = ["accumulate_hessians", "call_hessian", "input_hessians", "positions_mask", "streamed_hessians"]
+__all__ = [
+    "BlockRecord", "accumulate_hessians", "block_hessians", "call_hessian", "input_hessians", "positions_mask",
+    "streamed_hessians",
+]  # fmt: skip
 
 
 def positions_mask(batch: Any, inp: Tensor) -> Tensor | None:
@@ -59,8 +63,9 @@ def streamed_hessians(
     targets: Sequence[QuantTarget],
     *,
     sequential: bool = False,
+    ship: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
-) -> Iterator[dict[int, Tensor]]:
+) -> Iterator[dict[int, Tensor] | BlockRecord]:
     """`input_hessians` one block at a time (`profilers.blocks`): first the layers outside the
     blocks, from one forward pass that also records every block's input, then each block's
     layers. Only one block's `H` is held at a time; a model without a chain of blocks gets
@@ -71,7 +76,9 @@ def streamed_hessians(
     (quantized) blocks before it, and its layers come in groups in call order, the layers fed
     one input together (q/k/v, then o, then gate/up, then down), each group's `H` taken after
     the groups before it were quantized (GPTQ's sequential calibration). Otherwise every block
-    runs on its recorded full-precision input and its layers come as one group.
+    runs on its recorded full-precision input and its layers come as one group; with `ship`
+    (not sequential), each block comes as a `BlockRecord` instead, for its `H` to be taken
+    elsewhere (`allocator.quantized.distributed`).
     """
     report = progress or (lambda stage, done, total: None)
     blocks = find_blocks(model, targets)
@@ -97,9 +104,25 @@ def streamed_hessians(
     hidden = [chain.input(b, 0) for b in range(len(batches))]
     for k, block in enumerate(blocks):
         report("hessians", len(batches) + k, total)
+        if ship and not sequential:
+            n = len(batches)
+            yield BlockRecord(k, block, [chain.calls[b][k] for b in range(n)], [chain.input(b, k) for b in range(n)])
+            chain.free(k)
+            continue
         with held(block):  # a block read on use stays in memory while its layers are quantized
             yield from _block_hessians(chain, k, batches, targets, sequential, hidden)
     report("hessians", total, total)
+
+
+@dataclass
+class BlockRecord:
+    """Block `k` (the module `block`) with its recorded call and input on every calibration
+    batch: what taking its layers' `H` elsewhere needs (`block_hessians`)."""
+
+    k: int
+    block: nn.Module
+    calls: list[BlockCall]
+    inputs: list[Tensor]
 
 
 def _block_hessians(
@@ -109,12 +132,8 @@ def _block_hessians(
     to the block) becomes the block's output as its layers then are."""
     block = chain.blocks[k]
     if not sequential:
-        sums: dict[int, Tensor] = {}
-        with torch.no_grad():
-            for b, batch in enumerate(batches):
-                with capture_calls(targets, batch, isolate=False) as calls:
-                    chain.calls[b][k].call(block, chain.input(b, k))
-                accumulate_hessians(sums, calls, batch)
+        calls = [chain.calls[b][k] for b in range(len(batches))]
+        sums = block_hessians(block, calls, lambda b: chain.input(b, k), batches, targets)
         chain.free(k)
         yield {i: h.float() for i, h in sums.items()}
         return
@@ -133,6 +152,25 @@ def _block_hessians(
         done |= group
         yield {i: h.float() for i, h in sums.items()}
     chain.free(k)
+
+
+def block_hessians(
+    block: nn.Module,
+    calls: Sequence[BlockCall],
+    input_of: Callable[[int], Tensor],
+    batches: Sequence[Any],
+    targets: Sequence[QuantTarget] | Mapping[int, QuantTarget],
+    wanted: set[int] | None = None,
+) -> dict[int, Tensor]:
+    """`H` (float64) of the targets in `block` (the `wanted` ones; all when None), from running it
+    on each batch's recorded input (`input_of(b)`, with its recorded call `calls[b]`)."""
+    sums: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for b, batch in enumerate(batches):
+            with capture_calls(targets, batch, isolate=False) as captured:
+                calls[b].call(block, input_of(b))
+            accumulate_hessians(sums, [c for c in captured if wanted is None or c.target in wanted], batch)
+    return sums
 
 
 def _next_group(calls: Sequence[Call], done: set[int]) -> set[int]:

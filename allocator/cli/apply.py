@@ -12,6 +12,7 @@ from profilers.quant.options import needs_hessian
 from ..errors import AllocatorError
 from .app import app, report
 from .options import PlanArg, PlanModel, PlanModelArg, Progress, RecordedDataOptions, with_options
+from .profile import cluster_summary
 from .setup import check_outputs, check_weights, load_setup, model_and_plan
 
 __all__ = ["apply"]
@@ -35,6 +36,16 @@ def apply(
         bool, typer.Option("--check/--no-check", help="Reload the file and compare it with the fake-quantized model.")
     ] = True,
     data: RecordedDataOptions,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Round the blocks of a GPTQ plan on a Ray cluster: `local` (started here), `local:N`, or a running"
+            " cluster's address (HOST:PORT, auto). Workers read their block's weights from the model file and take"
+            " its H from the recorded inputs; the file written is the same. A --sequential plan is rounded here."
+            " Needs pip install 'allocator[distributed]'.",
+        ),
+    ] = None,
     progress: Progress = True,
 ) -> None:
     """Quantize the model by the plan and write it: packed safetensors (reload with allocator.load_quantized), or
@@ -79,8 +90,8 @@ def apply(
     # Quantized by the plan (the packed file stores exactly its weights); a copy only when the check needs it,
     # since the export reads the tensors the plan does not quantize from the model (fp16 either way).
     fake = copy.deepcopy(loaded.model) if check else loaded.model
-    with report.progress(progress) as update:
-        made = quantize_plan_(fake, plan, calibration=calibration, task=loaded.task, progress=update)
+    with report.progress(progress) as update, cluster_summary(ray is not None):
+        made = quantize_plan_(fake, plan, calibration=calibration, task=loaded.task, progress=update, ray=ray)
     if made.refined:
         report.refinement(made.refined, plan.refine_steps)
     if made.tuned is not None:

@@ -16,7 +16,7 @@ from .app import app, report
 from .options import DataOptions, GridOptions, Model, ModelArg, Progress, with_options
 from .setup import Setup, check_outputs, load_setup, one_model
 
-__all__ = ["profile", "run_profile"]
+__all__ = ["cluster_summary", "profile", "run_profile"]
 
 
 def run_profile(
@@ -39,7 +39,7 @@ def run_profile(
     scored = None if score_on is None else -(-score_on // setup.data.batch_size)
     choices = with_rotation(choices, grid.rotation or DEFAULT_ROTATION)
     started = time.perf_counter()
-    with report.progress(progress) as update, _cluster_summary(grid.ray is not None):
+    with report.progress(progress) as update, cluster_summary(grid.ray is not None):
         table = api.profile(
             setup.loaded.model,
             setup.calib,
@@ -66,12 +66,12 @@ def run_profile(
 
 
 @contextmanager
-def _cluster_summary(on: bool) -> Iterator[None]:
-    """With --ray, the cluster's summary (blocks, bytes moved, seconds per task) printed when it ends."""
+def cluster_summary(on: bool) -> Iterator[None]:
+    """With --ray, the cluster's summary (tasks, bytes moved, seconds per task) printed when its tasks are gathered."""
     if not on:
         yield
         return
-    log = logging.getLogger("profilers.estimators.distributed")
+    log = logging.getLogger("profilers.cluster")
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: report.line(record.getMessage())  # type: ignore[method-assign]
     level = log.level

@@ -8,6 +8,7 @@ would be stored, so measured quality is the quality of the model the plan descri
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,17 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from profilers.blocks import Chain, NotAChain, find_blocks
-from profilers.input_hessians import input_hessians, streamed_hessians
+from profilers.cluster import Cluster
+from profilers.input_hessians import BlockRecord, input_hessians, streamed_hessians
 from profilers.layers import find_targets, resolve_modules
 from profilers.quant.options import needs_hessian
-from profilers.quant.quantize import as_matrix
-from profilers.quant.rounding import ggml_tensor, stored_terms
 from profilers.resident import held, is_lazy, state_with_owners
 from profilers.tasks import Task, infer_task
 from profilers.types import Choice, ProfileError, ProfileTable
 
 from ..errors import PlanError
 from ..planning.plan import Plan
+from .distributed import stored_layer, submit_rounding
 from .refine import BlockRefinement, record_chain, refine_blocks_
 from .stored import StoredLayer
 from .tune import Tuning, tune_model_
@@ -83,6 +84,7 @@ def quantize_layers_(
     tune_steps: int = 0,
     round_rest_to_fp16: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    ray: str | None = None,
 ) -> Quantized:
     """Quantize the named layers' weights in place with the given choices; what each stores.
 
@@ -106,6 +108,10 @@ def quantize_layers_(
         round_rest_to_fp16: round every other floating-point parameter and buffer to fp16
             precision (how the plan stores them; `quantize_plan_` decides by the plan's format).
         progress: `(stage, done, total)` callback.
+        ray: round the blocks of a GPTQ model on a Ray cluster (`distributed`: `local`,
+            `local:N` or an address `ray.init` takes), each block's `H` taken there from its
+            recorded inputs; what each layer stores is the same as in one process. A sequential
+            calibration stays in this process.
 
     Raises:
         PlanError: an unknown layer name, a weight with NaN/inf values, a reconstruction
@@ -128,15 +134,9 @@ def quantize_layers_(
         batches = _calibration(calibration, "block reconstruction (--refine) tunes each block on")
         task = task or infer_task(model, batches[0])
         chain = _fp_chain(model, batches, task)
-    stored: dict[str, StoredLayer] = {}
     with torch.no_grad():
-        groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential)
-        for names, group in groups:
-            for name in names:
-                with held(modules[name]):  # in its block's group already, unless no input reached it
-                    h = group.get(name)
-                    stored[name] = _stored_layer(weights[name], choices[name], extra_rows, name, method, h)
-                    weights[name].copy_(stored[name].weight())
+        stored = _round_layers(model, modules, weights, choices, extra_rows, method, hessians, calibration, task,
+                               sequential, ray, progress)  # fmt: skip
         if round_rest_to_fp16:
             _round_rest_to_fp16(model, weights)
     refined = []
@@ -151,6 +151,60 @@ def quantize_layers_(
     return Quantized(stored, refined, tuning)
 
 
+def _round_layers(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    weights: dict[str, nn.Parameter],
+    choices: dict[str, Choice],
+    extra_rows: dict[str, np.ndarray] | None,
+    method: str,
+    hessians: dict[str, Tensor] | None,
+    calibration: Sequence[Any] | None,
+    task: Task | None,
+    sequential: bool,
+    ray: str | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[str, StoredLayer]:
+    """Every named layer rounded (on a Ray cluster where `ray` names one: the blocks of a
+    non-sequential GPTQ plan) and its reconstruction written into its weight; what each stores."""
+    ship = ray is not None and needs_hessian(method) and hessians is None and not sequential
+    if ray is not None and not ship:
+        why = ("a sequential plan calibrates each block on the quantized blocks before it" if sequential else
+               "rounding to nearest needs no H" if not needs_hessian(method) else "the H were given")
+        warnings.warn(f"--ray: {why}; the layers are rounded in this process", stacklevel=3)
+    cluster = Cluster(ray, progress or (lambda *_: None), "blocks rounded", torch.get_num_threads()) if ship else None
+    stored: dict[str, StoredLayer] = {}
+    order: list[str] = []  # the layers in the order their groups came (the order they are stored in)
+    try:
+        groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential,
+                                ship=cluster is not None)  # fmt: skip
+        targets, batches = None, None
+        for names, group in groups:
+            order += names
+            if isinstance(group, BlockRecord):
+                assert cluster is not None and calibration is not None
+                if targets is None:
+                    targets = {t.spec.name: (i, t) for i, t in enumerate(find_targets(model))}
+                    batches = cluster.put(list(calibration))
+                submit_rounding(cluster, group, names, targets, choices, extra_rows, method, batches)
+                continue
+            for name in names:
+                with held(modules[name]):  # in its block's group already, unless no input reached it
+                    h = group.get(name)
+                    rows = (extra_rows or {}).get(name)
+                    stored[name] = stored_layer(weights[name], choices[name], rows, method, h)
+                    weights[name].copy_(stored[name].weight())
+        for done in cluster.gather() if cluster is not None else []:
+            for name, layer in done.items():
+                stored[name] = layer
+                with held(modules[name]):
+                    weights[name].copy_(layer.weight())
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return {name: stored[name] for name in order}
+
+
 def _fp_chain(model: nn.Module, batches: Sequence[Any], task: Task) -> Chain:
     """The FP model's block inputs and outputs on `batches`, before any weight changes."""
     blocks = find_blocks(model, find_targets(model))
@@ -163,20 +217,6 @@ def _fp_chain(model: nn.Module, batches: Sequence[Any], task: Task) -> Chain:
             f"block reconstruction (--refine) needs a model made of a chain of repeated blocks ({e});"
             " use --refine 0 for this model"
         ) from None
-
-
-def _stored_layer(
-    weight: Tensor, choice: Choice, extra_rows: dict[str, np.ndarray] | None, name: str, method: str, h: Tensor | None
-) -> StoredLayer:
-    shape = tuple(weight.shape)
-    if not choice.quantized:
-        return StoredLayer(choice, shape, [], fp16=weight.detach().half())
-    w2d = as_matrix(weight.detach()).float()
-    if choice.ggml is not None:
-        return StoredLayer(choice, shape, [], ggml=ggml_tensor(w2d, choice, method=method, hessian=h))  # type: ignore[arg-type]
-    rows = torch.as_tensor(extra_rows[name], dtype=torch.long) if choice.extra and extra_rows else None
-    terms, extra = stored_terms(w2d, choice, method=method, hessian=h, extra_rows=rows)  # type: ignore[arg-type]
-    return StoredLayer(choice, shape, terms, extra, rows)
 
 
 def _checked_layers(
@@ -289,13 +329,15 @@ def quantize_plan_(
     task: Task | None = None,
     round_rest_to_fp16: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    ray: str | None = None,
 ) -> Quantized:
     """`apply_plan_`, returning what each planned layer stores (`export_quantized` packs it), and
     the reports of the block reconstruction and the end-to-end tuning when the plan asks for
     them (`plan.refine_steps`, `plan.tune_steps`).
 
     `round_rest_to_fp16` None: as the plan's file stores the other tensors (allocator's packed
-    file: in fp16; a GGUF file: as its source, so they keep the values they were read as)."""
+    file: in fp16; a GGUF file: as its source, so they keep the values they were read as).
+    `ray`: the blocks rounded on a Ray cluster (`quantize_layers_`)."""
     check_plan_fits_model(model, plan)
     if round_rest_to_fp16 is None:
         round_rest_to_fp16 = plan.target_format == "native"
@@ -305,7 +347,7 @@ def quantize_plan_(
                             calibration=calibration, task=task, sequential=plan.sequential,
                             refine_steps=plan.refine_steps, tune_steps=plan.tune_steps,
                             round_rest_to_fp16=round_rest_to_fp16,
-                            progress=progress)  # fmt: skip
+                            progress=progress, ray=ray)  # fmt: skip
 
 
 def hessian_groups(
@@ -317,14 +359,17 @@ def hessian_groups(
     task: Task | None,
     *,
     sequential: bool = False,
-) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
+    ship: bool = False,
+) -> Iterator[tuple[list[str], dict[str, Tensor] | BlockRecord]]:
     """The named layers in groups, each with the `H` its rounding needs (none for RTN), every
     layer in exactly one group. Given `hessians`, one group. From calibration data the groups
     are the model's blocks (`streamed_hessians`: one block's `H` held at a time); layers no
     input reaches come last, without `H` (rounded to nearest).
 
     With `sequential`, the caller must write each group's quantized weights into `model`
-    before asking for the next: the next `H` is taken on the model as it then is.
+    before asking for the next: the next `H` is taken on the model as it then is. With `ship`
+    (from calibration, not sequential), a block's group comes with its `BlockRecord` instead of
+    its `H`, for the layers to be rounded elsewhere.
     """
     names = list(names)
     if not needs_hessian(method) or hessians is not None:
@@ -333,9 +378,17 @@ def hessian_groups(
         return
     batches = _calibration(calibration)
     targets = find_targets(model)
+    index = {t.spec.name: i for i, t in enumerate(targets)}
     left = set(names)
     task = task or infer_task(model, batches[0])
-    for group in streamed_hessians(model, batches, task, targets, sequential=sequential):
+    for group in streamed_hessians(model, batches, task, targets, sequential=sequential, ship=ship):
+        if isinstance(group, BlockRecord):
+            inside = {id(m) for m in group.block.modules()}
+            mine = [n for n in names if n in left and id(targets[index[n]].modules[0]) in inside]
+            left -= set(mine)
+            if mine:
+                yield mine, group
+            continue
         by_name = {targets[i].spec.name: h for i, h in group.items()}
         mine = [n for n in names if n in left and n in by_name]
         left -= set(mine)

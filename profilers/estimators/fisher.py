@@ -51,10 +51,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
+
 from ..capture import batch_size
 from ..types import ProfileError
 from . import DEFAULT_DRAWS
 from .base import Estimates, Profiler, ProfileRun
+from .distributed import submit_block
 from .fisher_sums import LayerSums, shrunk_ratios
 from .memory import default_max_memory, format_size, memory_budget, release_freed_memory
 from .scoring import SegmentScorer, Terms
@@ -62,7 +65,7 @@ from .segments import SegmentPasses
 from .weight_grads import per_sample_weight_grads
 
 if TYPE_CHECKING:
-    from .distributed import RayScoring
+    from ..cluster import Cluster
 
 __all__ = ["FisherProfiler", "per_sample_weight_grads", "shrunk_ratios"]
 
@@ -121,15 +124,16 @@ class FisherProfiler(Profiler):
     def _estimate(self, run: ProfileRun) -> Estimates:
         if self.ray is None:
             return self._estimate_on(run, None)
-        from .distributed import RayScoring
+        from ..cluster import Cluster
 
-        cluster = RayScoring(self.ray, run.report)  # joined before any pass: an unreachable one fails at once
+        # Joined before any pass (an unreachable cluster fails at once); tasks compute on the driver's threads.
+        cluster = Cluster(self.ray, run.report, "blocks scored", torch.get_num_threads())
         try:
             return self._estimate_on(run, cluster)
         finally:
             cluster.close()
 
-    def _estimate_on(self, run: ProfileRun, cluster: RayScoring | None) -> Estimates:
+    def _estimate_on(self, run: ProfileRun, cluster: Cluster | None) -> Estimates:
         """`_estimate`, with the block segments scored on `cluster` where given."""
         passes = SegmentPasses(run, draws=self.draws, seed=self.seed, stream=self.stream,
                                ship_blocks=cluster is not None)  # fmt: skip
@@ -141,11 +145,14 @@ class FisherProfiler(Profiler):
         scorer = SegmentScorer(dict(enumerate(run.targets)), dict(enumerate(run.layouts)), run.quantizer.method,
                                run.batches, passes.first_sample, passes.segments_of, passes.hessians,
                                passes.extra_hessians, self.pool_rows)  # fmt: skip
+        batches = None  # the batches in the cluster's object store, once a block goes there
         for s, segment in enumerate(passes):
             run.report("scoring", s, passes.total)
             if cluster is not None and segment.inputs is not None:
+                if batches is None:
+                    batches = (cluster.put(list(run.batches)), cluster.put(list(run.extra)))
                 k = int(segment.name.split()[1])
-                cluster.submit(segment, passes.chain.blocks[k], k, scorer, chunks, states, run.extra, passes.draws)
+                submit_block(cluster, segment, passes.chain.blocks[k], k, scorer, chunks, states, batches, passes.draws)
             else:
                 for i in segment.targets:
                     scorer.score(i, segment, chunks.get(i), states[i], sums[i])
@@ -153,8 +160,9 @@ class FisherProfiler(Profiler):
             release_freed_memory()
         run.report("scoring", passes.total, passes.total)
         if cluster is not None:
-            for i, state in cluster.gather().items():
-                states[i] = state
+            for scored in cluster.gather():
+                for i, state in scored.items():
+                    states[i] = state
         layers = {i: states[i].finish() for i in passes.counter.first_call}
         settings = {"draws": passes.draws, "exact_fisher": passes.exact is not None, "seed": self.seed,
                     "blocks": passes.blocks, "pool_rows": self.pool_rows}

@@ -41,14 +41,14 @@ from torch import Tensor, nn
 
 from ..blocks import BlockCall, Chain, NotAChain, Spilled, find_blocks
 from ..capture import Call, capture_calls, check_batch_first
-from ..input_hessians import accumulate_hessians, call_hessian
+from ..input_hessians import accumulate_hessians, block_hessians, call_hessian
 from ..layers import QuantTarget
 from ..quant.options import needs_hessian
 from ..resident import held
 from ..tasks import DRAW_ROWS
 from .base import CallCounter, ProfileRun
 
-__all__ = ["HEAD_CHUNK_BYTES", "BlockInputs", "Seen", "Segment", "SegmentPasses", "block_hessians", "replay_block"]
+__all__ = ["HEAD_CHUNK_BYTES", "BlockInputs", "Seen", "Segment", "SegmentPasses", "replay_block"]
 
 HEAD_CHUNK_BYTES = 256 * 2**20  # float32 logits a chunked head pass computes at once
 
@@ -83,7 +83,7 @@ class Segment:
 @dataclass
 class BlockInputs:
     """What replaying block `k` elsewhere needs to see what its segment would (`replay_block`,
-    `block_hessians`): per scored batch its recorded input, call and output-gradient per draw;
+    `input_hessians.block_hessians`): per scored batch its recorded input, call and output-gradient per draw;
     per batch only `H` reads, its input and call."""
 
     inputs: list[Tensor]
@@ -436,24 +436,6 @@ def replay_block(
         mine = [c for c in captured if c.target in wanted]
         yield carry_back(h, leaf, mine, grads[b].__getitem__, draws)
         del captured, h, mine
-
-
-def block_hessians(
-    block: nn.Module,
-    calls: Sequence[BlockCall],
-    input_of: Callable[[int], Tensor],
-    batches: Sequence[Any],
-    targets: Sequence[QuantTarget] | Mapping[int, QuantTarget],
-    wanted: set[int],
-) -> dict[int, Tensor]:
-    """`H` of the `wanted` targets in `block`, from running it on each batch's recorded input."""
-    sums: dict[int, Tensor] = {}
-    with torch.no_grad():
-        for b, batch in enumerate(batches):
-            with capture_calls(targets, batch, isolate=False) as captured:
-                calls[b].call(block, input_of(b))
-            accumulate_hessians(sums, [c for c in captured if c.target in wanted], batch)
-    return sums
 
 
 def carry_back(

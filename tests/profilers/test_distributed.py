@@ -131,7 +131,7 @@ def test_the_cli_profile_with_ray_writes_the_same_profile(cli, fast, tiny_causal
     assert cli("profile", str(tiny_causal_dir), "-o", str(alone), *fast).returncode == 0
     res = cli("profile", str(tiny_causal_dir), "-o", str(fanned), "--ray", "local:2", *fast)
     assert res.returncode == 0, res.stderr
-    assert "ray: 2 blocks scored on 2 workers" in res.stdout  # the folder's 2 blocks
+    assert "ray: 2 blocks scored on 2 CPUs" in res.stdout  # the folder's 2 blocks
     assert _scores(ProfileTable.load(fanned)) == _scores(ProfileTable.load(alone))
 
 
@@ -142,3 +142,30 @@ def test_the_cli_refuses_an_unreachable_cluster_in_one_line_and_writes_nothing(c
     assert "cannot reach the Ray cluster at '127.0.0.1:1'" in res.stderr and "Traceback" not in res.stderr
     res = cli("profile", str(tiny_causal_dir), "-o", str(out), "--ray", "local", "--profiler", "measured", *fast)
     assert res.returncode != 0 and "--ray fans out the fisher profiler's scoring" in res.stderr
+
+
+def test_apply_on_a_local_cluster_writes_the_same_file(folder, tmp_path):
+    """A GPTQ plan's blocks rounded by 2 workers (weights read from the folder, `H` from the
+    recorded inputs): the packed file equals the one written in one process, byte for byte."""
+    import allocator
+    from allocator.quantized.apply import quantize_plan_
+    from allocator.quantized.export import export_quantized
+
+    batches = _batches()
+    table = allocator.profile(_llama(), batches, task=TASK, method="gptq", include=["model.layers.*"],
+                              choices=CHOICES)  # fmt: skip
+    plan = allocator.solve(table, budget="3.5 bits")
+    files = []
+    for ray in (None, "local:2"):
+        model = lazy_from_folder(folder, "AutoModelForCausalLM")
+        made = quantize_plan_(model, plan, calibration=batches, task=TASK, ray=ray)
+        files.append(export_quantized(model, plan, tmp_path / f"{ray}.safetensors", stored=made.layers))
+    from safetensors import safe_open
+
+    a, b = (safe_open(str(f), "pt") for f in files)
+    assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+    for key in set(a.keys()):
+        assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    with pytest.warns(UserWarning, match="sequential plan .* rounded in this process"):
+        quantize_plan_(lazy_from_folder(folder, "AutoModelForCausalLM"), plan.model_copy(update={"sequential": True}),
+                       calibration=batches, task=TASK, ray="local:2")  # fmt: skip
