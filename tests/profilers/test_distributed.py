@@ -68,9 +68,19 @@ def _score_block_workers() -> list[int]:
     return pids
 
 
-def test_a_local_cluster_scores_every_block_as_one_process_does_and_survives_a_killed_worker(folder):
-    """Blocks scored by 2 workers reading their weights from the folder: the table equals the
-    single-process one exactly; one worker killed mid-task, the task is run again, same table."""
+@pytest.fixture
+def one_thread():
+    """torch on one thread here, so each task takes one CPU and the 2-CPU cluster runs two at once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_local_cluster_scores_every_block_as_one_process_does_and_survives_a_killed_worker(folder, one_thread):
+    """Blocks scored by 2 workers at once, reading their weights from the folder: the table
+    equals the single-process one exactly; one worker killed mid-task, the task is run again by
+    another, same table."""
     alone = _profile(lazy_from_folder(folder, "AutoModelForCausalLM"))
     stages = []
     fanned = _profile(lazy_from_folder(folder, "AutoModelForCausalLM"), ray="local:2",
