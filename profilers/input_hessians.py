@@ -182,15 +182,27 @@ def _next_group(calls: Sequence[Call], done: set[int]) -> set[int]:
 
 
 def accumulate_hessians(sums: dict[int, Tensor], calls: Sequence[Call], batch: Any) -> None:
-    """Add each call's `Σ x xᵀ` to its target's sum (once per distinct input: q, k and v share one)."""
-    shared: dict[tuple[int, int | None], Tensor | None] = {}
+    """Add each call's `Σ x xᵀ` to its target's sum, once per distinct input: the targets fed one
+    input (q, k and v) share one sum while they keep being fed one input, and a sum no other
+    target holds is added to in place (an 8192-wide `H` is 0.5 GB in float64: one sum and one
+    batch's term at a time, not three copies)."""
+    fed: dict[tuple[int, int | None], tuple[Call, list[int]]] = {}
     for call in calls:
         key = (id(call.inp), None if isinstance(call.module, nn.Linear) else id(call.module))
-        if key not in shared:
-            shared[key] = call_hessian(call, batch)
-        h = shared[key]
-        if h is not None:
-            sums[call.target] = sums[call.target] + h if call.target in sums else h
+        fed.setdefault(key, (call, []))[1].append(call.target)
+    for call, targets in fed.values():
+        h = call_hessian(call, batch)
+        if h is None:
+            continue
+        held = [sums.get(t) for t in targets]
+        mine = held[0]
+        others = (v for t, v in sums.items() if t not in targets)
+        alone = len(set(targets)) == len(targets)  # (a target called twice on one input adds it twice)
+        if mine is not None and alone and all(v is mine for v in held) and all(v is not mine for v in others):
+            mine.add_(h)
+            continue
+        for t in targets:
+            sums[t] = sums[t] + h if t in sums else h
 
 
 def call_hessian(call: Call, batch: Any) -> Tensor | None:

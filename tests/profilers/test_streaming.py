@@ -219,3 +219,31 @@ def test_scored_batches_are_what_the_scores_read():
     assert_same(part, alone, rel=1e-6)
     with pytest.raises(ProfileError, match="at least 1"):
         FisherProfiler().profile(model, data, scored=0, **kw)
+
+
+def test_hessian_sums_share_one_tensor_per_input_and_add_in_place():
+    """q, k and v, fed one input, share one `H` sum over every batch (one tensor, added to in
+    place), equal to each call's `Σ x xᵀ` summed on its own."""
+    from profilers.capture import capture_calls
+    from profilers.input_hessians import accumulate_hessians, call_hessian
+
+    model, data = tiny_llama(layers=1), batches(3)
+    targets = find_targets(model)
+    index = {t.spec.name: i for i, t in enumerate(targets)}
+    q, k, v = (index[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv")
+    sums, naive = {}, {}
+    with torch.no_grad():
+        for batch in data:
+            with capture_calls(targets, batch, isolate=False) as calls:
+                model(**batch)
+            first = sums.get(q)
+            accumulate_hessians(sums, calls, batch)
+            assert first is None or sums[q] is first  # the same tensor after every batch
+            for call in calls:
+                h = call_hessian(call, batch)  # None for the embedding
+                if h is not None:
+                    naive[call.target] = naive[call.target] + h if call.target in naive else h
+    assert sums[q] is sums[k] is sums[v] and sums[q] is not sums[index["model.layers.0.self_attn.o_proj"]]
+    assert sums.keys() == naive.keys()
+    for i in sums:
+        torch.testing.assert_close(sums[i], naive[i], rtol=1e-12, atol=1e-9)
