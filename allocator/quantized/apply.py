@@ -28,9 +28,9 @@ from profilers.types import Choice, ProfileError, ProfileTable
 
 from ..errors import PlanError
 from ..planning.plan import Plan
-from .distributed import stored_layer, submit_rounding
+from .distributed import submit_rounding
 from .refine import BlockRefinement, record_chain, refine_blocks_
-from .stored import StoredLayer
+from .stored import StoredLayer, stored_layer
 from .tune import Tuning, tune_model_
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""Rounding a plan's blocks on a Ray cluster (`apply --ray`): what one layer stores, and the task
-that rounds one block's planned layers on a worker.
+"""Rounding a plan's blocks on a Ray cluster (`apply --ray`): the task that rounds one block's
+planned layers on a worker.
 
 GPTQ's rounding of a layer needs only its weight and its `H`; the layers of a block are
 independent given the block's inputs. The driver runs the recording pass (one forward pass per
@@ -29,28 +29,12 @@ from profilers.cluster import Cluster
 from profilers.heap import release_freed_memory
 from profilers.input_hessians import BlockRecord, block_hessians
 from profilers.layers import QuantTarget
-from profilers.quant.quantize import as_matrix
-from profilers.quant.rounding import ggml_tensor, stored_terms
 from profilers.resident import block_reader
 from profilers.types import Choice, LayerSpec
 
-from .stored import StoredLayer
+from .stored import StoredLayer, stored_layer
 
-__all__ = ["RoundingTask", "round_block", "stored_layer", "submit_rounding"]
-
-
-def stored_layer(weight: Tensor, choice: Choice, rows: np.ndarray | None, method: str, h: Tensor | None) -> StoredLayer:
-    """What a layer stores under `choice` (`rows`: those carrying a fractional choice's extra term),
-    rounded by `method` with `H` `h` where it needs one."""
-    shape = tuple(weight.shape)
-    if not choice.quantized:
-        return StoredLayer(choice, shape, [], fp16=weight.detach().half())
-    w2d = as_matrix(weight.detach()).float()
-    if choice.ggml is not None:
-        return StoredLayer(choice, shape, [], ggml=ggml_tensor(w2d, choice, method=method, hessian=h))  # type: ignore[arg-type]
-    extra = torch.as_tensor(rows, dtype=torch.long) if choice.extra and rows is not None else None
-    terms, extra_term = stored_terms(w2d, choice, method=method, hessian=h, extra_rows=extra)  # type: ignore[arg-type]
-    return StoredLayer(choice, shape, terms, extra_term, extra)
+__all__ = ["RoundingTask", "round_block", "submit_rounding"]
 
 
 @dataclass

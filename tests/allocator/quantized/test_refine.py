@@ -59,13 +59,13 @@ def test_the_packed_file_reproduces_the_reconstructed_model_to_the_bit(llama_pla
 
 def test_a_tuned_term_left_at_its_start_is_the_stored_term():
     """Zero shifts and scale changes give back GPTQ's terms exactly (codes, fp16 scales, offsets)."""
-    from allocator.quantized.apply import _stored_layer
+    from allocator.quantized.stored import stored_layer
 
     torch.manual_seed(0)
     w = torch.randn(24, 64)
     choice = allocator.Choice.parse("int3x2+1/4-g32")
     rows = torch.arange(0, 24, 4).numpy()
-    stored = _stored_layer(w, choice, {"w": rows}, "w", "rtn", None)
+    stored = stored_layer(w, choice, rows, "rtn", None)
     again = TunedLayer(stored).frozen()
     assert torch.equal(again.weight(), stored.weight())
     torch.testing.assert_close(TunedLayer(stored).value().detach(), stored.weight(), rtol=0, atol=1e-6)
