@@ -4,11 +4,11 @@ The driver (this process) runs what is sequential: the recording pass, the head 
 gradient sweep that carries `dL/dh` back through the blocks, last to first (`segments`). For each
 block it reaches, it hands Ray one task carrying the block's recorded inputs, its calls and the
 output-gradients `dL/dh` per draw, and the inputs of the batches only GPTQ's `H` reads
-(`segments.BlockInputs`): hidden states at the block's boundary, not every layer's activations
+(`replay.BlockInputs`): hidden states at the block's boundary, not every layer's activations
 (SmolLM2: about 60 MB per block instead of 230). The worker reads the block's weights from the
 model file itself (a model read block by block: `allocator.sources.lazy.BlockFile`) or, for a
 model held in memory, takes the block from the task; it replays the block exactly as the driver's
-segment pass would (`segments.replay_block`, `block_hessians`), scores its layers with
+segment pass would (`replay.replay_block`, `block_hessians`), scores its layers with
 `scoring.SegmentScorer` and returns each layer's `LayerSums`. The table is the single-process
 one, bit for bit: same code, same inputs, and workers run torch on as many threads as the
 driver (how a product is split over threads may change its rounding). Segments other than a
@@ -39,8 +39,8 @@ from ..quant.options import OptionLayout
 from ..resident import block_reader
 from ..types import LayerSpec
 from .fisher_sums import LayerSums
+from .replay import BlockInputs, Segment, replay_block
 from .scoring import SegmentScorer, Terms
-from .segments import BlockInputs, Segment, replay_block
 
 __all__ = ["BlockTask", "score_block", "submit_block"]
 
@@ -53,7 +53,7 @@ class BlockTask:
         module: the block itself, weights included (a model held in memory), or None: the
             worker builds it and reads its weights with `reader` (`allocator.sources.lazy.BlockFile`).
         targets: per target index, its module's name inside the block and its spec.
-        inputs: the block's recorded inputs, calls and output-gradients (`segments.BlockInputs`).
+        inputs: the block's recorded inputs, calls and output-gradients (`replay.BlockInputs`).
     """
 
     block: int
@@ -73,7 +73,7 @@ class BlockTask:
 
 def score_block(task: BlockTask, batches: list[Any], extra: list[Any]) -> tuple[dict[int, LayerSums], float]:
     """A worker's task: the block replayed from its inputs as the driver's segment pass runs it
-    (`segments.replay_block`, `block_hessians`), its layers scored into their `LayerSums`; and the
+    (`replay.replay_block`, `block_hessians`), its layers scored into their `LayerSums`; and the
     seconds it took."""
     started = time.perf_counter()
     torch.set_num_threads(task.threads)

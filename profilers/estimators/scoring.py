@@ -21,7 +21,7 @@ from ..quant.options import OptionLayout, needs_hessian
 from ..quant.quantize import as_matrix
 from ..quant.rounding import error_stack
 from .fisher_sums import LayerSums
-from .segments import Segment
+from .replay import Segment
 from .weight_grads import RowErrors, dense_products, embedding_products, output_rows
 
 __all__ = ["SegmentScorer", "Terms"]
