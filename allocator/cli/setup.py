@@ -55,7 +55,7 @@ def check_weights(fingerprint: str, loaded: Any, made_file: Path, fix: str) -> N
 
 def check_profile(table: Any, loaded: Any, profile_file: Path) -> None:
     """Refuse a profile made for another model: other weights, or other layer names or shapes."""
-    from ..quantized.apply import check_profile_fits_model
+    from ..quantized.checks import check_profile_fits_model
 
     check_weights(table.model_fingerprint, loaded, profile_file, "run allocator profile again")
     try:

@@ -20,14 +20,15 @@ from torch import Tensor, nn
 from profilers.blocks import Chain, NotAChain, find_blocks
 from profilers.cluster import Cluster
 from profilers.input_hessians import BlockRecord, input_hessians, streamed_hessians
-from profilers.layers import find_targets, resolve_modules
+from profilers.layers import find_targets
 from profilers.quant.options import needs_hessian
 from profilers.resident import held, is_lazy, state_with_owners
 from profilers.tasks import Task, infer_task
-from profilers.types import Choice, ProfileError, ProfileTable
+from profilers.types import Choice
 
 from ..errors import PlanError
 from ..planning.plan import Plan
+from .checks import check_plan_fits_model, check_profile_fits_model, checked_layers
 from .distributed import submit_rounding
 from .refine import BlockRefinement, record_chain, refine_blocks_
 from .stored import StoredLayer, stored_layer
@@ -118,7 +119,7 @@ def quantize_layers_(
             asked for without calibration batches or on a model without a chain of blocks, a
             tuning asked for without calibration batches, or either asked for llama.cpp block types.
     """
-    modules, weights = _checked_layers(model, choices, extra_rows)
+    modules, weights = checked_layers(model, choices, extra_rows)
     blocks = [name for name, c in choices.items() if c.ggml is not None]
     if blocks and (refine_steps or tune_steps):
         raise PlanError(
@@ -219,30 +220,6 @@ def _fp_chain(model: nn.Module, batches: Sequence[Any], task: Task) -> Chain:
         ) from None
 
 
-def _checked_layers(
-    model: nn.Module, choices: dict[str, Choice], extra_rows: dict[str, np.ndarray] | None
-) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter]]:
-    """The named layers and their weights, refused in one line when a name is unknown, a weight
-    is missing or not finite, or a fractional choice comes without its rows."""
-    try:
-        modules = resolve_modules(model, choices)
-    except ProfileError as e:
-        raise PlanError(str(e)) from None
-    weights: dict[str, nn.Parameter] = {}
-    for name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise PlanError(f"layer {name!r} has no weight to quantize")
-        with held(module):
-            finite = bool(torch.isfinite(weight.detach()).all())
-        if not finite:
-            raise PlanError(f"layer {name!r} has NaN or infinite weights; repair or reload the model first")
-        weights[name] = weight
-        if choices[name].extra and (extra_rows is None or name not in extra_rows):
-            raise PlanError(f"layer {name!r} takes {choices[name].label} but no rows were given for its extra term")
-    return modules, weights
-
-
 def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> None:
     """Round what the packed file stores in fp16: the state dict's other floating tensors.
     Non-persistent buffers (e.g. rotary frequencies) are not stored, so they stay as they are;
@@ -253,41 +230,6 @@ def _round_rest_to_fp16(model: nn.Module, planned: dict[str, nn.Parameter]) -> N
             continue
         done.add(id(t))
         t.copy_(t.half().to(t.dtype))
-
-
-def check_plan_fits_model(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
-    """The plan's layers in `model`, checked to exist with the shapes the plan was made for.
-
-    Raises:
-        PlanError: a layer the model lacks, or a weight of another shape.
-    """
-    shapes = {name: tuple(lp.shape) for name, lp in plan.layers.items()}
-    return _check_layers(model, shapes, "the plan", "use the plan made for this model", PlanError)
-
-
-def check_profile_fits_model(model: nn.Module, table: ProfileTable) -> None:
-    """Refuse a profile whose layers (names and weight shapes) are not the model's.
-
-    Raises:
-        ProfileError: a layer the model lacks, or a weight of another shape.
-    """
-    shapes = {n: tuple(layer.spec.shape) for layer in table.layers for n in layer.spec.modules}
-    _check_layers(model, shapes, "the profile", "profile this model (allocator profile)", ProfileError)
-
-
-def _check_layers(
-    model: nn.Module, shapes: dict[str, tuple[int, ...]], what: str, fix: str, error: type[Exception]
-) -> dict[str, nn.Module]:
-    try:
-        modules = resolve_modules(model, shapes)
-    except ProfileError as e:
-        raise error(f"{e}; {fix}") from None
-    for name, shape in shapes.items():
-        weight = getattr(modules[name], "weight", None)
-        if weight is None or tuple(weight.shape) != shape:
-            got = None if weight is None else tuple(weight.shape)
-            raise error(f"layer {name!r} has weight shape {got} but {what} was made for {shape}; {fix}")
-    return modules
 
 
 def apply_plan_(

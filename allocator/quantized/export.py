@@ -42,7 +42,8 @@ from profilers.types import ProfileTable
 
 from ..errors import PlanError
 from ..planning.plan import Plan
-from .apply import check_plan_fits_model, quantize_plan_
+from .apply import quantize_plan_
+from .checks import check_plan_fits_model
 from .packing import pack_bits
 from .stored import StoredLayer
 
