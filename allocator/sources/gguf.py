@@ -17,9 +17,11 @@ The packed file rebuilds the architecture from the config alone, as for a Huggin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -29,7 +31,7 @@ from ..errors import ModelError
 from .hf import embedding_and_head, quiet_transformers
 from .models import LoadedModel
 
-__all__ = ["GGUF_MAGIC", "check_gguf", "gguf_architectures", "load_gguf"]
+__all__ = ["GGUF_MAGIC", "check_gguf", "gguf_architectures", "gguf_reader", "load_gguf"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -50,6 +52,21 @@ def gguf_architectures() -> tuple[str, ...]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def gguf_reader(path: Path) -> Any:
+    """`gguf.GGUFReader(path)`, parsed once per file (its path, size and modification time) for
+    the check and the block-by-block reading to share: a parse takes 4.4 s on SmolLM2's file (its
+    49k-token vocabulary), and the file stays memory-mapped (address space, not memory)."""
+    stat = path.stat()
+    return _parsed(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, size: int, mtime: int) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(path, "r")
 
 
 def check_gguf(path: Path) -> str:
@@ -73,11 +90,11 @@ def check_gguf(path: Path) -> str:
             " or a Hugging Face model folder"
         )
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401
     except ImportError:
         raise ModelError(f"reading {path} needs the gguf package: pip install gguf") from None
     try:
-        field = GGUFReader(path, "r").fields.get("general.architecture")
+        field = gguf_reader(path).fields.get("general.architecture")
         arch = None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
     except Exception as e:
         raise ModelError(

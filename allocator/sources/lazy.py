@@ -13,9 +13,11 @@ repeated block's tensors are read from the file when a stage uses the block
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -96,18 +98,20 @@ class _GgufTensors:
     """The tensors of a GGUF file under transformers' parameter names, dequantized on demand."""
 
     def __init__(self, path: Path, model: nn.Module) -> None:
-        from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
         )
 
-        self.reader = GGUFReader(path, "r")
+        from .gguf import gguf_reader
+
+        self.reader = gguf_reader(path)
         arch = bytes(self.reader.fields["general.architecture"].parts[-1]).decode()
         # The processors read the model's config under transformers' names (heads, key/value heads).
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-        self.to_hf = get_gguf_hf_weights_map(model, self.processor)
+        with _one_name_map():
+            self.to_hf = get_gguf_hf_weights_map(model, self.processor)
         tensors = {t.name: t for t in self.reader.tensors}
         self.tensors = {self.to_hf[n]: t for n, t in tensors.items() if n in self.to_hf}
 
@@ -181,6 +185,21 @@ class BlockFile:
 
 
 _OPENED: dict[tuple[str, str], tuple[Any, nn.Module]] = {}  # per process: files opened, the model built for them
+
+
+@contextmanager
+def _one_name_map() -> Iterator[None]:
+    """gguf's tensor-name map built once per (architecture, blocks) while this runs:
+    transformers' `get_gguf_hf_weights_map` builds it again for every module of the model (397
+    times, 6.4 s, for SmolLM2), each time the same."""
+    import gguf
+
+    built = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(built)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = built
 
 
 def lazy_from_folder(path: Path, auto_class: str, capacity: int = DEFAULT_RESIDENT_BLOCKS) -> nn.Module:
