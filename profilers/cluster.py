@@ -131,7 +131,10 @@ class Cluster:
         return results
 
     def close(self) -> None:
-        """Leave the cluster (and stop it when it was started here)."""
+        """Cancel the tasks still pending (after a failure) and leave the cluster (stopping it
+        when it was started here)."""
+        for ref in self._pending:
+            self.ray.cancel(ref)
         self._pending.clear()
         if self.started:
             self.ray.shutdown()
@@ -142,11 +145,12 @@ class Cluster:
             del self._pending[ref]
             try:
                 result, seconds = self.ray.get(ref)
-            except self.ray.exceptions.RayTaskError as e:
+            except self.ray.exceptions.RayTaskError as e:  # the task raised: its own error
                 raise e.as_instanceof_cause() from None
-            except self.ray.exceptions.WorkerCrashedError:
-                raise ProfileError(f"a Ray worker died {RETRIES + 1} times on one task; see the cluster's logs"
-                                   " (out of memory? lower --max-memory)") from None  # fmt: skip
+            except self.ray.exceptions.RayError as e:  # killed, out of memory, node or object lost
+                why = type(e).__name__
+                raise ProfileError(f"a Ray task failed {RETRIES + 1} times ({why}); see the cluster's logs (out of"
+                                   " memory? lower --max-memory, or give the workers more)") from None  # fmt: skip
             self._results.append(result)
             self.stats.task_seconds.append(seconds)
             self.done += 1

@@ -106,7 +106,10 @@ def streamed_hessians(
         report("hessians", len(batches) + k, total)
         if ship and not sequential:
             n = len(batches)
-            yield BlockRecord(k, block, [chain.calls[b][k] for b in range(n)], [chain.input(b, k) for b in range(n)])
+            here = {id(m) for m in block.modules()}
+            mine = {i: targets[i] for i in in_blocks if all(id(m) in here for m in targets[i].modules)}
+            calls, inputs = [chain.calls[b][k] for b in range(n)], [chain.input(b, k) for b in range(n)]
+            yield BlockRecord(k, block, mine, calls, inputs)
             chain.free(k)
             continue
         with held(block):  # a block read on use stays in memory while its layers are quantized
@@ -116,11 +119,12 @@ def streamed_hessians(
 
 @dataclass
 class BlockRecord:
-    """Block `k` (the module `block`) with its recorded call and input on every calibration
-    batch: what taking its layers' `H` elsewhere needs (`block_hessians`)."""
+    """Block `k` (the module `block`, holding `targets`) with its recorded call and input on every
+    calibration batch: what taking its layers' `H` elsewhere needs (`block_hessians`)."""
 
     k: int
     block: nn.Module
+    targets: dict[int, QuantTarget]  # the targets inside the block, by index
     calls: list[BlockCall]
     inputs: list[Tensor]
 

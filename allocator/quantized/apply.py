@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from profilers.blocks import Chain, NotAChain, find_blocks
 from profilers.cluster import Cluster
-from profilers.input_hessians import BlockRecord, input_hessians, streamed_hessians
+from profilers.input_hessians import BlockRecord, block_hessians, input_hessians, streamed_hessians
 from profilers.layers import find_targets
 from profilers.quant.options import needs_hessian
 from profilers.resident import held, is_lazy, state_with_owners
@@ -179,15 +179,13 @@ def _round_layers(
     try:
         groups = hessian_groups(model, list(choices), method, hessians, calibration, task, sequential=sequential,
                                 ship=cluster is not None)  # fmt: skip
-        targets, batches = None, None
+        batches = None
         for names, group in groups:
             order += names
             if isinstance(group, BlockRecord):
                 assert cluster is not None and calibration is not None
-                if targets is None:
-                    targets = {t.spec.name: (i, t) for i, t in enumerate(find_targets(model))}
-                    batches = cluster.put(list(calibration))
-                submit_rounding(cluster, group, names, targets, choices, extra_rows, method, batches)
+                batches = batches or cluster.put(list(calibration))
+                submit_rounding(cluster, group, names, choices, extra_rows, method, batches)
                 continue
             for name in names:
                 with held(modules[name]):  # in its block's group already, unless no input reached it
@@ -198,7 +196,7 @@ def _round_layers(
         for done in cluster.gather() if cluster is not None else []:
             for name, layer in done.items():
                 stored[name] = layer
-                with held(modules[name]):
+                if not is_lazy(modules[name]):  # a block read on use is dropped anyway: not read again for this
                     weights[name].copy_(layer.weight())
     finally:
         if cluster is not None:
@@ -325,10 +323,13 @@ def hessian_groups(
     task = task or infer_task(model, batches[0])
     for group in streamed_hessians(model, batches, task, targets, sequential=sequential, ship=ship):
         if isinstance(group, BlockRecord):
-            inside = {id(m) for m in group.block.modules()}
-            mine = [n for n in names if n in left and id(targets[index[n]].modules[0]) in inside]
+            mine = [n for n in names if n in left and index[n] in group.targets]
             left -= set(mine)
-            if mine:
+            if any(len(targets[index[n]].modules) > 1 for n in mine):  # a weight several modules use: its H here
+                with held(group.block):
+                    sums = block_hessians(group.block, group.calls, group.inputs.__getitem__, batches, targets)
+                yield mine, {n: sums[index[n]].float() for n in mine if index[n] in sums}
+            elif mine:
                 yield mine, group
             continue
         by_name = {targets[i].spec.name: h for i, h in group.items()}

@@ -22,15 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from profilers.blocks import BlockCall
 from profilers.cluster import Cluster
-from profilers.heap import release_freed_memory
 from profilers.input_hessians import BlockRecord, block_hessians
-from profilers.layers import QuantTarget
-from profilers.resident import block_reader
-from profilers.types import Choice, LayerSpec
+from profilers.shipped import ShippedBlock
+from profilers.types import Choice
 
 from .stored import StoredLayer, stored_layer
 
@@ -39,20 +37,19 @@ __all__ = ["RoundingTask", "round_block", "submit_rounding"]
 
 @dataclass
 class RoundingTask:
-    """What a worker reads to round block `block`'s planned layers (the batches travel once, beside it).
+    """What a worker reads to round one block's planned layers (the batches travel once, beside it).
 
     Attributes:
-        module: the block itself, weights included (a model held in memory), or None: the worker
-            builds it and reads its weights with `reader` (`allocator.sources.lazy.BlockFile`).
-        layers: per planned layer (model name): its module's name inside the block, its target
-            index and spec, its choice, and the rows of a fractional choice's extra term.
+        block: the block and its planned layers (`ShippedBlock`: the worker reads the weights
+            from the model file, or the block travels when the model is held in memory).
+        layers: per planned layer (model name): its target index, its choice, and the rows of a
+            fractional choice's extra term.
         inputs, calls: the block's recorded input and call on each calibration batch.
+        method, threads: the rounding, and the driver's torch threads (the same rounding as one process).
     """
 
-    block: int
-    module: nn.Module | None
-    reader: Any
-    layers: dict[str, tuple[str, int, LayerSpec, Choice, np.ndarray | None]]
+    block: ShippedBlock
+    layers: dict[str, tuple[int, Choice, np.ndarray | None]]
     inputs: list[Tensor]
     calls: list[BlockCall]
     method: str
@@ -63,36 +60,24 @@ def round_block(task: RoundingTask, batches: list[Any]) -> tuple[dict[str, Store
     """A worker's task: `H` of the block's planned layers from its recorded inputs, each layer
     rounded; what each stores, and the seconds it took."""
     started = time.perf_counter()
-    torch.set_num_threads(task.threads)
-    block = task.module if task.module is not None else task.reader.block(task.block)
-    try:
-        modules = {i: block.get_submodule(inner) for inner, i, *_ in task.layers.values()}
-        targets = {i: QuantTarget(spec, modules[i].weight, [modules[i]]) for _, i, spec, *_ in task.layers.values()}
+    with task.block.opened(task.threads) as (block, targets):
         sums = block_hessians(block, task.calls, task.inputs.__getitem__, batches, targets)
         stored = {}
-        for name, (_, i, _, choice, rows) in task.layers.items():
+        for name, (i, choice, rows) in task.layers.items():
             h = sums.get(i)
-            stored[name] = stored_layer(modules[i].weight, choice, rows, task.method, None if h is None else h.float())
-    finally:
-        if task.module is None:
-            task.reader.release(block)
-        release_freed_memory()
+            stored[name] = stored_layer(targets[i].weight, choice, rows, task.method, None if h is None else h.float())
     return stored, time.perf_counter() - started
 
 
 def submit_rounding(
-    cluster: Cluster, record: BlockRecord, names: list[str], targets: dict[str, tuple[int, QuantTarget]],
-    choices: dict[str, Choice], extra_rows: dict[str, np.ndarray] | None, method: str, batches: Any,
+    cluster: Cluster, record: BlockRecord, names: list[str], choices: dict[str, Choice],
+    extra_rows: dict[str, np.ndarray] | None, method: str, batches: Any,
 ) -> None:  # fmt: skip
     """Hand the planned layers `names` of the block `record` holds to a worker (`round_block`);
-    `targets`: per layer name its target index and target; `batches`: their object-store reference."""
-    inner = {id(m): n for n, m in record.block.named_modules()}
-    found = block_reader(record.block)
-    layers = {}
-    for name in names:
-        i, t = targets[name]
-        layers[name] = (inner[id(t.modules[0])], i, t.spec, choices[name], (extra_rows or {}).get(name))
-    task = RoundingTask(record.k, None if found else record.block, found[0] if found else None, layers,
-                        record.inputs, record.calls, method, torch.get_num_threads())  # fmt: skip
-    tensors = [*record.inputs, *([] if found else record.block.parameters())]
-    cluster.submit(round_block, task, batches, nbytes=sum(t.numel() * t.element_size() for t in tensors))
+    `batches`: the calibration batches' object-store reference."""
+    index = {t.spec.name: i for i, t in record.targets.items()}
+    shipped = ShippedBlock.of(record.block, {index[n]: record.targets[index[n]] for n in names})
+    layers = {n: (index[n], choices[n], (extra_rows or {}).get(n)) for n in names}
+    task = RoundingTask(shipped, layers, record.inputs, record.calls, method, torch.get_num_threads())
+    nbytes = sum(t.numel() * t.element_size() for t in record.inputs) + shipped.nbytes
+    cluster.submit(round_block, task, batches, nbytes=nbytes)

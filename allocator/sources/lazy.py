@@ -142,13 +142,14 @@ class BlockFile:
     """Reads a block's tensors from the model file (`LazyBlocks`'s `read`): `reader(k)` -> block
     `k`'s tensors by parameter name inside the block.
 
-    It pickles as the file's path and the tensors' names, so a worker process
-    (`profilers.estimators.distributed`) reads the blocks it scores from the file itself
+    It pickles as the file's absolute path and the tensors' names, so a worker process
+    (`profilers.estimators.distributed`, `allocator.quantized.distributed`) reads the blocks it
+    scores or rounds from the file itself
     (`block(k)`: the block module with its weights); each process opens a file once (a GGUF
     file's metadata is parsed, and the model built without weights, on the first read)."""
 
     def __init__(self, path: Path, auto_class: str, prefixes: list[str], names: list[list[str]], files: Any) -> None:
-        self.path, self.auto_class, self.prefixes, self.names = path, auto_class, prefixes, names
+        self.path, self.auto_class, self.prefixes, self.names = path.resolve(), auto_class, prefixes, names
         self._files = files
 
     def __call__(self, k: int) -> dict[str, Tensor]:

@@ -32,12 +32,9 @@ import torch
 from torch import nn
 
 from ..cluster import Cluster
-from ..heap import release_freed_memory
 from ..input_hessians import block_hessians
-from ..layers import QuantTarget
 from ..quant.options import OptionLayout
-from ..resident import block_reader
-from ..types import LayerSpec
+from ..shipped import ShippedBlock
 from .fisher_sums import LayerSums
 from .replay import BlockInputs, Segment, replay_block
 from .scoring import SegmentScorer, Terms
@@ -47,19 +44,20 @@ __all__ = ["BlockTask", "score_block", "submit_block"]
 
 @dataclass
 class BlockTask:
-    """What a worker reads to score block `block` (the batches travel once, beside it).
+    """What a worker reads to score one block (the batches travel once, beside it).
 
     Attributes:
-        module: the block itself, weights included (a model held in memory), or None: the
-            worker builds it and reads its weights with `reader` (`allocator.sources.lazy.BlockFile`).
-        targets: per target index, its module's name inside the block and its spec.
+        block: the block and its layers (`ShippedBlock`: the worker reads the weights from the
+            model file, or the block travels when the model is held in memory).
         inputs: the block's recorded inputs, calls and output-gradients (`replay.BlockInputs`).
+        layouts, states, chunks: per layer, its options on its error stack, its running sums so
+            far (empty) and the rows per error-stack chunk (the driver's memory plan).
+        method, first_sample, draws, pool_rows: the rounding, each batch's first sample index,
+            the pseudo-label draws and the pooling of rows (as the driver scores).
+        threads: the driver's torch threads (the same rounding as one process).
     """
 
-    block: int
-    module: nn.Module | None
-    reader: Any
-    targets: dict[int, tuple[str, LayerSpec]]
+    block: ShippedBlock
     inputs: BlockInputs
     layouts: dict[int, OptionLayout]
     states: dict[int, LayerSums]
@@ -76,13 +74,9 @@ def score_block(task: BlockTask, batches: list[Any], extra: list[Any]) -> tuple[
     (`replay.replay_block`, `block_hessians`), its layers scored into their `LayerSums`; and the
     seconds it took."""
     started = time.perf_counter()
-    torch.set_num_threads(task.threads)
-    block = task.module if task.module is not None else task.reader.block(task.block)
-    try:
-        modules = {i: block.get_submodule(name) for i, (name, _) in task.targets.items()}
-        targets = {i: QuantTarget(spec, modules[i].weight, [modules[i]]) for i, (_, spec) in task.targets.items()}
+    with task.block.opened(task.threads) as (block, targets):
         wanted, inputs = set(targets), task.inputs
-        segment = Segment(f"block {task.block}", list(targets))
+        segment = Segment(f"block {task.block.k}", list(targets))
         for seen, _ in replay_block(block, inputs.calls, inputs.inputs.__getitem__, batches, targets, wanted,
                                     inputs.grads, task.draws):  # fmt: skip
             segment.seen.append(seen)
@@ -93,29 +87,21 @@ def score_block(task: BlockTask, batches: list[Any], extra: list[Any]) -> tuple[
                                dict.fromkeys(targets, 1), {}, {}, task.pool_rows)  # fmt: skip
         for i in segment.targets:
             scorer.score(i, segment, task.chunks.get(i), task.states[i], Terms(1))
-    finally:
-        if task.module is None:
-            task.reader.release(block)
-        release_freed_memory()
     return task.states, time.perf_counter() - started
 
 
 def submit_block(
-    cluster: Cluster, segment: Segment, block: nn.Module, k: int, scorer: SegmentScorer,
-    chunks: dict[int, int | None], states: list[LayerSums], batches: Any, draws: int,
+    cluster: Cluster, segment: Segment, block: nn.Module, scorer: SegmentScorer, chunks: dict[int, int | None],
+    states: list[LayerSums], batches: Any, draws: int,
 ) -> None:  # fmt: skip
-    """Hand block `k`'s segment (carrying `inputs`: `SegmentPasses(ship_blocks=True)`) to a
-    worker; `batches`: the object-store references of the scored batches and the extra ones.
+    """Hand the segment of block module `block` (carrying `inputs`: `SegmentPasses(ship_blocks=True)`)
+    to a worker; `batches`: the object-store references of the scored batches and the extra ones.
     Its result: the `LayerSums` of the block's layers (`score_block`)."""
     if segment.inputs is None:
         raise ValueError(f"segment {segment.name} carries no inputs to replay the block elsewhere")
-    names = {id(m): n for n, m in block.named_modules()}
-    found = block_reader(block)
+    shipped = ShippedBlock.of(block, {i: scorer.targets[i] for i in segment.targets})
     task = BlockTask(
-        block=k,
-        module=None if found else block,
-        reader=found[0] if found else None,
-        targets={i: (names[id(scorer.targets[i].modules[0])], scorer.targets[i].spec) for i in segment.targets},
+        block=shipped,
         inputs=segment.inputs,
         layouts={i: scorer.layouts[i] for i in segment.targets},
         states={i: states[i] for i in segment.targets},
@@ -126,14 +112,4 @@ def submit_block(
         pool_rows=scorer.pool_rows,
         threads=torch.get_num_threads(),
     )
-    cluster.submit(score_block, task, *batches, nbytes=_payload_bytes(task))
-
-
-def _payload_bytes(task: BlockTask) -> int:
-    """Bytes of the tensors a task carries: recorded inputs, output-gradients, the block's weights
-    when they travel with it (the calls' small tensors, e.g. rotary tables, left out)."""
-    inputs = task.inputs
-    tensors = [*inputs.inputs, *(g for grads in inputs.grads for g in grads), *inputs.extra_inputs]
-    if task.module is not None:
-        tensors += list(task.module.parameters())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    cluster.submit(score_block, task, *batches, nbytes=segment.inputs.nbytes + shipped.nbytes)

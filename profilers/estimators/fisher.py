@@ -151,8 +151,8 @@ class FisherProfiler(Profiler):
             if cluster is not None and segment.inputs is not None:
                 if batches is None:
                     batches = (cluster.put(list(run.batches)), cluster.put(list(run.extra)))
-                k = int(segment.name.split()[1])
-                submit_block(cluster, segment, passes.chain.blocks[k], k, scorer, chunks, states, batches, passes.draws)
+                block = passes.chain.blocks[segment.block]  # type: ignore[index]
+                submit_block(cluster, segment, block, scorer, chunks, states, batches, passes.draws)
             else:
                 for i in segment.targets:
                     scorer.score(i, segment, chunks.get(i), states[i], sums[i])

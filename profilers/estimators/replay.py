@@ -44,6 +44,7 @@ class Segment:
     hessians: dict[tuple, Tensor | None] = field(default_factory=dict)  # the last `H` built, by its inputs
     extra: dict[int, Tensor] = field(default_factory=dict)  # per target, `H` of the batches only `H` reads
     inputs: BlockInputs | None = None  # a block scored elsewhere: what replaying it needs (no `seen`, no `extra`)
+    block: int | None = None  # a block segment: the block's index in the chain
 
 
 @dataclass
@@ -57,6 +58,12 @@ class BlockInputs:
     grads: list[list[Tensor]]
     extra_inputs: list[Tensor]
     extra_calls: list[BlockCall]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the hidden states and gradients (the calls' small tensors left out)."""
+        tensors = [*self.inputs, *(g for grads in self.grads for g in grads), *self.extra_inputs]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def replay_block(

@@ -155,10 +155,6 @@ class SegmentPasses:
             self.extra_chain.free(len(blocks))  # the last block's output: no block reads it
         self.carried_bytes += sum(_nbytes(h) for hs in self.extra_chain.hidden for h in hs if h is not None)
 
-    def extra_hessian(self, i: int, segment: Segment) -> Tensor | None:
-        """`H` of target `i` from the batches only `H` reads (None without such batches)."""
-        return segment.extra.get(i, self.extra_hessians.get(i))
-
     def _block_extra(self, k: int, wanted: set[int]) -> dict[int, Tensor]:
         """`H` of block `k`'s layers from the batches only `H` reads (block `k` run on each)."""
         chain = self.extra_chain
@@ -329,7 +325,7 @@ class SegmentPasses:
 
     def _block(self, k: int) -> Segment:
         run, chain = self.run, self.chain
-        seg = Segment(f"block {k}", self._targets(f"block {k}"))
+        seg = Segment(f"block {k}", self._targets(f"block {k}"), block=k)
         wanted = set(seg.targets)
         calls = [chain.calls[b][k] for b in range(len(run.batches))]
         input_of = lambda b: chain.input(b, k)  # noqa: E731
@@ -342,7 +338,9 @@ class SegmentPasses:
             input_of = seg.inputs.inputs.__getitem__
             if m:
                 extra.free(k)
-        replayed = replay_block(chain.blocks[k], calls, input_of, run.batches, run.targets, wanted, self.dh, self.draws)
+        # A block scored elsewhere is replayed here only to carry `dL/dh` back: no layer's call kept.
+        kept = wanted if seg.inputs is None else set()
+        replayed = replay_block(chain.blocks[k], calls, input_of, run.batches, run.targets, kept, self.dh, self.draws)
         for b, (seen, dh) in enumerate(replayed):
             self.dh[b] = dh
             if seg.inputs is None:
@@ -352,12 +350,11 @@ class SegmentPasses:
         return seg
 
     def _ships(self, targets: list[int]) -> bool:
-        """With `ship_blocks`, whether a block with these targets is scored elsewhere: Linear
-        layers each called in this block alone (a block segment then carries `inputs`)."""
-        return self.ship_blocks and all(
-            self.segments_of[i] == 1 and all(isinstance(m, nn.Linear) for m in self.run.targets[i].modules)
-            for i in targets
-        )
+        """With `ship_blocks`, whether a block with these targets is scored elsewhere: each a
+        Linear layer of its own, called in this block alone (a block segment then carries `inputs`)."""
+        modules = [self.run.targets[i].modules for i in targets]
+        alone = all(self.segments_of[i] == 1 for i in targets)
+        return self.ship_blocks and alone and all(len(m) == 1 and isinstance(m[0], nn.Linear) for m in modules)
 
     def _stem(self) -> Segment:
         run, chain = self.run, self.chain
