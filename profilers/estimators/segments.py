@@ -84,7 +84,7 @@ class SegmentPasses:
         except NotAChain as e:
             if not blocks:
                 raise
-            warnings.warn(f"profiling the model as a whole, not block by block: {e}", stacklevel=3)
+            warnings.warn(f"profiling the model as a whole, not block by block: {e}", stacklevel=5)
             self._record([])
 
     # -- 1. the recording pass -------------------------------------------------------------------
