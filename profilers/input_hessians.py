@@ -101,7 +101,9 @@ def streamed_hessians(
         yield input_hessians(model, batches, task, targets, progress=progress)
         return
     yield {i: h.float() for i, h in outside.items()}
-    hidden = [chain.input(b, 0) for b in range(len(batches))]
+    # Sequential calibration carries each batch's hidden state through the quantized blocks; otherwise every
+    # block reads its recorded input (a model read block by block keeps them in its spill file, not here).
+    hidden = [chain.input(b, 0) for b in range(len(batches))] if sequential else []
     for k, block in enumerate(blocks):
         report("hessians", len(batches) + k, total)
         if ship and not sequential:
